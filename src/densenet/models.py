@@ -218,6 +218,13 @@ class DenseNet(nn.Module):
             growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
             stem, blur, in_chans, num_classes, global_pool,
         )  # fmt: skip
+        # The full constructor arguments, saved with checkpoints to rebuild the architecture.
+        self.config = dict(
+            growth_rate=growth_rate, block_config=list(block_config),
+            num_init_features=num_init_features, bn_size=bn_size, compression=compression,
+            drop_rate=drop_rate, stem=stem, stem_width=stem_width, blur=blur, in_chans=in_chans,
+            num_classes=num_classes, global_pool=global_pool, head_drop_rate=head_drop_rate,
+        )  # fmt: skip
         self.growth_rate = growth_rate
         self.block_config = tuple(int(n) for n in block_config)
         self.in_chans = in_chans
@@ -285,6 +292,8 @@ class DenseNet(nn.Module):
                 raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
             self.global_pool_type = global_pool
         self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+        self.config["global_pool"] = self.global_pool_type
         device = next(self.parameters()).device
         if num_classes:
             self.classifier = nn.Linear(self.num_features, num_classes, device=device)
