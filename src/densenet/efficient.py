@@ -30,7 +30,10 @@ def _bottleneck(layer: DenseLayer, state: _Recompute, *features: torch.Tensor) -
     if state.first_call or not norm.training:
         x = norm(x)
     else:
-        x = F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+        # Throw-away copies of the running statistics: the recompute must save the same tensors
+        # for backward as the first call, but must not update the real statistics twice.
+        stats = (norm.running_mean.clone(), norm.running_var.clone())
+        x = F.batch_norm(x, *stats, norm.weight, norm.bias, True, norm.momentum or 0.0, norm.eps)
     state.first_call = False
     return layer.drop1(layer.conv1(layer.relu1(x)))
 
