@@ -23,7 +23,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-PAPER = "Huang et al. CVPR 2017, Table 2/3"
+PAPER_IMAGENET = "Huang et al. CVPR 2017, Table 3 (single crop)"
+PAPER_SVHN = "Huang et al. CVPR 2017, Table 2"
 LUA_README = "liuzhuang13/DenseNet README"
 TECH_REPORT = "Pleiss et al. 2017 (arXiv 1707.06990)"
 TIMM = "timm results-imagenet.csv"
@@ -85,7 +86,7 @@ def _imagenet(name, k, blocks, init, published=(), params="", default_weights=No
 
 
 def _paper_imagenet(err1: float, err5: float) -> tuple[Published, ...]:
-    return (Published("imagenet", err1, PAPER + " (single crop)", err5),)
+    return (Published("imagenet", err1, PAPER_IMAGENET, err5),)
 
 
 _imagenet("densenet121", 32, (6, 12, 24, 16), 64, _paper_imagenet(25.02, 7.71), "7,978,856",
@@ -149,7 +150,7 @@ def _cifar(name, depth, k, bottleneck, published, params):
             kwargs=cifar_densenet_kwargs(depth, k, bottleneck, compression),
             family="cifar",
             published=tuple(
-                Published(dataset, err, PAPER if dataset == "svhn" else LUA_README)
+                Published(dataset, err, PAPER_SVHN if dataset == "svhn" else LUA_README)
                 for dataset, err in published.items()
             ),
             published_params=params,
