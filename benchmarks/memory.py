@@ -1,0 +1,356 @@
+"""Training-step memory and time: plain DenseNet, torchvision-style checkpointing, ours.
+
+Every (model, configuration) runs in a fresh subprocess, so one measurement's memory cannot leak into
+another's. Per configuration it reports:
+
+* ``peak``: peak memory of the training steps over the process's baseline: on CPU the growth of the
+  peak RSS (``ru_maxrss`` after the steps minus before); on CUDA ``torch.cuda.max_memory_allocated``
+  minus the memory allocated before the first step;
+* ``live``: the allocator-independent peak of live tensor bytes during one training step, from the
+  profiler's allocation events (``profile_memory=True``);
+* ``saved``: bytes held for backward at the end of the forward pass (unique storages packed by
+  autograd, parameters excluded). torch.utils.checkpoint keeps its inputs outside autograd's saved
+  tensors, so for ``checkpoint`` this misses the features its closures hold;
+* ``step``: the median step time (forward, loss, backward, SGD step).
+
+Configurations: ``plain``; ``checkpoint``, torchvision's ``memory_efficient`` design built here as the
+reference (cat -> BN -> ReLU -> conv1x1 under ``torch.utils.checkpoint(use_reentrant=False)``, as in
+``torchvision.models.densenet._DenseLayer.call_checkpoint_bottleneck``); ``efficient``, this
+package's ``memory_efficient=True``.
+
+On CPU, glibc's malloc raises its mmap threshold after large frees and then serves big tensors from
+the heap, where freed memory stays in the RSS; children run with ``MALLOC_MMAP_THRESHOLD_`` fixed
+(``--malloc-default`` turns that off) so that RSS follows the live tensors.
+
+    python benchmarks/memory.py                       # the full run documented in docs/benchmarks.md
+    python benchmarks/memory.py --depths 100 --models none --batch-size 16 --steps 2   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import densenet
+from densenet.models import DenseBlock
+
+CONFIGS = ("plain", "checkpoint", "efficient")
+MODELS = ("densenet_bc100_k12", "densenet_bc190_k40")
+DEPTHS = (100, 190, 250, 400, 700, 1000)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
+GB = 1e9
+
+
+# --- the torchvision-style reference --------------------------------------------------------------
+def _torchvision_block_forward(block: DenseBlock, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``_DenseBlock``/``_DenseLayer`` forward with ``memory_efficient=True``."""
+    features = [x]
+    for layer in block.values():
+
+        def bn_function(*inputs: torch.Tensor, layer=layer) -> torch.Tensor:
+            return layer.conv1(layer.relu1(layer.norm1(torch.cat(inputs, 1))))
+
+        hidden = checkpoint(bn_function, *features, use_reentrant=False)
+        features.append(layer.drop2(layer.conv2(layer.relu2(layer.norm2(hidden)))))
+    return torch.cat(features, 1)
+
+
+def build_model(model: str, config: str) -> torch.nn.Module:
+    """``model``: a registered name or ``bc<L>`` (DenseNet-BC, k=12, depth L) on 32x32 inputs."""
+    if model.startswith("bc"):
+        net = densenet.cifar_densenet(int(model[2:]), 12)
+    else:
+        net = densenet.create_model(model)
+    if config == "efficient":
+        net.set_grad_checkpointing(True)
+    elif config == "checkpoint":
+        for block in net.dense_blocks():
+            block.forward = types.MethodType(_torchvision_block_forward, block)
+    elif config != "plain":
+        raise ValueError(f"unknown configuration {config!r}; choose from {CONFIGS}")
+    return net
+
+
+# --- one measurement (runs in the child process) --------------------------------------------------
+def _saved_bytes(step, params: list[torch.Tensor]) -> int:
+    """Bytes of the unique storages autograd holds for backward at the end of ``step``'s forward."""
+    exclude = {p.untyped_storage().data_ptr() for p in params}
+    held: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            held[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step(backward=False)
+    total = sum(held.values())
+    loss.backward()
+    return total
+
+
+def _live_peak(step) -> int:
+    """Peak of live tensor bytes during one step, from the profiler's allocation events."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        step()
+    # The public event list aggregates memory per op; the raw events keep the time order.
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def measure(spec: dict) -> dict:
+    """Build the model, run ``steps`` SGD steps, return memory (bytes) and median step time (s)."""
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    model = build_model(spec["model"], spec["config"]).to(device).train()
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    x = torch.randn(spec["batch_size"], 3, 32, 32, device=device)
+    target = torch.randint(0, model.num_classes, (spec["batch_size"],), device=device)
+
+    def step(backward: bool = True) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), target)
+        if backward:
+            loss.backward()
+            optimizer.step()
+        return loss
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for _ in range(spec["steps"]):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    result = dict(spec, peak=peak, step=statistics.median(times), times=times)
+    result["params"] = sum(p.numel() for p in params)
+    if spec.get("allocator_stats", True):
+        result["saved"] = _saved_bytes(step, params)
+        if device.type == "cpu":
+            result["live"] = _live_peak(step)
+    return result
+
+
+def run_child(spec: dict, malloc_env: bool, timeout: float) -> dict:
+    """``measure(spec)`` in a fresh interpreter; failures (e.g. out of memory) become ``error``."""
+    env = dict(os.environ, **(MALLOC_ENV if malloc_env else {}))
+    command = [sys.executable, __file__, "--child", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(spec, error=f"timed out after {timeout:.0f} s")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return dict(spec, error=tail)
+    return json.loads(lines[-1])
+
+
+# --- the run --------------------------------------------------------------------------------------
+def _predict_peak(points: list[tuple[int, float]], depth: int) -> float | None:
+    """Quadratic (or, with two points, linear) extrapolation of peak memory to ``depth``."""
+    if len(points) < 2:
+        return None
+    import numpy as np
+
+    depths, peaks = zip(*points, strict=True)
+    coeffs = np.polyfit(depths, peaks, min(2, len(points) - 1))
+    return float(np.polyval(coeffs, depth))
+
+
+def _deepest_within(
+    points: list[tuple[int, float]], budget: float, limit: int = 5000
+) -> int | None:
+    """Largest DenseNet-BC depth L = 6n + 4 whose extrapolated peak stays within ``budget``."""
+    best = None
+    for depth in range(100, limit + 1, 6):
+        predicted = _predict_peak(points, depth)
+        if predicted is None or predicted > budget:
+            break
+        best = depth
+    return best
+
+
+def fmt_row(r: dict) -> str:
+    def gb(key: str) -> str:
+        return f"{r[key] / GB:7.2f}" if key in r else "      -"
+
+    if "error" in r:
+        return f"{r['model']:>20} {r['config']:>10}   {r['error']}"
+    step = f"{r['step']:8.2f}"
+    return f"{r['model']:>20} {r['config']:>10} {gb('peak')} {gb('live')} {gb('saved')} {step}"
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    base = dict(batch_size=args.batch_size, steps=args.steps, device=args.device)
+    results = []
+
+    def one(model: str, config: str) -> dict:
+        result = run_child(dict(base, model=model, config=config), not args.malloc_default,
+                           args.timeout)  # fmt: skip
+        results.append(result)
+        print(fmt_row(result), flush=True)
+        return result
+
+    print(
+        f"{'model':>20} {'config':>10} {'peak GB':>7} {'live GB':>7} {'saved GB':>7} {'step s':>8}"
+    )
+    for model in args.models:
+        for config in args.configs:
+            one(model, config)
+    curves: dict[str, list[tuple[int, float]]] = {c: [] for c in args.configs}
+    for depth in args.depths:
+        for config in args.configs:
+            predicted = _predict_peak(curves[config], depth)
+            if predicted is not None and predicted > args.max_gb * GB:
+                print(f"{'bc' + str(depth):>20} {config:>10}   skipped: predicted "
+                      f"{predicted / GB:.1f} GB > --max-gb {args.max_gb}")  # fmt: skip
+                continue
+            result = one(f"bc{depth}", config)
+            if "error" not in result:
+                curves[config].append((depth, result["peak"]))
+    if args.budget_gb:
+        for config in args.configs:
+            depth = _deepest_within(curves[config], args.budget_gb * GB)
+            if depth is None:
+                continue
+            # Verify the extrapolation; step down while the measured peak is over the budget.
+            while depth > 40:
+                result = one(f"bc{depth}", config)
+                result["budget_probe"] = args.budget_gb
+                if "error" not in result and result["peak"] <= args.budget_gb * GB:
+                    break
+                depth -= 6 * max(1, depth // 60)
+    return results
+
+
+def plot(results: list[dict], path: str, budget_gb: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for config in CONFIGS:
+        points = sorted(
+            (int(r["model"][2:]), r["peak"] / GB)
+            for r in results
+            if r["config"] == config and r["model"].startswith("bc") and "error" not in r
+        )
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=config)
+    if budget_gb:
+        ax.axhline(budget_gb, color="gray", linestyle="--", linewidth=1, label="budget")
+    first = results[0]
+    ax.set_xlabel("depth L (DenseNet-BC, k=12, 32x32)")
+    ax.set_ylabel(f"peak training-step memory (GB, {first['device']})")
+    ax.set_title(f"Training memory against depth, batch {first['batch_size']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3, help="training steps per measurement")
+    p.add_argument(
+        "--depths",
+        type=lambda s: [int(d) for d in s.split(",") if d],
+        default=DEPTHS,
+        help="DenseNet-BC k=12 depths for the sweep, comma-separated ('' = none)",
+    )
+    p.add_argument(
+        "--models",
+        type=lambda s: [m for m in s.split(",") if m not in ("", "none")],
+        default=MODELS,
+        help="named models to measure, comma-separated ('none' = none)",
+    )
+    p.add_argument("--configs", type=lambda s: s.split(","), default=CONFIGS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--max-gb",
+        type=float,
+        default=16.0,
+        help="skip sweep points whose extrapolated peak exceeds this",
+    )
+    p.add_argument(
+        "--budget-gb",
+        type=float,
+        default=0.0,
+        help="also find the deepest model that trains within this budget (0 = skip)",
+    )
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in children (0 = default)")
+    p.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="leave glibc malloc's adaptive mmap threshold on in the children",
+    )
+    p.add_argument("--json", help="write all results to this JSON file")
+    p.add_argument("--plot", help="write a PNG of memory against depth")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for config in args.configs:
+        if config not in CONFIGS:
+            p.error(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(json.loads(args.child))))
+        return 0
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch_size}, {args.steps} steps, malloc env "
+          f"{'default' if args.malloc_default else MALLOC_ENV}")  # fmt: skip
+    results = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.plot:
+        plot(results, args.plot, args.budget_gb)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
