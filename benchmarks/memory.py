@@ -1,7 +1,7 @@
 """Training-step memory and time: plain DenseNet, torchvision-style checkpointing, ours.
 
-Every (model, configuration) runs in a fresh subprocess, so one measurement's memory cannot leak into
-another's. Per configuration it reports:
+Every (model, configuration) is measured in fresh subprocesses, so one measurement's memory cannot
+leak into another's. Per configuration it reports:
 
 * ``peak``: peak memory of the training steps over the process's baseline: on CPU the growth of the
   peak RSS (``ru_maxrss`` after the steps minus before); on CUDA ``torch.cuda.max_memory_allocated``
@@ -11,7 +11,7 @@ another's. Per configuration it reports:
 * ``saved``: bytes held for backward at the end of the forward pass (unique storages packed by
   autograd, parameters excluded). torch.utils.checkpoint keeps its inputs outside autograd's saved
   tensors, so for ``checkpoint`` this misses the features its closures hold;
-* ``step``: the median step time (forward, loss, backward, SGD step).
+* ``step``: the median step time (forward, loss, backward, SGD step), the first step excluded.
 
 Configurations: ``plain``; ``checkpoint``, torchvision's ``memory_efficient`` design built here as the
 reference (cat -> BN -> ReLU -> conv1x1 under ``torch.utils.checkpoint(use_reentrant=False)``, as in
@@ -19,8 +19,10 @@ reference (cat -> BN -> ReLU -> conv1x1 under ``torch.utils.checkpoint(use_reent
 package's ``memory_efficient=True``.
 
 On CPU, glibc's malloc raises its mmap threshold after large frees and then serves big tensors from
-the heap, where freed memory stays in the RSS; children run with ``MALLOC_MMAP_THRESHOLD_`` fixed
-(``--malloc-default`` turns that off) so that RSS follows the live tensors.
+the heap, where freed memory stays in the RSS. So each CPU configuration runs twice: ``peak``,
+``live`` and ``saved`` come from a child with ``MALLOC_MMAP_THRESHOLD_`` fixed (RSS then follows the
+live tensors, but every big allocation page-faults, which slows it down), ``step`` and ``peak_default``
+(the RSS growth with glibc's defaults, what users see) from a child with the default malloc.
 
     python benchmarks/memory.py                       # the full run documented in docs/benchmarks.md
     python benchmarks/memory.py --depths 100 --models none --batch-size 16 --steps 2   # a quick look
@@ -29,6 +31,7 @@ the heap, where freed memory stays in the RSS; children run with ``MALLOC_MMAP_T
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -47,7 +50,7 @@ import densenet
 from densenet.models import DenseBlock
 
 CONFIGS = ("plain", "checkpoint", "efficient")
-MODELS = ("densenet_bc100_k12", "densenet_bc190_k40")
+MODELS = ("densenet_bc100_k12", "densenet_bc190_k40:16")  # name[:batch size]
 DEPTHS = (100, 190, 250, 400, 700, 1000)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
 GB = 1e9
@@ -84,8 +87,8 @@ def build_model(model: str, config: str) -> torch.nn.Module:
 
 
 # --- one measurement (runs in the child process) --------------------------------------------------
-def _saved_bytes(step, params: list[torch.Tensor]) -> int:
-    """Bytes of the unique storages autograd holds for backward at the end of ``step``'s forward."""
+def _allocator_stats(step, params: list[torch.Tensor], profile: bool) -> dict:
+    """One training step's ``saved`` bytes and (with ``profile``, CPU) ``live`` peak bytes."""
     exclude = {p.untyped_storage().data_ptr() for p in params}
     held: dict[int, int] = {}
 
@@ -95,29 +98,25 @@ def _saved_bytes(step, params: list[torch.Tensor]) -> int:
             held[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step(backward=False)
-    total = sum(held.values())
-    loss.backward()
-    return total
-
-
-def _live_peak(step) -> int:
-    """Peak of live tensor bytes during one step, from the profiler's allocation events."""
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        step()
-    # The public event list aggregates memory per op; the raw events keep the time order.
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    profiler = torch.profiler.profile(activities=activities, profile_memory=True)
+    with profiler if profile else contextlib.nullcontext() as prof:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = step(backward=False)
+        stats = dict(saved=sum(held.values()))
+        loss.backward()
+    if profile:
+        # The public event list aggregates memory per op; the raw events keep the time order.
+        events = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]"
+        )
+        live = stats["live"] = 0
+        for _, nbytes in events:
+            live += nbytes
+            stats["live"] = max(stats["live"], live)
+    return stats
 
 
 def measure(spec: dict) -> dict:
@@ -158,12 +157,11 @@ def measure(spec: dict) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    result = dict(spec, peak=peak, step=statistics.median(times), times=times)
+    timed = times[1:] or times  # the first step also allocates gradients and optimizer state
+    result = dict(spec, peak=peak, step=statistics.median(timed), times=times)
     result["params"] = sum(p.numel() for p in params)
-    if spec.get("allocator_stats", True):
-        result["saved"] = _saved_bytes(step, params)
-        if device.type == "cpu":
-            result["live"] = _live_peak(step)
+    if spec["allocator_stats"]:
+        result.update(_allocator_stats(step, params, profile=device.type == "cpu"))
     return result
 
 
@@ -180,6 +178,19 @@ def run_child(spec: dict, malloc_env: bool, timeout: float) -> dict:
         tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         return dict(spec, error=tail)
     return json.loads(lines[-1])
+
+
+def measure_config(spec: dict, timeout: float) -> dict:
+    """Memory from a fixed-mmap-threshold child, time from a default-malloc child (CPU)."""
+    if spec["device"] != "cpu":
+        return run_child(dict(spec, allocator_stats=True), False, timeout)
+    memory = run_child(dict(spec, steps=1, allocator_stats=True), True, timeout)
+    if "error" in memory:
+        return memory
+    timing = run_child(dict(spec, allocator_stats=False), False, timeout)
+    if "error" in timing:
+        return dict(memory, error="timing run: " + timing["error"])
+    return dict(memory, step=timing["step"], times=timing["times"], peak_default=timing["peak"])
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -207,14 +218,37 @@ def _deepest_within(
     return best
 
 
+HEADER = f"{'model':>20} {'batch':>5} {'config':>10} {'peak':>7} {'default':>7} {'live':>7} {'saved':>7} {'step s':>8}"
+
+
 def fmt_row(r: dict) -> str:
     def gb(key: str) -> str:
         return f"{r[key] / GB:7.2f}" if key in r else "      -"
 
     if "error" in r:
-        return f"{r['model']:>20} {r['config']:>10}   {r['error']}"
-    step = f"{r['step']:8.2f}"
-    return f"{r['model']:>20} {r['config']:>10} {gb('peak')} {gb('live')} {gb('saved')} {step}"
+        return f"{r['model']:>20} {r['batch_size']:>5} {r['config']:>10}   {r['error']}"
+    memory = " ".join(gb(key) for key in ("peak", "peak_default", "live", "saved"))
+    return f"{r['model']:>20} {r['batch_size']:>5} {r['config']:>10} {memory} {r['step']:8.2f}"
+
+
+def summary(results: list[dict]) -> list[str]:
+    """Per model: our memory and step time relative to plain and to checkpointing."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        by_config = {r["config"]: r for r in results if r["model"] == model and "error" not in r}
+        ours = by_config.get("efficient")
+        if ours is None:
+            continue
+        parts = [
+            f"{key} {ours[key] / by_config[ref][key]:.2f}x {ref}"
+            for ref in ("plain", "checkpoint")
+            if ref in by_config
+            for key in ("peak", "live", "step")
+            if key in ours and key in by_config[ref]
+        ]
+        if parts:
+            lines.append(f"{model:>20} efficient: " + ", ".join(parts))
+    return lines
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -222,15 +256,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     results = []
 
     def one(model: str, config: str) -> dict:
-        result = run_child(dict(base, model=model, config=config), not args.malloc_default,
-                           args.timeout)  # fmt: skip
+        model, _, batch_size = model.partition(":")
+        spec = dict(base, model=model, config=config)
+        if batch_size:
+            spec["batch_size"] = int(batch_size)
+        result = measure_config(spec, args.timeout)
         results.append(result)
         print(fmt_row(result), flush=True)
         return result
 
     print(
-        f"{'model':>20} {'config':>10} {'peak GB':>7} {'live GB':>7} {'saved GB':>7} {'step s':>8}"
+        "memory in GB (1e9 bytes); peak: RSS growth (fixed mmap threshold), default: the same "
+        "with default malloc, live: profiler's live tensor bytes, saved: held for backward"
     )
+    print(HEADER)
     for model in args.models:
         for config in args.configs:
             one(model, config)
@@ -239,7 +278,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for config in args.configs:
             predicted = _predict_peak(curves[config], depth)
             if predicted is not None and predicted > args.max_gb * GB:
-                print(f"{'bc' + str(depth):>20} {config:>10}   skipped: predicted "
+                print(f"{'bc' + str(depth):>20} {args.batch_size:>5} {config:>10}   skipped: predicted "
                       f"{predicted / GB:.1f} GB > --max-gb {args.max_gb}")  # fmt: skip
                 continue
             result = one(f"bc{depth}", config)
@@ -301,7 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--models",
         type=lambda s: [m for m in s.split(",") if m not in ("", "none")],
         default=MODELS,
-        help="named models to measure, comma-separated ('none' = none)",
+        help="named models to measure, comma-separated, each NAME or NAME:BATCH ('none' = none)",
     )
     p.add_argument("--configs", type=lambda s: s.split(","), default=CONFIGS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -319,11 +358,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     p.add_argument("--threads", type=int, default=0, help="torch threads in children (0 = default)")
-    p.add_argument(
-        "--malloc-default",
-        action="store_true",
-        help="leave glibc malloc's adaptive mmap threshold on in the children",
-    )
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--plot", help="write a PNG of memory against depth")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -342,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch_size}, {args.steps} steps, malloc env "
-          f"{'default' if args.malloc_default else MALLOC_ENV}")  # fmt: skip
+          f"batch {args.batch_size}, {args.steps} timed steps, memory children with {MALLOC_ENV}")  # fmt: skip
     results = run(args)
+    print("\n".join(summary(results)))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.plot:

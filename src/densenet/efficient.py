@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 
 Stage = tuple[nn.BatchNorm2d, nn.Module, nn.Conv2d, nn.Module]
+Stats = tuple[torch.Tensor, torch.Tensor]  # per-channel batch mean and biased variance
 
 
 def _stages(layer: DenseLayer) -> list[Stage]:
@@ -45,6 +46,58 @@ def _stages(layer: DenseLayer) -> list[Stage]:
     if layer.has_bottleneck:
         stages.insert(0, (layer.norm1, layer.relu1, layer.conv1, layer.drop1))
     return stages
+
+
+def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
+    return norm.training or norm.running_mean is None
+
+
+def _batch_stats(x: torch.Tensor, dtype: torch.dtype, eps: float) -> Stats:
+    """Per-channel mean and biased variance of ``x`` (N, C, H, W), from BatchNorm's own kernel.
+
+    The ``dtype`` weight makes the kernel return float statistics for bfloat16 input, as the plain
+    model's BatchNorm (float parameters) computes them.
+    """
+    ones = torch.ones(x.shape[1], dtype=dtype, device=x.device)
+    _, mean, invstd = torch.ops.aten.native_batch_norm(x, ones, None, None, None, True, 0.0, eps)
+    return mean, invstd.pow(-2).sub_(eps)
+
+
+def _norm_forward(
+    norm: nn.BatchNorm2d, x: torch.Tensor, stats: Stats | None
+) -> tuple[torch.Tensor, Stats | None]:
+    """``norm(x)``, including its running-statistics update; also returns the batch statistics.
+
+    ``stats``: ``x``'s batch statistics when already known (a prefix of the block buffer, whose
+    channels' statistics are the same for every layer), so only the normalization runs.
+    """
+    if not _uses_batch_stats(norm):
+        running = (norm.running_mean, norm.running_var)
+        return torch.ops.aten.native_batch_norm(x, norm.weight, norm.bias, *running, False, 0.0,
+                                                norm.eps)[0], None  # fmt: skip
+    count = x.numel() // x.shape[1]
+    if count < 2:
+        raise ValueError(
+            f"BatchNorm needs more than 1 value per channel when training, got input of shape "
+            f"{tuple(x.shape)}; use a batch size above 1 or call model.eval()"
+        )
+    if stats is None:
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, norm.weight, norm.bias, None, None, True, 0.0, norm.eps
+        )
+        stats = (mean, invstd.pow(-2).sub_(norm.eps))
+    else:
+        out = torch.ops.aten.native_batch_norm(
+            x, norm.weight, norm.bias, *stats, False, 0.0, norm.eps
+        )[0]
+    if norm.training and norm.running_mean is not None:  # as nn.BatchNorm2d.forward does
+        norm.num_batches_tracked.add_(1)
+        momentum = norm.momentum
+        factor = 1.0 / float(norm.num_batches_tracked) if momentum is None else momentum
+        mean, var = stats
+        norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        norm.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
+    return out, stats
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -56,24 +109,40 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 class _DenseBlockFunction(torch.autograd.Function):
     """``(block, x, *block.parameters()) -> (N, C_in + L*k, H, W)``; see the module docstring.
 
-    Saved for backward: the buffer and, for every stage after a layer's first, the stage's input
-    (``bn_size*k`` channels). With ``drop_rate > 0`` each dropout also keeps its own small graph
-    (``conv_out -> dropped``, holding the mask as in the plain model).
+    Saved for backward: the buffer, the batch statistics of its channels and, for every stage after
+    a layer's first, the stage's input (``bn_size*k`` channels) and statistics. With
+    ``drop_rate > 0`` each dropout also keeps its own small graph (``conv_out -> dropped``, holding
+    the mask as in the plain model).
     """
 
     @staticmethod
     def forward(
         ctx: Any, block: DenseBlock, x: torch.Tensor, *params: torch.Tensor
     ) -> torch.Tensor:
-        ctx.block, ctx.params, ctx.in_channels = block, params, x.shape[1]
-        buffer, stage_inputs, dropouts = None, [], []
-        for i, layer in enumerate(block.values()):
-            width = ctx.in_channels + i * block.growth_rate
+        layers = list(block.values())
+        growth, in_channels = block.growth_rate, x.shape[1]
+        first_norm = _stages(layers[0])[0][0]
+        stats_dtype, eps = first_norm.weight.dtype, first_norm.eps
+        total = in_channels + len(layers) * growth
+        # Batch statistics of the buffer's channels: the same for every layer that reads them.
+        mean = var = None
+        if any(_uses_batch_stats(_stages(layer)[0][0]) for layer in layers):
+            mean = torch.empty(total, dtype=stats_dtype, device=x.device)
+            var = torch.empty_like(mean)
+            stats = _batch_stats(x, stats_dtype, eps)
+            mean[:in_channels], var[:in_channels] = stats
+        buffer, stage_inputs, stage_stats, dropouts = None, [], [], []
+        for i, layer in enumerate(layers):
+            width = in_channels + i * growth
             features = x if buffer is None else buffer.narrow(1, 0, width)
             for s, (norm, relu, conv, drop) in enumerate(_stages(layer)):
+                known = (mean[:width], var[:width]) if s == 0 and mean is not None else None
+                normed, stats = _norm_forward(norm, features, known)
                 if s > 0:
                     stage_inputs.append(features)
-                conv_out = conv(relu(norm(features)))
+                    stage_stats.append(stats)
+                conv_out = conv(relu(normed))
+                del normed
                 with torch.enable_grad():  # the plain model's dropout call: same RNG, same mask
                     features = drop(conv_out.requires_grad_())
                 if features is conv_out:
@@ -84,16 +153,21 @@ class _DenseBlockFunction(torch.autograd.Function):
                     conv_out.untyped_storage().resize_(0)
                 features = features.detach()
             if buffer is None:
-                shape = (x.shape[0], width + len(block) * block.growth_rate, *x.shape[2:])
+                shape = (x.shape[0], total, *x.shape[2:])
                 dtype = torch.promote_types(x.dtype, features.dtype)
                 buffer = torch.empty(shape, dtype=dtype, device=x.device,
                                      memory_format=_memory_format(x))  # fmt: skip
                 buffer.narrow(1, 0, width).copy_(x)
-            buffer.narrow(1, width, block.growth_rate).copy_(features)
+            buffer.narrow(1, width, growth).copy_(features)
+            if mean is not None:
+                mean[width : width + growth], var[width : width + growth] = _batch_stats(
+                    features, stats_dtype, eps
+                )
             # The new features live in the buffer now; a dropout graph needs only their shape.
             features.untyped_storage().resize_(0)
-        ctx.dropouts = dropouts
-        ctx.save_for_backward(buffer, *stage_inputs)
+        ctx.block, ctx.params, ctx.in_channels = block, params, in_channels
+        ctx.stage_stats, ctx.dropouts = stage_stats, dropouts
+        ctx.save_for_backward(buffer, mean, var, *stage_inputs)
         return buffer
 
     @staticmethod
@@ -104,8 +178,10 @@ class _DenseBlockFunction(torch.autograd.Function):
                 "backward ran twice through a memory-efficient dense block, which frees its graph "
                 "after the first backward; use memory_efficient=False for retain_graph=True"
             )
-        buffer, *stage_inputs = ctx.saved_tensors
+        buffer, mean, var, *stage_inputs = ctx.saved_tensors
         dropouts, ctx.dropouts = ctx.dropouts, None
+        stage_stats = ctx.stage_stats
+        memory_format = _memory_format(buffer)
         grads: dict[torch.Tensor, torch.Tensor] = {}
         grad_buffer = grad_output.clone()
         for i, layer in reversed(list(enumerate(ctx.block.values()))):
@@ -116,8 +192,13 @@ class _DenseBlockFunction(torch.autograd.Function):
                 dropout = dropouts.pop()
                 if dropout is not None:
                     (grad,) = torch.autograd.grad(dropout[1], dropout[0], grad)
-                features = stage_inputs.pop() if s > 0 else buffer.narrow(1, 0, width)
-                grad = _stage_backward(norm, conv, features, grad, grads)
+                if s > 0:
+                    features, stats = stage_inputs.pop(), stage_stats.pop()
+                else:
+                    # A contiguous copy: BatchNorm's kernels are several times faster on it.
+                    features = buffer.narrow(1, 0, width).contiguous(memory_format=memory_format)
+                    stats = None if mean is None else (mean[:width], var[:width])
+                grad = _stage_backward(norm, conv, features, stats, grad, grads)
             grad_buffer.narrow(1, 0, width).add_(grad)
         grad_x = grad_buffer.narrow(1, 0, ctx.in_channels)
         return (None, grad_x, *(grads.get(p) for p in ctx.params))
@@ -127,35 +208,41 @@ def _stage_backward(
     norm: nn.BatchNorm2d,
     conv: nn.Conv2d,
     features: torch.Tensor,
+    stats: Stats | None,
     grad_out: torch.Tensor,
     grads: dict[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
     """Gradient of ``conv(relu(norm(features)))`` w.r.t. ``features``; parameters' go to ``grads``.
 
-    BN-ReLU is recomputed with the batch statistics forward used (without updating the running
-    ones); the conv is not re-run: its backward needs only its input and weight. Explicit aten
-    backward ops keep just two ``features``-sized temporaries alive at a time.
+    BN-ReLU is recomputed from the batch statistics forward used (``stats``; None when ``norm``
+    used its running statistics); the conv is not re-run: its backward needs only its input and
+    weight. At most three ``features``-sized temporaries are alive at a time.
     """
-    use_batch_stats = norm.training or norm.running_mean is None
-    running = (None, None) if use_batch_stats else (norm.running_mean, norm.running_var)
-    normed, mean, invstd = torch.ops.aten.native_batch_norm(
-        features, norm.weight, norm.bias, *running, use_batch_stats, 0.0, norm.eps
-    )
+    batch = _uses_batch_stats(norm)
+    mean, var = stats if batch else (norm.running_mean, norm.running_var)
+    normed = torch.ops.aten.native_batch_norm(
+        features, norm.weight, norm.bias, mean, var, False, 0.0, norm.eps
+    )[0]
     # Under autocast the conv ran in a lower precision (grad_out's dtype): cast as autocast did.
+    normed_dtype = normed.dtype
     activated = normed.relu_().to(grad_out.dtype)
     del normed
-    weight = conv.weight.to(grad_out.dtype)
     bias = conv.bias
     grad_act, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad_out, activated, weight, None if bias is None else [conv.out_channels],
+        grad_out, activated, conv.weight.to(grad_out.dtype),
+        None if bias is None else [conv.out_channels],
         conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
         [True, conv.weight.requires_grad, bias is not None and bias.requires_grad],
     )  # fmt: skip
-    grad_act = grad_act.masked_fill_(activated <= 0, 0)  # ReLU's backward, in place
-    del activated
+    # ReLU's backward, written over its no longer needed output.
+    grad_act = torch.ops.aten.threshold_backward.grad_input(
+        grad_act, activated, 0, grad_input=activated
+    )
+    grad_act = grad_act.to(normed_dtype)
+    saved = (mean, (var + norm.eps).rsqrt()) if batch else (None, None)
     grad_features, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
-        grad_act, features, norm.weight, *running, mean, invstd, use_batch_stats, norm.eps,
-        [True, norm.weight.requires_grad, norm.bias.requires_grad],
+        grad_act, features, norm.weight, None if batch else mean, None if batch else var, *saved,
+        batch, norm.eps, [True, norm.weight.requires_grad, norm.bias.requires_grad],
     )  # fmt: skip
     for param, grad in ((conv.weight, grad_weight), (bias, grad_bias),
                         (norm.weight, grad_norm_weight), (norm.bias, grad_norm_bias)):  # fmt: skip
