@@ -8,20 +8,25 @@ number of layers. Here one autograd Function runs the whole block (the design of
 * forward writes the block input and each layer's k new channels once into a pre-allocated buffer
   ``(N, C_in + L*k, H, W)``, which is also the block's output; each layer reads a ``narrow`` view of
   the buffer's prefix (no ``torch.cat``);
-* the part of a layer whose input grows with depth (BN-ReLU-conv of the prefix: the bottleneck, or
-  the 3x3 conv of a basic layer) keeps nothing for backward; its BN-ReLU is recomputed in backward and
-  its conv's gradients come from ``aten.convolution_backward``, so the conv is never re-run;
-* the rest of the layer (dropout, and BN-ReLU-conv3x3 of the bottleneck's ``bn_size*k`` channels)
-  keeps its ordinary autograd graph, whose size does not depend on depth;
+* BatchNorm's batch statistics of a channel are the same for every layer that reads it, so they are
+  computed once, when the channel is written; each layer's BatchNorm then only normalizes (and
+  updates its running statistics exactly once, as ``nn.BatchNorm2d`` does);
+* the stage of a layer whose input grows with depth (BN-ReLU-conv of the prefix: the bottleneck, or
+  the 3x3 conv of a basic layer) keeps nothing for backward: backward recomputes its BN-ReLU from the
+  saved statistics and calls ``aten.convolution_backward``, so the conv is never re-run; the
+  bottleneck's output (``bn_size*k`` channels, linear in depth) is kept for the second stage;
+* dropout keeps its own tiny autograd graph: the plain model's call, so the same random numbers in
+  the same order and the same mask;
 * backward walks the layers in reverse and adds every prefix gradient into one shared gradient buffer
   instead of creating and accumulating per-feature gradient tensors.
 
-The math is the plain model's: BatchNorm normalizes with the same batch statistics and updates its
-running statistics once (in forward; the recompute passes no running statistics), dropout draws the
-same random numbers in the same order, and AMP's autocast state is replayed for the recompute.
-Parameters get their gradients as ordinary Function outputs (one per parameter per step), so DDP's
-hooks see the usual pattern. Under ``torch.compile`` the blocks run eagerly (``torch.compiler.
-disable``) and everything between them is compiled.
+Outputs, gradients and running statistics equal the plain model's up to rounding (tested to 1e-10
+in float64). Under autocast the convs run in the autocast dtype as in the plain model. Parameters
+get their gradients as ordinary outputs of the Function (one per parameter per step), so DDP's hooks
+see the usual pattern. Under ``torch.compile`` the blocks run eagerly (``torch.compiler.disable``)
+and everything between them is compiled. Limits: forward hooks on the BatchNorm modules inside dense
+layers are not called, and a second backward through the same graph (``retain_graph=True``) raises.
+Inference (no grad) never takes this path.
 """
 
 from __future__ import annotations
