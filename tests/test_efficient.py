@@ -92,9 +92,13 @@ def test_really_uses_the_shared_buffer_function():
     assert out.shape == (2, 8 + 3 * 4, 8, 8)
 
 
-@pytest.mark.parametrize("variant", ["bc", "dropout", "basic"])
+@pytest.mark.parametrize("variant", ["bc", "dropout", "basic", "cumulative_momentum"])
 def test_bn_running_stats_and_weights_after_sgd_steps_equal_plain(variant):
-    plain, eff = pair(**VARIANTS[variant])
+    plain, eff = pair(**VARIANTS.get(variant, {}))
+    if variant == "cumulative_momentum":  # momentum=None: running averages over all batches
+        for m in (*plain.modules(), *eff.modules()):
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     for model in (plain, eff):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -185,12 +189,18 @@ def test_channels_last():
     assert block_out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_torch_compile_runs_the_blocks_eagerly_with_the_same_results():
+def test_torch_compile_runs_the_blocks_eagerly_with_the_same_results(monkeypatch):
     # The blocks are excluded from tracing (torch.compiler.disable), the rest is compiled.
     plain, eff = pair(torch.float32)
+    calls = []
+    apply = efficient._DenseBlockFunction.apply
+    monkeypatch.setattr(
+        efficient._DenseBlockFunction, "apply", lambda *a: calls.append(1) or apply(*a)
+    )
     x = torch.randn(2, 3, 8, 8)
     compiled = torch.compile(eff, backend="aot_eager")
     assert_same_step(step(plain, x), step(compiled, x), 1e-4)
+    assert len(calls) == len(eff.dense_blocks())  # the shared-buffer blocks really ran
 
 
 # --- memory, measured independently of the allocator ---------------------------------------------
