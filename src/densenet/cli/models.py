@@ -14,6 +14,9 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("models", help="list the model zoo")
     parser.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'densenet_bc*'")
     parser.add_argument("--json", action="store_true", help="print one JSON object per model")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="write the published error against parameters instead"
+    )
     parser.set_defaults(func=run)
 
 
@@ -43,6 +46,12 @@ def zoo_rows(pattern: str = "*") -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plot:
+        from densenet.visualize import parameter_efficiency_figure, parameter_efficiency_points
+
+        points = parameter_efficiency_points(args.pattern)
+        print(f"wrote {parameter_efficiency_figure(points, args.plot)}")
+        return 0
     rows = zoo_rows(args.pattern)
     if not rows:
         raise ValueError(f"no model matches {args.pattern!r}; try 'densenet models' for all")

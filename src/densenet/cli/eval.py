@@ -1,0 +1,118 @@
+"""``densenet eval``: top-1, top-5, loss, per-class accuracy and a confusion-matrix PNG of a model on
+a dataset split, single-crop or ten-crop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Subset
+
+from densenet.cli import CLIError
+from densenet.cli.predict import add_model_arguments, model_from_args
+from densenet.evaluation import EvalResult, evaluate
+from densenet.io import atomic_write
+from densenet.visualize import confusion_matrix_figure
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="accuracy, loss, per-class accuracy and confusion matrix on a dataset",
+        description="Evaluate a checkpoint or a named model on a dataset split.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--dataset", help="dataset name (default: the checkpoint's dataset)")
+    parser.add_argument(
+        "--data-dir", default="data", help="where the dataset lives (default ./data)"
+    )
+    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    parser.add_argument(
+        "--ten-crop",
+        action="store_true",
+        help="average the softmax over 10 crops (corners, center and flips) as in the paper",
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where the PNG and JSON go (default: beside the checkpoint, or .)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise CLIError(f"--workers must be >= 0, got {args.workers}")
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be at least 1, got {args.limit}")
+
+
+def _load_data(args: argparse.Namespace, dataset_name: str, info):
+    """The (possibly truncated) dataset split with the model's eval transform."""
+    from densenet import data
+
+    stats = data.dataset_info(dataset_name)
+    transform = info.transform(args.ten_crop, stats.mean, stats.std)
+    dataset = data.build_dataset(dataset_name, args.data_dir, args.split, transform)
+    if args.limit is not None:
+        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    return dataset
+
+
+def _print_report(result: EvalResult, title: str) -> None:
+    print(title)
+    print(f"  images {result.images}   crops {result.crops}")
+    print(f"  top-1  {result.top1:6.2f}%   top-5  {result.top5:6.2f}%   loss {result.loss:.4f}")
+    scored = [
+        (acc, name)
+        for name, acc in zip(result.class_names, result.per_class, strict=True)
+        if acc is not None
+    ]
+    if len(scored) > 20:  # too many to list: show the hardest classes
+        print("  lowest per-class accuracy:")
+        scored = sorted(scored)[:10]
+    else:
+        print("  per-class accuracy:")
+    for acc, name in scored:
+        print(f"    {acc:6.2f}%  {name}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    model, info = model_from_args(args)
+    dataset_name = args.dataset or info.dataset
+    if not dataset_name:
+        raise CLIError("which data? give --dataset NAME (the checkpoint does not name its dataset)")
+    dataset = _load_data(args, dataset_name, info)
+    device = next(model.parameters()).device
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
+    result = evaluate(model, loader, device, class_names=info.class_names, progress=not args.json)
+    out = Path(args.out or (Path(args.checkpoint).parent if args.checkpoint else "."))
+    stem = f"eval_{dataset_name}_{args.split}" + ("_10crop" if args.ten_crop else "")
+    title = f"{info.source} on {dataset_name} {args.split}" + (
+        " (10-crop)" if args.ten_crop else ""
+    )
+    png = confusion_matrix_figure(result.confusion, result.class_names, out / f"{stem}.png", title)
+    summary = dict(
+        model=info.name, source=info.source, dataset=dataset_name, split=args.split,
+        **result.to_dict(), confusion_png=str(png),
+    )  # fmt: skip
+    atomic_write(out / f"{stem}.json", lambda f: json.dump(summary, f, indent=1), mode="w")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_report(result, title)
+        print(f"  confusion matrix: {png}\n  metrics: {out / f'{stem}.json'}")
+    return 0

@@ -1,0 +1,66 @@
+"""``densenet predict``: top-5 classes and probabilities for images or folders of images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from densenet.cli import CLIError
+from densenet.evaluation import resolve_device
+from densenet.predict import list_images, load_model, predict
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint PATH | --model NAME [--pretrained X]`` and ``--device``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint", metavar="PATH", help="a checkpoint written by densenet train"
+    )
+    source.add_argument("--model", metavar="NAME", help="a model name (densenet models lists them)")
+    parser.add_argument(
+        "--pretrained",
+        metavar="TAG|PATH",
+        help="weights for --model: a registry tag, a weights file or URL ('default' = the model's)",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+
+
+def model_from_args(args: argparse.Namespace):
+    """``(model, ModelInfo)`` for the model the command line names, on ``args.device``."""
+    if args.pretrained and not args.model:
+        raise CLIError(
+            "--pretrained goes with --model NAME; a --checkpoint already has its weights"
+        )
+    pretrained = True if args.pretrained == "default" else args.pretrained
+    return load_model(args.checkpoint, args.model, pretrained, resolve_device(args.device))
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="classify images: top-5 classes with probabilities",
+        description="Classify images (files or folders) with a checkpoint or a named model.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    add_model_arguments(parser)
+    parser.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.topk < 1 or args.batch_size < 1:
+        raise CLIError("--topk and --batch-size must be at least 1")
+    paths = list_images(args.inputs)
+    model, info = model_from_args(args)
+    results = predict(model, info, paths, topk=args.topk, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(dict(model=info.name, source=info.source, predictions=results)))
+        return 0
+    print(f"model: {info.source}")
+    for result in results:
+        print(result["file"])
+        for entry in result["top"]:
+            print(f"  {100 * entry['probability']:6.2f}%  {entry['label']}")
+    return 0

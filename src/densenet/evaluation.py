@@ -1,0 +1,226 @@
+"""Classification metrics and the evaluation loop: top-k accuracy, loss, per-class accuracy,
+confusion matrix, single-crop and ten-crop (the paper's ImageNet table).
+
+The loop takes any model and any ``DataLoader`` yielding ``(images, targets)``. Images are
+``(N, C, H, W)`` for one crop or ``(N, crops, C, H, W)`` for multi-crop; with several crops the
+softmax is averaged over them, as in the paper's 10-crop numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms import v2
+
+INTERPOLATIONS = {
+    "nearest": v2.InterpolationMode.NEAREST,
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+}
+
+
+def eval_transform(
+    input_size: int | Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_pct: float = 0.875,
+    interpolation: str = "bilinear",
+    ten_crop: bool = False,
+) -> v2.Compose:
+    """PIL image -> normalized float tensor ``(C, S, S)`` (or ``(10, C, S, S)`` with ``ten_crop``).
+
+    Converts the image to ``len(mean)`` channels (gray, RGBA, CMYK and palette images all work),
+    resizes the short side to ``S / crop_pct`` and takes the center crop of side ``S`` (timm's
+    convention; 224 at 0.875 gives the usual resize 256), or the four corners, the center and their
+    horizontal flips with ``ten_crop`` (fb.resnet.torch's TenCrop).
+    """
+    size = int(input_size[-1]) if isinstance(input_size, Sequence) else int(input_size)
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}"
+        )
+    if len(mean) != len(std):
+        raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} must have one value per channel")
+    to_tensor = v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    )
+    steps: list = [
+        ToChannels(len(mean)),
+        v2.Resize(
+            math.floor(size / crop_pct), interpolation=INTERPOLATIONS[interpolation], antialias=True
+        ),
+    ]
+    if ten_crop:
+        steps += [v2.TenCrop(size), _StackCrops(to_tensor)]
+    else:
+        steps += [v2.CenterCrop(size), to_tensor]
+    return v2.Compose(steps)
+
+
+def to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """``image`` as 1-channel gray ('L') or 3-channel 'RGB'; transparency is put on white."""
+    if channels not in (1, 3):
+        raise ValueError(f"images can be converted to 1 or 3 channels, not {channels}")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image.alpha_composite(rgba)
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+class ToChannels:
+    """Transform form of :func:`to_channels` (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return to_channels(image, self.channels) if isinstance(image, Image.Image) else image
+
+
+class _StackCrops:
+    """Apply ``transform`` to each crop and stack them: ``(crops, C, S, S)``; picklable for workers."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, crops) -> torch.Tensor:
+        return torch.stack([self.transform(crop) for crop in crops])
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``'auto'``/None: the GPU when there is one, else the CPU; otherwise ``device`` checked."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(
+            f"unknown device {device!r} ({error}); use cpu, cuda, cuda:1 or auto"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r} asked for but no CUDA GPU is available; use --device cpu"
+        )
+    return resolved
+
+
+def topk_correct(
+    logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> list[int]:
+    """How many of the ``N`` rows of ``logits`` ``(N, K)`` have the target among their top k.
+
+    A k larger than the number of classes counts every row as correct.
+    """
+    max_k = min(max(ks), logits.shape[1])
+    top = logits.topk(max_k, dim=1).indices  # (N, max_k), best first
+    hits = top.eq(targets[:, None])
+    return [int(hits[:, : min(k, max_k)].any(dim=1).sum()) for k in ks]
+
+
+def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(num_classes, num_classes)`` int64 counts; row = true class, column = predicted class."""
+    flat = targets.long() * num_classes + preds.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
+    """Recall of each class in % (diagonal over row sum); None for a class with no samples."""
+    totals = confusion.sum(dim=1).tolist()
+    correct = confusion.diag().tolist()
+    return [100.0 * c / t if t else None for c, t in zip(correct, totals, strict=True)]
+
+
+@dataclass
+class EvalResult:
+    """Metrics over ``images`` samples: accuracies in %, ``loss`` = mean cross-entropy (nats)."""
+
+    top1: float
+    top5: float
+    loss: float
+    images: int
+    confusion: torch.Tensor
+    class_names: list[str] = field(default_factory=list)
+    crops: int = 1
+
+    @property
+    def per_class(self) -> list[float | None]:
+        return per_class_accuracy(self.confusion)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary, with per-class accuracy keyed by class name and the raw matrix."""
+        names = self.class_names or [str(i) for i in range(self.confusion.shape[0])]
+        return dict(
+            top1=self.top1,
+            top5=self.top5,
+            loss=self.loss,
+            images=self.images,
+            crops=self.crops,
+            per_class=dict(zip(names, self.per_class, strict=True)),
+            confusion=self.confusion.tolist(),
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: str | torch.device = "cpu",
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Run ``model`` in eval mode over ``loader`` and collect the metrics.
+
+    Multi-crop batches ``(N, crops, C, H, W)`` are scored by the mean of the per-crop softmax; the
+    loss is then ``-log`` of the averaged probability of the target (plain cross-entropy for one
+    crop). ``num_classes`` defaults to the model's output width.
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    counts = torch.zeros(2, dtype=torch.long)
+    total_loss, images, crops, confusion = 0.0, 0, 1, None
+    batches = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc="eval", unit="batch", leave=False)
+    for inputs, targets in batches:
+        inputs = inputs.to(device, non_blocking=True)
+        targets = torch.as_tensor(targets).to(device).long()
+        crops = inputs.shape[1] if inputs.dim() == 5 else 1
+        flat = inputs.flatten(0, 1) if inputs.dim() == 5 else inputs
+        logits = model(flat).float()
+        log_probs = logits.log_softmax(dim=1)
+        if crops > 1:
+            log_probs = log_probs.view(len(targets), crops, -1).logsumexp(dim=1) - math.log(crops)
+        classes = num_classes or log_probs.shape[1]
+        if confusion is None:
+            confusion = torch.zeros(classes, classes, dtype=torch.long)
+        if int(targets.max()) >= classes or int(targets.min()) < 0:
+            raise ValueError(
+                f"the data has label {int(targets.max())} but the model predicts {classes} classes; "
+                "evaluate on the dataset the model was trained for"
+            )
+        total_loss += float(nn.functional.nll_loss(log_probs, targets, reduction="sum"))
+        counts += torch.tensor(topk_correct(log_probs, targets, (1, 5)))
+        confusion += confusion_matrix(log_probs.argmax(dim=1), targets, classes).cpu()
+        images += len(targets)
+    model.train(was_training)
+    if images == 0 or confusion is None:
+        raise ValueError("the evaluation data is empty; check the dataset path, split and --limit")
+    top1, top5 = (100.0 * int(c) / images for c in counts)
+    names = list(class_names) if class_names is not None else []
+    if names and len(names) != confusion.shape[0]:
+        raise ValueError(f"{len(names)} class names given for a {confusion.shape[0]}-class model")
+    return EvalResult(top1, top5, total_loss / images, images, confusion, names, crops)

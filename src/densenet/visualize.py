@@ -1,0 +1,278 @@
+"""Pictures: confusion matrix, feature maps with a class-activation map, the zoo's
+parameter-efficiency plot. Every function writes one PNG and returns its path.
+
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot), so nothing depends on a display
+or on global plotting state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
+from PIL import Image
+
+from densenet.io import atomic_write
+from densenet.models import DenseNet
+
+# Confusion matrices with more classes than this get no tick labels or cell numbers.
+MAX_LABELLED_CLASSES = 30
+
+
+def _save(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: plots are written as PNG; give a file name ending in .png")
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+
+
+def _short(name: str, width: int = 18) -> str:
+    """First lemma of an ImageNet-style 'a, b, c' name, cut to ``width`` characters."""
+    first = name.split(",")[0].strip()
+    return first if len(first) <= width else first[: width - 1] + "…"
+
+
+def confusion_matrix_figure(
+    confusion: torch.Tensor,
+    class_names: Sequence[str],
+    path: str | Path,
+    title: str = "Confusion matrix",
+) -> Path:
+    """Row-normalized confusion matrix (row = true class, % of that class) as a PNG."""
+    counts = confusion.double()
+    rates = 100 * counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    n = rates.shape[0]
+    labelled = n <= MAX_LABELLED_CLASSES
+    side = min(4 + 0.45 * n, 16) if labelled else 9
+    fig = Figure(figsize=(side + 1.5, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
+    if labelled:
+        names = [_short(c) for c in class_names] if class_names else [str(i) for i in range(n)]
+        ax.set_xticks(range(n), names, rotation=60, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(n), names)
+        if n <= 15:  # numbers stay readable up to about 15 columns
+            for (i, j), value in zip(
+                torch.cartesian_prod(torch.arange(n), torch.arange(n)).tolist(),
+                rates.flatten().tolist(),
+                strict=True,
+            ):
+                if value >= 0.5:
+                    color = "white" if value > 60 else "black"
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", color=color, fontsize=8)
+    accuracy = 100 * float(counts.diag().sum() / counts.sum().clamp(min=1))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{title}\n{int(counts.sum())} images, top-1 {accuracy:.2f}%")
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def class_activation_map(
+    model: DenseNet, x: torch.Tensor, class_index: int | None = None
+) -> tuple[torch.Tensor, int, float]:
+    """CAM (Zhou et al. 2016) of one image ``x`` ``(1, C, H, W)``: ``(cam (h, w), class, prob)``.
+
+    ``cam`` is the classifier row of ``class_index`` (default: the top class) applied to each
+    position of the last normalized feature map, so with average pooling
+    ``cam.mean() + bias == logit``. ``prob`` is the class's softmax probability.
+    """
+    if not isinstance(model.classifier, torch.nn.Linear):
+        raise ValueError(
+            "a class-activation map needs the model's linear classifier (num_classes > 0)"
+        )
+    was_training = model.training
+    model.eval()
+    features = model.forward_intermediates(x)[-1][0]  # (C, h, w)
+    logits = model.forward_head(features[None])[0]
+    model.train(was_training)
+    index = int(logits.argmax()) if class_index is None else int(class_index)
+    cam = torch.einsum("c,chw->hw", model.classifier.weight[index], features)
+    return cam, index, float(logits.softmax(0)[index])
+
+
+def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(C, H, W)`` normalized -> ``(H, W, C)`` in [0, 1] for imshow (gray: ``(H, W)``)."""
+    image = x.cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    image = image.clamp(0, 1).permute(1, 2, 0)
+    return image[..., 0] if image.shape[-1] == 1 else image
+
+
+def _most_active(feature_map: torch.Tensor, count: int) -> list[int]:
+    """Indices of the ``count`` channels of ``(C, h, w)`` with the largest mean activation."""
+    return feature_map.mean(dim=(1, 2)).topk(min(count, feature_map.shape[0])).indices.tolist()
+
+
+@torch.no_grad()
+def feature_map_figure(
+    model: DenseNet,
+    image: Image.Image,
+    transform,
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str],
+    path: str | Path,
+    channels: int = 6,
+) -> Path:
+    """The model's view of ``image``, its top-5 classes, a CAM of the top class, and the
+    ``channels`` most active feature maps after each dense block (one row per block)."""
+    device = next(model.parameters()).device
+    x = transform(image)[None].to(device)
+    model.eval()
+    maps = [m[0].float().cpu() for m in model.forward_intermediates(x)]
+    probs = model(x)[0].float().softmax(0).cpu()
+    cam, _, _ = class_activation_map(model, x)
+    shown = _denormalize(x[0], mean, std)
+    columns = max(channels, 4)
+    fig = Figure(figsize=(1.9 * columns, 2.0 * len(maps) + 3.2))
+    header, grid = fig.subfigures(2, 1, height_ratios=[3.2, 2.0 * len(maps)])
+    _draw_header(header, shown, cam, probs, class_names)
+    _draw_feature_maps(grid, maps, channels)
+    return _save(fig, path)
+
+
+def _draw_header(
+    fig, shown: torch.Tensor, cam: torch.Tensor, probs: torch.Tensor, class_names
+) -> None:
+    """Input image, CAM overlay of the top class, bar chart of the top-5 probabilities."""
+    image_ax, cam_ax, bar_ax = fig.subplots(1, 3, width_ratios=[1, 1, 1.5])
+    fig.subplots_adjust(left=0.03, right=0.97, wspace=0.75, top=0.85, bottom=0.15)
+    cmap = "gray" if shown.dim() == 2 else None
+    heat = F.interpolate(cam[None, None].float().cpu(), size=shown.shape[:2], mode="bilinear")[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-12)
+    top = probs.topk(min(5, len(probs)))
+    labels = [_short(class_names[i], 24) for i in top.indices.tolist()]
+    image_ax.imshow(shown, cmap=cmap)
+    image_ax.set_title("input, as the model sees it", fontsize=9)
+    cam_ax.imshow(shown, cmap=cmap)
+    cam_ax.imshow(heat.numpy(), cmap="jet", alpha=0.45)
+    cam_ax.set_title(f"class activation map:\n{labels[0]}", fontsize=9)
+    for ax in (image_ax, cam_ax):
+        ax.axis("off")
+    positions = list(range(len(labels)))[::-1]
+    bar_ax.barh(positions, (100 * top.values).tolist(), color="tab:blue")
+    bar_ax.set_yticks(positions, labels, fontsize=9)
+    bar_ax.set_xlim(0, 100)
+    bar_ax.set_xlabel("probability (%)", fontsize=9)
+    bar_ax.set_title("top-5 classes", fontsize=9)
+
+
+def _draw_feature_maps(fig, maps: Sequence[torch.Tensor], channels: int) -> None:
+    """One row per dense block: its ``channels`` most active maps."""
+    axes = fig.subplots(len(maps), max(channels, 4), squeeze=False)
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.93, bottom=0.02, hspace=0.3, wspace=0.1)
+    fig.suptitle("feature maps after each dense block (most active channels)", fontsize=10)
+    for block, (row, feature_map) in enumerate(zip(axes, maps, strict=True), start=1):
+        c, h, w = feature_map.shape
+        row[0].set_ylabel(f"block {block}\n{c}x{h}x{w}", fontsize=9)
+        chosen = _most_active(feature_map, channels)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(False)
+        for ax, channel in zip(row, chosen, strict=False):
+            ax.imshow(feature_map[channel].numpy(), cmap="viridis")
+            ax.set_title(f"channel {channel}", fontsize=8)
+
+
+def parameter_efficiency_points(pattern: str = "*") -> list[dict]:
+    """Parameter count and published top-1 errors (ImageNet, CIFAR-10+) of each registered model
+    matching ``pattern``.
+
+    Parameters are counted on the meta device, so no weights are allocated.
+    """
+    from densenet.zoo import count_parameters, create_model, get_model_spec, list_models
+
+    points = []
+    for name in list_models(pattern):
+        spec = get_model_spec(name)
+        with torch.device("meta"):
+            model = create_model(name)
+        params = count_parameters(model)
+        bc = bool(model.config["bn_size"]) and model.config["compression"] < 1
+        for result in spec.published:
+            if result.dataset in ("imagenet", "cifar10+"):
+                points.append(
+                    dict(
+                        name=name,
+                        params=params,
+                        dataset=result.dataset,
+                        error=result.top1_error,
+                        bc=bc,
+                    )
+                )
+    return points
+
+
+def _label_points(ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str]) -> None:
+    """Annotate points, moving each label to the first of four spots that overlaps no earlier one."""
+    renderer = FigureCanvasAgg(ax.figure).get_renderer()
+    spots = [((5, 4), "left"), ((5, -11), "left"), ((-5, 4), "right"), ((-5, -11), "right")]
+    placed = []
+    for x, y, label in zip(xs, ys, labels, strict=True):
+        for offset, align in spots:
+            text = ax.annotate(
+                label, (x, y), xytext=offset, textcoords="offset points", ha=align, fontsize=8
+            )
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+        else:
+            text = ax.annotate(
+                label, (x, y), xytext=spots[0][0], textcoords="offset points", fontsize=8
+            )
+            box = text.get_window_extent(renderer)
+        placed.append(box)
+
+
+def parameter_efficiency_figure(points: Sequence[dict], path: str | Path) -> Path:
+    """Two panels, published top-1 error (%) against parameters (millions): ImageNet models
+    (single crop) and CIFAR models on CIFAR-10+ (the paper's parameter-efficiency figure).
+
+    DenseNet-BC models (bottleneck + compression) and basic DenseNets get their own colors.
+    """
+    if not points:
+        raise ValueError("no models with published ImageNet or CIFAR-10+ results to plot")
+    panels = (
+        ("imagenet", "ImageNet-1k (224x224, single crop)"),
+        ("cifar10+", "CIFAR-10+ (augmented)"),
+    )
+    fig = Figure(figsize=(13, 5.5))
+    for i, (dataset, title) in enumerate(panels):
+        chosen = sorted((p for p in points if p["dataset"] == dataset), key=lambda p: p["params"])
+        _efficiency_panel(fig.add_subplot(1, 2, i + 1), chosen, title)
+    fig.suptitle(
+        "DenseNet parameter efficiency: published error against size (lower left is better)"
+    )
+    return _save(fig, path)
+
+
+def _efficiency_panel(ax, points: Sequence[dict], title: str) -> None:
+    ax.set_title(title)
+    if not points:
+        ax.text(
+            0.5, 0.5, "no selected model has a result here", ha="center", transform=ax.transAxes
+        )
+        ax.set_axis_off()
+        return
+    for bc, color, label in ((True, "tab:blue", "DenseNet-BC"), (False, "tab:orange", "DenseNet")):
+        series = [p for p in points if p["bc"] == bc]
+        if series:
+            xs = [p["params"] / 1e6 for p in series]
+            ax.plot(xs, [p["error"] for p in series], "o", color=color, label=label, zorder=3)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.margins(x=0.2, y=0.12)
+    ax.set_xlabel("parameters (millions, log scale)")
+    ax.set_ylabel("published top-1 error (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+    xs = [p["params"] / 1e6 for p in points]
+    _label_points(ax, xs, [p["error"] for p in points], [p["name"] for p in points])
