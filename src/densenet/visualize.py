@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -97,11 +98,11 @@ def class_activation_map(
     return cam, index, float(logits.softmax(0)[index])
 
 
-def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """``(C, H, W)`` normalized -> ``(H, W, C)`` in [0, 1] for imshow (gray: ``(H, W)``)."""
     image = x.cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     image = image.clamp(0, 1).permute(1, 2, 0)
-    return image[..., 0] if image.shape[-1] == 1 else image
+    return (image[..., 0] if image.shape[-1] == 1 else image).numpy()
 
 
 def _most_active(feature_map: torch.Tensor, count: int) -> list[int]:
@@ -138,12 +139,12 @@ def feature_map_figure(
 
 
 def _draw_header(
-    fig, shown: torch.Tensor, cam: torch.Tensor, probs: torch.Tensor, class_names
+    fig, shown: np.ndarray, cam: torch.Tensor, probs: torch.Tensor, class_names
 ) -> None:
     """Input image, CAM overlay of the top class, bar chart of the top-5 probabilities."""
     image_ax, cam_ax, bar_ax = fig.subplots(1, 3, width_ratios=[1, 1, 1.5])
     fig.subplots_adjust(left=0.03, right=0.97, wspace=0.75, top=0.85, bottom=0.15)
-    cmap = "gray" if shown.dim() == 2 else None
+    cmap = "gray" if shown.ndim == 2 else None
     heat = F.interpolate(cam[None, None].float().cpu(), size=shown.shape[:2], mode="bilinear")[0, 0]
     heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-12)
     top = probs.topk(min(5, len(probs)))

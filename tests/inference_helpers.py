@@ -1,0 +1,54 @@
+"""Shared by the evaluate/predict/visualize tests: tiny checkpoints and the real sample images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from densenet import DenseNet
+from densenet.io import save_state
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
+]  # fmt: skip
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ``../shared/data``; skips the test when that copy of the data is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (the shared data folder beside the checkout)")
+    return path
+
+
+def tiny_model(num_classes: int = 10, in_chans: int = 3, seed: int = 0) -> DenseNet:
+    """A 2-block CIFAR-style DenseNet-BC with k=4: a few thousand parameters."""
+    torch.manual_seed(seed)
+    model = DenseNet(
+        growth_rate=4, block_config=(2, 2), num_init_features=8, stem="cifar",
+        in_chans=in_chans, num_classes=num_classes,
+    )  # fmt: skip
+    # Non-trivial BN statistics, so eval-mode outputs depend on them being loaded.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def save_checkpoint(path: Path, model: DenseNet, **metadata) -> Path:
+    """A training-style checkpoint: weights under 'model', architecture and data in metadata.
+
+    ``metadata`` adds or overrides keys; a None value drops the key.
+    """
+    meta = dict(
+        model_config=model.config, class_names=CIFAR10_CLASSES[: model.num_classes],
+        mean=[0.49, 0.48, 0.45][: model.in_chans], std=[0.25, 0.24, 0.26][: model.in_chans],
+        input_size=[model.in_chans, 32, 32], dataset="cifar10",
+    )  # fmt: skip
+    meta.update(metadata)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    return save_state(path, {"model": model.state_dict(), "epoch": 3}, meta)

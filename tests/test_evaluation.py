@@ -1,0 +1,177 @@
+"""Metrics against hand-computed values, the evaluation loop, ten-crop and the eval transform."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from densenet.evaluation import (
+    confusion_matrix,
+    eval_transform,
+    evaluate,
+    per_class_accuracy,
+    resolve_device,
+    to_channels,
+    topk_correct,
+)
+
+
+class FixedLogits(nn.Module):
+    """Returns the row of ``table`` selected by the first pixel of each input (a sample id)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+        self.anchor = nn.Parameter(torch.zeros(1))  # so the model has a device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+class ConstantLogits(nn.Module):
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), -1)
+
+
+# 4 samples, 6 classes; targets 0, 1, 2, 2.
+LOGITS = torch.tensor(
+    [
+        [9.0, 1, 2, 3, 4, 5],  # target 0: rank 1
+        [9.0, 1, 2, 3, 4, 5],  # target 1: rank 6 (the worst)
+        [1.0, 2, 6, 9, 0, 0],  # target 2: rank 2
+        [0.0, 0, 1, 2, 3, 4],  # target 2: rank 4
+    ]
+)
+TARGETS = torch.tensor([0, 1, 2, 2])
+
+
+def test_topk_correct_by_hand():
+    assert topk_correct(LOGITS, TARGETS, (1, 2, 4, 5, 6)) == [1, 2, 3, 3, 4]
+    # k above the class count counts every sample.
+    # Among classes 0-2 only sample 1 (target 1, logit 1 of 9, 1, 2) misses top-1.
+    assert topk_correct(LOGITS[:, :3], TARGETS, (1, 5)) == [3, 4]
+
+
+def test_confusion_matrix_and_per_class_by_hand():
+    preds = LOGITS.argmax(1)  # 0, 0, 3, 5
+    cm = confusion_matrix(preds, TARGETS, 6)
+    expected = torch.zeros(6, 6, dtype=torch.long)
+    expected[0, 0] = 1
+    expected[1, 0] = 1
+    expected[2, 3] = 1
+    expected[2, 5] = 1
+    assert torch.equal(cm, expected)
+    assert per_class_accuracy(cm) == [100.0, 0.0, 0.0, None, None, None]
+
+
+def test_evaluate_metrics_loss_and_restores_train_mode():
+    model = FixedLogits(LOGITS).train()
+    ids = torch.arange(4.0)[:, None, None, None].expand(4, 1, 2, 2).clone()
+    loader = DataLoader(TensorDataset(ids, TARGETS), batch_size=3)  # two uneven batches
+    result = evaluate(model, loader, class_names=list("abcdef"))
+    assert result.images == 4 and result.crops == 1
+    assert result.top1 == pytest.approx(25.0)
+    assert result.top5 == pytest.approx(75.0)
+    expected_loss = float(nn.functional.cross_entropy(LOGITS, TARGETS))
+    assert result.loss == pytest.approx(expected_loss, rel=1e-6)
+    assert result.per_class == [100.0, 0.0, 0.0, None, None, None]
+    summary = result.to_dict()
+    assert summary["per_class"] == {"a": 100.0, "b": 0.0, "c": 0.0, "d": None, "e": None, "f": None}
+    assert summary["confusion"][2] == [0, 0, 0, 1, 0, 1]
+    assert model.training
+
+
+def test_ten_crop_averages_softmax_over_crops():
+    torch.manual_seed(0)
+    n, crops, classes = 3, 10, 4
+    inputs = torch.randn(n, crops, 2, 3, 3)
+    targets = torch.tensor([0, 3, 1])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(18, classes))
+    result = evaluate(model, [(inputs, targets)])
+    with torch.no_grad():
+        probs = model(inputs.flatten(0, 1)).softmax(1).view(n, crops, classes).mean(1)
+    assert result.images == n and result.crops == crops
+    assert result.loss == pytest.approx(
+        float(-probs[torch.arange(n), targets].log().mean()), rel=1e-5
+    )
+    expected_top1 = 100 * float((probs.argmax(1) == targets).float().mean())
+    assert result.top1 == pytest.approx(expected_top1)
+
+
+def test_evaluate_rejects_labels_beyond_the_classifier_and_empty_data():
+    model = FixedLogits(LOGITS)
+    ids = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="label 7 but the model predicts 6 classes"):
+        evaluate(model, [(ids, torch.tensor([0, 7]))])
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(model, [])
+
+
+def _gradient_image(width: int = 48, height: int = 40) -> Image.Image:
+    x = torch.linspace(0, 255, width).expand(height, width)
+    rgb = torch.stack([x, x.flip(1), torch.full_like(x, 30)], dim=-1).to(torch.uint8)
+    return Image.fromarray(rgb.numpy(), "RGB")
+
+
+def test_eval_transform_center_crop_and_ten_crop_shapes():
+    image = _gradient_image()
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    single = eval_transform(32, mean, std, crop_pct=0.8)(image)
+    assert single.shape == (3, 32, 32) and single.dtype == torch.float32
+    ten = eval_transform((3, 32, 32), mean, std, crop_pct=0.8, ten_crop=True)(image)
+    assert ten.shape == (10, 3, 32, 32)
+    # Crop 4 is the center crop; crop 9 is the center of the flipped image.
+    assert torch.allclose(ten[4], single)
+    assert torch.allclose(ten[9], single.flip(-1))
+    # Corners differ from the center on a gradient image.
+    assert not torch.allclose(ten[0], ten[1])
+
+
+def test_eval_transform_converts_channels():
+    gray = eval_transform(16, (0.5,), (0.5,), crop_pct=1.0)(_gradient_image())
+    assert gray.shape == (1, 16, 16)
+    cmyk = _gradient_image().convert("CMYK")
+    assert eval_transform(16, (0.5,) * 3, (0.5,) * 3, crop_pct=1.0)(cmyk).shape == (3, 16, 16)
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert to_channels(transparent, 3).getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        to_channels(transparent, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(crop_pct=0), "crop_pct"),
+        (dict(interpolation="lanczos9"), "interpolation"),
+    ],
+)
+def test_eval_transform_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        eval_transform(32, (0.5,) * 3, (0.5,) * 3, **kwargs)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_loss_is_finite_for_confident_wrong_predictions():
+    # Averaging in log space stays finite where log(mean(softmax)) would underflow to log(0).
+    model = ConstantLogits(torch.tensor([1000.0, -1000.0]))
+    result = evaluate(model, [(torch.zeros(1, 2, 1, 1, 1), torch.tensor([1]))])
+    assert result.crops == 2
+    assert math.isfinite(result.loss) and result.loss == pytest.approx(2000.0)

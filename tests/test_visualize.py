@@ -1,0 +1,130 @@
+"""Class-activation maps, the PNG figures and the visualize / models --plot commands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from inference_helpers import CIFAR10_CLASSES, save_checkpoint, shared_data, tiny_model
+from PIL import Image
+
+from densenet.cli import main
+from densenet.predict import load_image, load_model
+from densenet.visualize import (
+    class_activation_map,
+    confusion_matrix_figure,
+    feature_map_figure,
+    parameter_efficiency_figure,
+    parameter_efficiency_points,
+)
+
+
+def _check_png(path, min_size=(300, 200)):
+    """The file is a real, non-trivial PNG."""
+    assert path.stat().st_size > 5_000
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.width >= min_size[0] and image.height >= min_size[1]
+        assert len(image.convert("L").getcolors(maxcolors=1_000_000)) > 10  # not blank
+
+
+def test_cam_averages_to_the_logit():
+    model = tiny_model()
+    x = torch.randn(1, 3, 32, 32)
+    cam, index, prob = class_activation_map(model, x)
+    with torch.no_grad():
+        logits = model(x)[0]
+    assert index == int(logits.argmax())
+    assert prob == pytest.approx(float(logits.softmax(0)[index]), rel=1e-5)
+    assert cam.shape == (16, 16)  # the last block's resolution (one transition)
+    assert float(cam.mean() + model.classifier.bias[index].detach()) == pytest.approx(
+        float(logits[index]), abs=1e-4
+    )
+    other, index3, _ = class_activation_map(model, x, class_index=3)
+    assert index3 == 3 and not torch.allclose(other, cam)
+
+
+def test_cam_needs_a_classifier():
+    model = tiny_model()
+    model.reset_classifier(0)
+    with pytest.raises(ValueError, match="linear classifier"):
+        class_activation_map(model, torch.randn(1, 3, 32, 32))
+
+
+def test_feature_map_figure(tmp_path):
+    model = tiny_model()
+    loaded, info = load_model(save_checkpoint(tmp_path / "ck.safetensors", model))
+    image = load_image(shared_data("test-samples", "cifar10_00_3.png"))
+    path = feature_map_figure(
+        loaded,
+        image,
+        info.transform(),
+        info.mean,
+        info.std,
+        info.class_names,
+        tmp_path / "fm.png",
+        4,
+    )
+    _check_png(path)
+
+
+def test_confusion_matrix_figures(tmp_path):
+    torch.manual_seed(0)
+    small = torch.randint(0, 20, (10, 10)) + 200 * torch.eye(10, dtype=torch.long)
+    _check_png(confusion_matrix_figure(small, CIFAR10_CLASSES, tmp_path / "c10.png"))
+    large = torch.randint(0, 3, (100, 100)) + 30 * torch.eye(100, dtype=torch.long)
+    _check_png(confusion_matrix_figure(large, [], tmp_path / "c100.png"))
+    with pytest.raises(ValueError, match="ending in .png"):
+        confusion_matrix_figure(small, CIFAR10_CLASSES, tmp_path / "c10.jpg")
+
+
+def test_parameter_efficiency_points_come_from_the_registry():
+    points = {(p["name"], p["dataset"]): p for p in parameter_efficiency_points()}
+    d121 = points[("densenet121", "imagenet")]
+    assert d121["params"] == 7_978_856 and d121["error"] == 25.02 and d121["bc"]
+    basic = points[("densenet40_k12", "cifar10+")]
+    assert basic["error"] == 5.24 and not basic["bc"]
+    assert 1.0e6 < basic["params"] < 1.1e6  # "1.0M" in the paper
+    assert points[("densenet_bc100_k12", "cifar10+")]["bc"]
+    assert {d for _, d in points} == {"imagenet", "cifar10+"}
+    assert all(
+        p["name"].startswith("densenet_bc") for p in parameter_efficiency_points("densenet_bc*")
+    )
+
+
+def test_models_plot_command(tmp_path, capsys):
+    out = tmp_path / "efficiency.png"
+    assert main(["models", "--plot", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    _check_png(out, (800, 400))
+    assert main(["models", "zz*", "--plot", str(out)]) == 2
+    assert "no models with published" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no models"):
+        parameter_efficiency_figure([], tmp_path / "x.png")
+
+
+def test_visualize_command(tmp_path, capsys):
+    checkpoint = save_checkpoint(tmp_path / "ck.safetensors", tiny_model())
+    image = shared_data("test-samples", "cifar10_03_0.png")
+    out = tmp_path / "viz" / "maps.png"
+    assert (
+        main(
+            [
+                "visualize",
+                str(image),
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    _check_png(out)
+    assert (
+        main(["visualize", str(checkpoint), "--checkpoint", str(checkpoint), "--out", str(out)])
+        == 2
+    )
+    assert "not a readable image file" in capsys.readouterr().err
