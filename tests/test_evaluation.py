@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from inference_helpers import CIFAR10_CLASSES, save_checkpoint, shared_data, tiny_model
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from densenet.cli import main
 from densenet.evaluation import (
     confusion_matrix,
     eval_transform,
@@ -175,3 +178,58 @@ def test_loss_is_finite_for_confident_wrong_predictions():
     result = evaluate(model, [(torch.zeros(1, 2, 1, 1, 1), torch.tensor([1]))])
     assert result.crops == 2
     assert math.isfinite(result.loss) and result.loss == pytest.approx(2000.0)
+
+
+# --- the eval command on real images ------------------------------------------------------------
+CIFAR_ZIP = ("cifar10-jpeg", "cifar10_yoongikim_jpeg_q75.zip")
+BIAS = torch.tensor([0.0, 0, 0, 5, 4, 3, 2, 1, 0, 0])
+
+
+def _constant_checkpoint(path):
+    """A checkpoint whose logits are ``BIAS`` for every image (zero classifier weights)."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(BIAS)
+    return save_checkpoint(path, model, dataset="folder")
+
+
+@pytest.mark.parametrize("ten_crop", [False, True])
+def test_eval_command_json_on_real_cifar10_jpegs(tmp_path, capsys, ten_crop):
+    data = shared_data(*CIFAR_ZIP)
+    checkpoint = _constant_checkpoint(tmp_path / "run" / "ck.safetensors")
+    args = ["eval", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--limit", "200"]
+    args += ["--workers", "0", "--device", "cpu", "--json"] + (["--ten-crop"] if ten_crop else [])
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    # 200 evenly spaced images of the class-sorted 10,000: 20 per class. Always predicting class 3
+    # (then 4, 5, 6, 7) gives 10% top-1 and 50% top-5; the loss is the mean -log softmax(BIAS).
+    assert result["images"] == 200 and result["crops"] == (10 if ten_crop else 1)
+    assert result["top1"] == pytest.approx(10.0) and result["top5"] == pytest.approx(50.0)
+    assert result["loss"] == pytest.approx(float(-BIAS.log_softmax(0).mean()), rel=1e-5)
+    assert result["per_class"] == {n: (100.0 if n == "cat" else 0.0) for n in CIFAR10_CLASSES}
+    assert [sum(row) for row in result["confusion"]] == [20] * 10
+    assert all(row[3] == 20 for row in result["confusion"])
+    stem = "eval_folder_test" + ("_10crop" if ten_crop else "")
+    assert result["confusion_png"] == str(checkpoint.parent / f"{stem}.png")
+    assert (checkpoint.parent / f"{stem}.png").stat().st_size > 5_000
+    assert json.loads((checkpoint.parent / f"{stem}.json").read_text())["top1"] == result["top1"]
+
+
+def test_eval_command_report_and_errors(tmp_path, capsys):
+    data = shared_data(*CIFAR_ZIP)
+    checkpoint = _constant_checkpoint(tmp_path / "ck.safetensors")
+    out = tmp_path / "report"
+    args = ["eval", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--limit", "20"]
+    assert main([*args, "--workers", "0", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "top-1   10.00%" in text and "100.00%  cat" in text
+    assert (out / "eval_folder_test.png").exists()
+    missing = tmp_path / "missing.safetensors"
+    assert main(["eval", "--checkpoint", str(missing), "--dataset", "cifar10"]) == 2
+    assert f"{missing}: no such checkpoint file" in capsys.readouterr().err
+    anonymous = save_checkpoint(tmp_path / "anon.safetensors", tiny_model(), dataset=None)
+    assert main(["eval", "--checkpoint", str(anonymous)]) == 2
+    assert "give --dataset" in capsys.readouterr().err
+    assert main([*args, "--limit", "0"]) == 2
+    assert "--limit must be at least 1" in capsys.readouterr().err

@@ -17,11 +17,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-INTERPOLATIONS = {
-    "nearest": v2.InterpolationMode.NEAREST,
-    "bilinear": v2.InterpolationMode.BILINEAR,
-    "bicubic": v2.InterpolationMode.BICUBIC,
-}
+from densenet.data import build_transforms
 
 
 def eval_transform(
@@ -39,29 +35,17 @@ def eval_transform(
     convention; 224 at 0.875 gives the usual resize 256), or the four corners, the center and their
     horizontal flips with ``ten_crop`` (fb.resnet.torch's TenCrop).
     """
+    channels = ToChannels(len(mean))
+    single = build_transforms("none", False, mean, std, input_size, crop_pct, interpolation)
+    if not ten_crop:
+        return v2.Compose([channels, single])
     size = int(input_size[-1]) if isinstance(input_size, Sequence) else int(input_size)
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(
-            f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}"
-        )
-    if len(mean) != len(std):
-        raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} must have one value per channel")
-    to_tensor = v2.Compose(
-        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    )
-    steps: list = [
-        ToChannels(len(mean)),
-        v2.Resize(
-            math.floor(size / crop_pct), interpolation=INTERPOLATIONS[interpolation], antialias=True
-        ),
+    # The single-crop pipeline with TenCrop in place of CenterCrop; later steps map over crops.
+    steps = [
+        channels,
+        *(v2.TenCrop(size) if isinstance(t, v2.CenterCrop) else t for t in single.transforms),
     ]
-    if ten_crop:
-        steps += [v2.TenCrop(size), _StackCrops(to_tensor)]
-    else:
-        steps += [v2.CenterCrop(size), to_tensor]
-    return v2.Compose(steps)
+    return v2.Compose([*steps, _StackCrops()])
 
 
 def to_channels(image: Image.Image, channels: int) -> Image.Image:
@@ -86,13 +70,10 @@ class ToChannels:
 
 
 class _StackCrops:
-    """Apply ``transform`` to each crop and stack them: ``(crops, C, S, S)``; picklable for workers."""
+    """The tuple of crops -> one ``(crops, C, S, S)`` tensor."""
 
-    def __init__(self, transform) -> None:
-        self.transform = transform
-
-    def __call__(self, crops) -> torch.Tensor:
-        return torch.stack([self.transform(crop) for crop in crops])
+    def __call__(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(crops))
 
 
 def resolve_device(device: str | None) -> torch.device:

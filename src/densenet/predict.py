@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from densenet.data import dataset_info
 from densenet.evaluation import eval_transform
 from densenet.io import CheckpointError, load_state
 from densenet.models import DenseNet
@@ -176,6 +177,9 @@ def load_model(
         cfg = _spec_cfg(name, model)
         # mean/std of a checkpoint come from its own metadata or its dataset, not the zoo default.
         cfg = {k: v for k, v in cfg.items() if k not in ("mean", "std")}
+        if meta.get("dataset"):
+            stats = dataset_info(meta["dataset"])
+            cfg.update(mean=stats.mean, std=stats.std)
         info = _info_from_cfg(model, name, cfg, meta, f"{path} ({name or 'custom architecture'})")
     else:
         model = create_model(name, pretrained=pretrained)

@@ -7,12 +7,15 @@ import argparse
 import json
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Subset
+import torch
+from torch.utils.data import Subset
 
 from densenet.cli import CLIError
 from densenet.cli.predict import add_model_arguments, model_from_args
+from densenet.data import build_dataset, build_loader, dataset_info
 from densenet.evaluation import EvalResult, evaluate
 from densenet.io import atomic_write
+from densenet.predict import ModelInfo
 from densenet.visualize import confusion_matrix_figure
 
 
@@ -35,7 +38,12 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
-    parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="evaluate only N images, evenly spaced over the split",
+    )
     parser.add_argument(
         "--out",
         metavar="DIR",
@@ -54,16 +62,21 @@ def _check(args: argparse.Namespace) -> None:
         raise CLIError(f"--limit must be at least 1, got {args.limit}")
 
 
-def _load_data(args: argparse.Namespace, dataset_name: str, info):
-    """The (possibly truncated) dataset split with the model's eval transform."""
-    from densenet import data
-
-    stats = data.dataset_info(dataset_name)
+def _load_data(args: argparse.Namespace, dataset_name: str, info: ModelInfo, device: torch.device):
+    """A loader over the (possibly truncated) split with the model's eval transform."""
+    stats = dataset_info(dataset_name)
     transform = info.transform(args.ten_crop, stats.mean, stats.std)
-    dataset = data.build_dataset(dataset_name, args.data_dir, args.split, transform)
-    if args.limit is not None:
-        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
-    return dataset
+    dataset = build_dataset(dataset_name, args.data_dir, args.split, transform)
+    classes = getattr(dataset, "classes", None) or stats.class_names
+    if len(classes) > len(info.class_names):
+        raise CLIError(
+            f"{dataset_name} has {len(classes)} classes but the model predicts "
+            f"{len(info.class_names)}; evaluate on the data the model was trained for"
+        )
+    if args.limit is not None and args.limit < len(dataset):
+        # Evenly spaced rather than the first N: class-sorted splits then still cover every class.
+        dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, args.limit).long().tolist())
+    return build_loader(dataset, args.batch_size, train=False, workers=args.workers, device=device)
 
 
 def _print_report(result: EvalResult, title: str) -> None:
@@ -90,14 +103,8 @@ def run(args: argparse.Namespace) -> int:
     dataset_name = args.dataset or info.dataset
     if not dataset_name:
         raise CLIError("which data? give --dataset NAME (the checkpoint does not name its dataset)")
-    dataset = _load_data(args, dataset_name, info)
     device = next(model.parameters()).device
-    loader = DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-    )
+    loader = _load_data(args, dataset_name, info, device)
     result = evaluate(model, loader, device, class_names=info.class_names, progress=not args.json)
     out = Path(args.out or (Path(args.checkpoint).parent if args.checkpoint else "."))
     stem = f"eval_{dataset_name}_{args.split}" + ("_10crop" if args.ten_crop else "")
