@@ -1,0 +1,310 @@
+"""Fast float32 inference: DenseNet-specific graph rewrites, then the best available backend.
+
+:func:`fuse_for_inference` rewrites a :class:`~densenet.models.DenseNet` in eval mode into an
+:class:`InferenceDenseNet` with the same outputs (up to float rounding) and fewer operations:
+
+* Every BatchNorm that *follows* a convolution is folded into it (stem convs; each dense layer's
+  ``norm2`` into its ``conv1``, which gains a bias).
+* Transitions pool before their 1x1 conv. Average (and blur) pooling is a per-channel linear map
+  over space and the 1x1 conv a linear map over channels, so they commute exactly; pooling first
+  costs 4x fewer MACs in the conv. AvgPool2d(2, 2) floors odd sizes by dropping the last row and
+  column, which does not depend on the channel count, so the result is exact for odd maps too.
+* Each dense block writes into one pre-allocated ``(N, C_out, H, W)`` buffer: layer ``l`` reads a
+  ``narrow()`` view of the first ``C_in(l)`` channels and writes its ``k`` new channels into its
+  slice, instead of re-concatenating the growing feature list (quadratic copying) every layer.
+
+The ``norm1`` of each layer cannot be folded (a ReLU separates it from the previous conv) or shared
+between layers (every layer has its own statistics for the same prefix channels), so it stays a
+per-layer BN-ReLU; it is a cheap elementwise op beside the 1x1 conv it feeds.
+
+:func:`optimize_for_inference` then runs the rewritten model on a backend: ``"eager"`` PyTorch,
+``"compile"`` (``torch.compile``, minutes of compile for densenet121 on a small CPU) or
+``"onnxruntime"`` (optional dependency). ``"auto"`` picks onnxruntime when it is installed (the
+fastest here, see docs/benchmarks.md) and eager otherwise; it never starts a long compile.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densenet.models import BlurPool2d, DenseBlock, DenseLayer, DenseNet, Transition
+
+BACKENDS = ("auto", "eager", "compile", "onnxruntime")
+
+
+def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A conv with bias computing ``bn(conv(x))`` with ``bn`` in eval mode (its running stats)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, bias=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+def _bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode BN then ReLU; one fused BN kernel and an in-place ReLU on its fresh output."""
+    y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    return y.relu_()
+
+
+def _fold_stem(stem: nn.Sequential) -> nn.Sequential:
+    """Fold every conv-BN pair of the stem; keep ReLUs and pools."""
+    children = list(stem.named_children())
+    layers: list[tuple[str, nn.Module]] = []
+    i = 0
+    while i < len(children):
+        name, module = children[i]
+        nxt = children[i + 1][1] if i + 1 < len(children) else None
+        if isinstance(module, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
+            layers.append((name, fold_bn_into_conv(module, nxt)))
+            i += 2
+            continue
+        if isinstance(module, nn.ReLU):
+            module = nn.ReLU(inplace=True)
+        layers.append((name, module))
+        i += 1
+    return nn.Sequential(OrderedDict(layers))
+
+
+class InferenceDenseLayer(nn.Module):
+    """A dense layer with ``norm2`` folded into ``conv1``: ``(N, C_in, H, W) -> (N, k, H, W)``."""
+
+    def __init__(self, layer: DenseLayer) -> None:
+        super().__init__()
+        self.has_bottleneck = layer.has_bottleneck
+        if self.has_bottleneck:
+            self.norm1 = copy.deepcopy(layer.norm1)
+            self.conv1 = fold_bn_into_conv(layer.conv1, layer.norm2)
+        else:
+            self.norm2 = copy.deepcopy(layer.norm2)
+        self.conv2 = copy.deepcopy(layer.conv2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_bottleneck:
+            x = F.relu(self.conv1(_bn_relu(self.norm1, x)), inplace=True)
+        else:
+            x = _bn_relu(self.norm2, x)
+        return self.conv2(x)
+
+
+class InferenceDenseBlock(nn.Module):
+    """Dense block over a pre-allocated feature buffer: ``(N, C, H, W) -> (N, C + L*k, H, W)``.
+
+    With ``preallocate=False`` (used for ONNX/export, whose runtimes plan concat memory
+    themselves and do not support in-place slice writes) it concatenates instead.
+    """
+
+    def __init__(self, block: DenseBlock, preallocate: bool = True) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(InferenceDenseLayer(layer) for layer in block.values())
+        self.growth_rate = block.growth_rate
+        self.out_channels = block.out_channels
+        self.preallocate = preallocate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.preallocate:
+            features = [x]
+            for layer in self.layers:
+                features.append(layer(torch.cat(features, 1)))
+            return torch.cat(features, 1)
+        n, c, h, w = x.shape
+        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        buffer = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device)
+        buffer = buffer.contiguous(memory_format=fmt)
+        buffer[:, :c].copy_(x)
+        for layer in self.layers:
+            buffer[:, c : c + self.growth_rate].copy_(layer(buffer.narrow(1, 0, c)))
+            c += self.growth_rate
+        return buffer
+
+
+class InferenceTransition(nn.Module):
+    """BN-ReLU, then the pool, then the 1x1 conv (pool-first: exact, 4x fewer conv MACs)."""
+
+    def __init__(self, transition: Transition) -> None:
+        super().__init__()
+        self.norm = copy.deepcopy(transition.norm)
+        pool = transition.pool
+        # The pool now runs on the conv's input channels; a blur pool's filter bank must match.
+        self.pool = (
+            BlurPool2d(transition.conv.in_channels, stride=pool.stride)
+            if isinstance(pool, BlurPool2d)
+            else copy.deepcopy(pool)
+        )
+        self.conv = copy.deepcopy(transition.conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(_bn_relu(self.norm, x)))
+
+
+class InferenceDenseNet(nn.Module):
+    """The inference graph of a :class:`DenseNet`: ``(N, in_chans, H, W) -> (N, num_classes)``.
+
+    Build it with :func:`fuse_for_inference`. Same outputs as the source model in eval mode.
+    """
+
+    def __init__(self, model: DenseNet, preallocate: bool = True) -> None:
+        super().__init__()
+        stem, stages = [], []
+        for name, module in model.features.named_children():
+            if isinstance(module, DenseBlock):
+                stages.append(InferenceDenseBlock(module, preallocate))
+            elif isinstance(module, Transition):
+                stages.append(InferenceTransition(module))
+            elif name not in ("norm5", "relu5"):
+                (stages if stages else stem).append((name, module))
+        self.stem = _fold_stem(nn.Sequential(OrderedDict(stem)))
+        self.stages = nn.Sequential(*stages)
+        self.norm5 = copy.deepcopy(model.features.norm5)
+        self.global_pool_type = model.global_pool_type
+        self.classifier = copy.deepcopy(model.classifier)
+        self.num_classes = model.num_classes
+        self.in_chans = model.in_chans
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _bn_relu(self.norm5, self.stages(self.stem(x)))
+        x = x.amax((2, 3)) if self.global_pool_type == "max" else x.mean((2, 3))
+        return self.classifier(x)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _as_densenet(model: nn.Module) -> DenseNet:
+    if isinstance(model, DenseNet):
+        return model
+    raise ValueError(
+        f"optimize_for_inference needs a densenet.DenseNet, got {type(model).__name__}; build it "
+        "with densenet.create_model(...) (torchvision/timm state dicts load into it unchanged)"
+    )
+
+
+@torch.no_grad()
+def fuse_for_inference(model: nn.Module, preallocate: bool = True) -> InferenceDenseNet:
+    """The rewritten eval-mode graph of ``model`` (unchanged itself); see the module docstring."""
+    return InferenceDenseNet(_as_densenet(model), preallocate=preallocate)
+
+
+class ChannelsLast(nn.Module):
+    """Runs ``module`` on a channels_last copy of the weights and input (same outputs)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.contiguous(memory_format=torch.channels_last))
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An onnxruntime session behind a module interface: float32 tensor in, tensor out.
+
+    ``model_bytes`` is a serialized ONNX model with one input and one output; ``threads`` sets
+    onnxruntime's intra-op threads (default: ``torch.get_num_threads()``).
+    """
+
+    def __init__(self, model_bytes: bytes, threads: int | None = None) -> None:
+        super().__init__()
+        ort = import_onnxruntime()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            model_bytes, options, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (out,) = self.session.run(None, {self.input_name: array})
+        return torch.from_numpy(out)
+
+
+def import_onnxruntime():
+    """onnxruntime, or a clear error naming the extra that installs it."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ValueError(
+            "the onnxruntime backend needs onnxruntime: pip install 'densenet[onnx]'"
+        ) from error
+    return onnxruntime
+
+
+def onnx_bytes(module: nn.Module, example: torch.Tensor, opset: int = 18) -> bytes:
+    """Serialized ONNX of ``module`` with a dynamic batch dimension (TorchScript exporter)."""
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        module, (example,), buffer, input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+        dynamo=False,
+    )  # fmt: skip
+    return buffer.getvalue()
+
+
+def _example_input(model: DenseNet, input_size: tuple[int, int] | None) -> torch.Tensor:
+    size = input_size or getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[1:]
+    size = tuple(size) if size else (224, 224)
+    return torch.randn(1, model.in_chans, *size)
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    backend: str = "auto",
+    *,
+    channels_last: bool | None = None,
+    input_size: tuple[int, int] | None = None,
+    threads: int | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A fast float32 callable with the outputs of ``model`` in eval mode (rel. error <= 1e-4).
+
+    Args:
+        model: a :class:`DenseNet` (left unchanged).
+        backend: 'auto' (onnxruntime if installed, else eager; never a long compile), 'eager',
+            'compile' (``torch.compile``; densenet121 compiles for ~2 min on 2 cores) or
+            'onnxruntime'.
+        channels_last: NHWC activations for the eager/compile backends (default: off, measured
+            slower here at batch 1 and about even at batch 16).
+        input_size: (H, W) traced for onnxruntime (any size works later; the batch is dynamic).
+        threads: onnxruntime intra-op threads (default ``torch.get_num_threads()``).
+
+    Returns an ``nn.Module``: call it on ``(N, in_chans, H, W)`` float tensors.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    model = _as_densenet(model)
+    if backend == "auto":
+        backend = "onnxruntime" if _has_onnxruntime() else "eager"
+    if backend == "onnxruntime":
+        import_onnxruntime()
+        graph = fuse_for_inference(model, preallocate=False)
+        return OnnxRuntimeModel(onnx_bytes(graph, _example_input(model, input_size)), threads)
+    fused: nn.Module = fuse_for_inference(model)
+    if channels_last:
+        fused = ChannelsLast(fused)
+    if backend == "compile":
+        fused = torch.compile(fused)
+    return fused
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
