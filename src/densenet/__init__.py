@@ -1,6 +1,16 @@
 """densenet: the reference DenseNet library and toolkit for PyTorch."""
 
 from densenet.models import DenseNet, FeatureExtractor
+from densenet.weights import (
+    WEIGHTS,
+    Weights,
+    get_weights,
+    list_weights,
+    load_pretrained,
+    load_state_dict_file,
+    save_weights,
+    to_torchvision_state_dict,
+)
 from densenet.zoo import (
     cifar_densenet,
     count_macs,
@@ -11,13 +21,21 @@ from densenet.zoo import (
 )
 
 __all__ = [
+    "WEIGHTS",
     "DenseNet",
     "FeatureExtractor",
+    "Weights",
     "cifar_densenet",
     "count_macs",
     "count_parameters",
     "create_model",
     "get_model_spec",
+    "get_weights",
     "list_models",
+    "list_weights",
+    "load_pretrained",
+    "load_state_dict_file",
+    "save_weights",
+    "to_torchvision_state_dict",
 ]
 __version__ = "0.1.0"

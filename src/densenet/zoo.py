@@ -245,14 +245,16 @@ def create_model(
     if name is None:
         if source is None:
             raise ValueError("create_model needs a model name, or pretrained= one of our checkpoints")
-        name, saved_kwargs = weights.architecture_of(source)
+        spec, saved_kwargs = weights.architecture_of(source)
+        name = spec.name
         overrides = {**saved_kwargs, **overrides}
-    spec = get_model_spec(name)
+    else:
+        spec = get_model_spec(name)
     arch = {**spec.kwargs, **overrides}
     weight_classes = weights.num_classes_of(source) if source is not None else None
     arch["num_classes"] = weight_classes if weight_classes is not None else arch.get("num_classes", spec.num_classes)
     model = _build(arch, in_chans=in_chans)
-    model.pretrained_cfg = weights.pretrained_cfg(spec, source)
+    model.pretrained_cfg = weights.pretrained_cfg(spec, source, in_chans)
     if source is not None:
         weights.load_pretrained(model, source)
     if num_classes is not None and num_classes != model.num_classes:
@@ -262,6 +264,7 @@ def create_model(
                 f"{num_classes}-class classifier (train it before use)"
             )
         model.reset_classifier(num_classes)
+        model.pretrained_cfg.update(num_classes=num_classes, class_names=None)
     model.model_name = name
     model.set_grad_checkpointing(memory_efficient)
     if features_only:
