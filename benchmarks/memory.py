@@ -3,15 +3,17 @@
 Every (model, configuration) is measured in fresh subprocesses, so one measurement's memory cannot
 leak into another's. Per configuration it reports:
 
-* ``peak``: peak memory of the training steps over the process's baseline: on CPU the growth of the
-  peak RSS (``ru_maxrss`` after the steps minus before); on CUDA ``torch.cuda.max_memory_allocated``
-  minus the memory allocated before the first step;
+* ``peak``: peak memory of the first training step (forward, loss, backward, SGD step) over the
+  process's baseline: on CPU the growth of the peak RSS (``ru_maxrss`` after the step minus before);
+  on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step;
+* ``default`` (CPU): the same RSS growth with glibc malloc's default settings (see below);
 * ``live``: the allocator-independent peak of live tensor bytes during one training step, from the
   profiler's allocation events (``profile_memory=True``);
 * ``saved``: bytes held for backward at the end of the forward pass (unique storages packed by
   autograd, parameters excluded). torch.utils.checkpoint keeps its inputs outside autograd's saved
   tensors, so for ``checkpoint`` this misses the features its closures hold;
-* ``step``: the median step time (forward, loss, backward, SGD step), the first step excluded.
+* ``step``: the median step time over ``--steps`` steps, from one more child that builds all of a
+  model's configurations and interleaves their steps, so machine load hits them alike.
 
 Configurations: ``plain``; ``checkpoint``, torchvision's ``memory_efficient`` design built here as the
 reference (cat -> BN -> ReLU -> conv1x1 under ``torch.utils.checkpoint(use_reentrant=False)``, as in
@@ -19,13 +21,13 @@ reference (cat -> BN -> ReLU -> conv1x1 under ``torch.utils.checkpoint(use_reent
 package's ``memory_efficient=True``.
 
 On CPU, glibc's malloc raises its mmap threshold after large frees and then serves big tensors from
-the heap, where freed memory stays in the RSS. So each CPU configuration runs twice: ``peak``,
-``live`` and ``saved`` come from a child with ``MALLOC_MMAP_THRESHOLD_`` fixed (RSS then follows the
-live tensors, but every big allocation page-faults, which slows it down), ``step`` and ``peak_default``
-(the RSS growth with glibc's defaults, what users see) from a child with the default malloc.
+the heap, where freed memory stays in the RSS. ``peak``, ``live`` and ``saved`` therefore come from a
+child with ``MALLOC_MMAP_THRESHOLD_`` fixed (RSS then follows the live tensors, but every big
+allocation page-faults, which is slow); ``default`` (what users see) and ``step`` from children with
+glibc's defaults.
 
     python benchmarks/memory.py                       # the full run documented in docs/benchmarks.md
-    python benchmarks/memory.py --depths 100 --models none --batch-size 16 --steps 2   # a quick look
+    python benchmarks/memory.py --depths 100 --models none --batch-size 16 --steps 2  # a quick look
 """
 
 from __future__ import annotations
@@ -119,11 +121,11 @@ def _allocator_stats(step, params: list[torch.Tensor], profile: bool) -> dict:
     return stats
 
 
-def measure(spec: dict) -> dict:
-    """Build the model, run ``steps`` SGD steps, return memory (bytes) and median step time (s)."""
+def _training_step(spec: dict, config: str):
+    """A closure running one SGD step of ``spec``'s model in ``config``, and the parameters."""
     torch.manual_seed(0)
     device = torch.device(spec["device"])
-    model = build_model(spec["model"], spec["config"]).to(device).train()
+    model = build_model(spec["model"], config).to(device).train()
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     x = torch.randn(spec["batch_size"], 3, 32, 32, device=device)
@@ -135,38 +137,51 @@ def measure(spec: dict) -> dict:
         if backward:
             loss.backward()
             optimizer.step()
-        return loss
-
-    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return loss
 
-    if device.type == "cuda":
+    return step, params
+
+
+def measure_memory(spec: dict) -> dict:
+    """Peak memory (bytes) of one training step over the process's baseline, and allocator stats."""
+    step, params = _training_step(spec, spec["config"])
+    if spec["device"] == "cpu":
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    else:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for _ in range(spec["steps"]):
-        sync()
-        start = time.perf_counter()
         step()
-        sync()
-        times.append(time.perf_counter() - start)
-    if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    timed = times[1:] or times  # the first step also allocates gradients and optimizer state
-    result = dict(spec, peak=peak, step=statistics.median(timed), times=times)
-    result["params"] = sum(p.numel() for p in params)
+    result = dict(spec, peak=peak, params=sum(p.numel() for p in params))
     if spec["allocator_stats"]:
-        result.update(_allocator_stats(step, params, profile=device.type == "cpu"))
+        result.update(_allocator_stats(step, params, profile=spec["device"] == "cpu"))
     return result
 
 
+def measure_time(spec: dict) -> dict:
+    """Median step time (s) of each configuration, the configurations' steps interleaved.
+
+    Interleaving in one process exposes every configuration to the same machine load; the first
+    step of each (allocating gradients and optimizer state) is not counted.
+    """
+    steps = {config: _training_step(spec, config)[0] for config in spec["configs"]}
+    times: dict[str, list[float]] = {config: [] for config in steps}
+    for round_ in range(spec["steps"] + 1):
+        order = list(steps) if round_ % 2 == 0 else list(reversed(steps))
+        for config in order:
+            start = time.perf_counter()
+            steps[config]()
+            times[config].append(time.perf_counter() - start)
+    step = {config: statistics.median(t[1:]) for config, t in times.items()}
+    return dict(spec, step=step, times=times)
+
+
 def run_child(spec: dict, malloc_env: bool, timeout: float) -> dict:
-    """``measure(spec)`` in a fresh interpreter; failures (e.g. out of memory) become ``error``."""
+    """``measure_<kind>(spec)`` in a fresh interpreter; failures (e.g. out of memory) -> ``error``."""
     env = dict(os.environ, **(MALLOC_ENV if malloc_env else {}))
     command = [sys.executable, __file__, "--child", json.dumps(spec)]
     try:
@@ -180,17 +195,34 @@ def run_child(spec: dict, malloc_env: bool, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def measure_config(spec: dict, timeout: float) -> dict:
-    """Memory from a fixed-mmap-threshold child, time from a default-malloc child (CPU)."""
-    if spec["device"] != "cpu":
-        return run_child(dict(spec, allocator_stats=True), False, timeout)
-    memory = run_child(dict(spec, steps=1, allocator_stats=True), True, timeout)
-    if "error" in memory:
-        return memory
-    timing = run_child(dict(spec, allocator_stats=False), False, timeout)
-    if "error" in timing:
-        return dict(memory, error="timing run: " + timing["error"])
-    return dict(memory, step=timing["step"], times=timing["times"], peak_default=timing["peak"])
+def measure_model(model: str, configs: list[str], args: argparse.Namespace) -> list[dict]:
+    """One row per configuration: memory children (fresh processes), then one timing child.
+
+    On CPU, each configuration's memory is measured twice: with the fixed mmap threshold (``peak``,
+    ``live``, ``saved``) and with glibc's defaults (``peak_default``).
+    """
+    model, _, batch_size = model.partition(":")
+    spec = dict(model=model, batch_size=int(batch_size or args.batch_size), device=args.device)
+    cpu = args.device == "cpu"
+    rows = []
+    for config in configs:
+        memory = dict(spec, kind="memory", config=config)
+        row = run_child(dict(memory, allocator_stats=True), cpu, args.timeout)
+        if cpu and "error" not in row:
+            default = run_child(dict(memory, allocator_stats=False), False, args.timeout)
+            row["peak_default"] = default.get("peak")
+        rows.append(row)
+    measured = [row["config"] for row in rows if "error" not in row]
+    if measured and args.steps > 0:
+        timing = dict(spec, kind="time", configs=measured, steps=args.steps)
+        timing = run_child(timing, False, args.timeout)
+        for row in rows:
+            if row["config"] in timing.get("step", {}):
+                row["step"] = timing["step"][row["config"]]
+                row["times"] = timing["times"][row["config"]]
+    for row in rows:
+        print(fmt_row(row), flush=True)
+    return rows
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -223,12 +255,13 @@ HEADER = f"{'model':>20} {'batch':>5} {'config':>10} {'peak':>7} {'default':>7} 
 
 def fmt_row(r: dict) -> str:
     def gb(key: str) -> str:
-        return f"{r[key] / GB:7.2f}" if key in r else "      -"
+        return f"{r[key] / GB:7.2f}" if r.get(key) is not None else "      -"
 
     if "error" in r:
         return f"{r['model']:>20} {r['batch_size']:>5} {r['config']:>10}   {r['error']}"
     memory = " ".join(gb(key) for key in ("peak", "peak_default", "live", "saved"))
-    return f"{r['model']:>20} {r['batch_size']:>5} {r['config']:>10} {memory} {r['step']:8.2f}"
+    step = f"{r['step']:8.2f}" if "step" in r else "       -"
+    return f"{r['model']:>20} {r['batch_size']:>5} {r['config']:>10} {memory} {step}"
 
 
 def summary(results: list[dict]) -> list[str]:
@@ -252,48 +285,36 @@ def summary(results: list[dict]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    base = dict(batch_size=args.batch_size, steps=args.steps, device=args.device)
-    results = []
-
-    def one(model: str, config: str) -> dict:
-        model, _, batch_size = model.partition(":")
-        spec = dict(base, model=model, config=config)
-        if batch_size:
-            spec["batch_size"] = int(batch_size)
-        result = measure_config(spec, args.timeout)
-        results.append(result)
-        print(fmt_row(result), flush=True)
-        return result
-
     print(
         "memory in GB (1e9 bytes); peak: RSS growth (fixed mmap threshold), default: the same "
         "with default malloc, live: profiler's live tensor bytes, saved: held for backward"
     )
     print(HEADER)
+    results = []
     for model in args.models:
-        for config in args.configs:
-            one(model, config)
+        results += measure_model(model, args.configs, args)
     curves: dict[str, list[tuple[int, float]]] = {c: [] for c in args.configs}
     for depth in args.depths:
+        configs = []
         for config in args.configs:
             predicted = _predict_peak(curves[config], depth)
             if predicted is not None and predicted > args.max_gb * GB:
-                print(f"{'bc' + str(depth):>20} {args.batch_size:>5} {config:>10}   skipped: predicted "
-                      f"{predicted / GB:.1f} GB > --max-gb {args.max_gb}")  # fmt: skip
-                continue
-            result = one(f"bc{depth}", config)
-            if "error" not in result:
-                curves[config].append((depth, result["peak"]))
+                print(f"{'bc' + str(depth):>20} {args.batch_size:>5} {config:>10}   skipped: "
+                      f"predicted {predicted / GB:.1f} GB > --max-gb {args.max_gb}")  # fmt: skip
+            else:
+                configs.append(config)
+        for row in measure_model(f"bc{depth}", configs, args):
+            results.append(row)
+            if "error" not in row:
+                curves[row["config"]].append((depth, row["peak"]))
     if args.budget_gb:
         for config in args.configs:
             depth = _deepest_within(curves[config], args.budget_gb * GB)
-            if depth is None:
-                continue
             # Verify the extrapolation; step down while the measured peak is over the budget.
-            while depth > 40:
-                result = one(f"bc{depth}", config)
-                result["budget_probe"] = args.budget_gb
-                if "error" not in result and result["peak"] <= args.budget_gb * GB:
+            while depth is not None and depth > 40:
+                (row,) = measure_model(f"bc{depth}", [config], args)
+                results.append(dict(row, budget_probe=args.budget_gb))
+                if "error" not in row and row["peak"] <= args.budget_gb * GB:
                     break
                 depth -= 6 * max(1, depth // 60)
     return results
@@ -329,7 +350,12 @@ def plot(results: list[dict], path: str, budget_gb: float | None) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3, help="training steps per measurement")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="timed training steps per configuration after one untimed (0 = memory only)",
+    )
     p.add_argument(
         "--depths",
         type=lambda s: [int(d) for d in s.split(",") if d],
@@ -371,7 +397,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(measure(json.loads(args.child))))
+        spec = json.loads(args.child)
+        measure = measure_memory if spec["kind"] == "memory" else measure_time
+        print(json.dumps(measure(spec)))
         return 0
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
