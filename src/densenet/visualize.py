@@ -64,9 +64,10 @@ def confusion_matrix_figure(
                 rates.flatten().tolist(),
                 strict=True,
             ):
-                if value >= 0.5:
+                label = f"{value:.0f}"
+                if label != "0":
                     color = "white" if value > 60 else "black"
-                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", color=color, fontsize=8)
+                    ax.text(j, i, label, ha="center", va="center", color=color, fontsize=8)
     accuracy = 100 * float(counts.diag().sum() / counts.sum().clamp(min=1))
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -167,7 +168,7 @@ def _draw_header(
 def _draw_feature_maps(fig, maps: Sequence[torch.Tensor], channels: int) -> None:
     """One row per dense block: its ``channels`` most active maps."""
     axes = fig.subplots(len(maps), max(channels, 4), squeeze=False)
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.93, bottom=0.02, hspace=0.3, wspace=0.1)
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.89, bottom=0.02, hspace=0.3, wspace=0.1)
     fig.suptitle("feature maps after each dense block (most active channels)", fontsize=10)
     for block, (row, feature_map) in enumerate(zip(axes, maps, strict=True), start=1):
         c, h, w = feature_map.shape
