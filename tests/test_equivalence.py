@@ -53,7 +53,8 @@ def assert_same_outputs(ours: nn.Module, theirs: nn.Module, size: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, size", [("densenet121", 224), ("densenet161", 64), ("densenet169", 64), ("densenet201", 64)]
+    "name, size",
+    [("densenet121", 224), ("densenet161", 64), ("densenet169", 64), ("densenet201", 64)],
 )
 def test_torchvision_weights_give_torchvision_outputs(name: str, size: int) -> None:
     torch.manual_seed(0)
@@ -94,7 +95,9 @@ def cifar10_test_subset(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``per_class`` JPEG test images of each class: uint8 ``(N, 3, 32, 32)``, labels."""
     images, labels = [], []
     with zipfile.ZipFile(CIFAR_ZIP) as archive:
-        names = sorted(n for n in archive.namelist() if n.startswith("test/") and n.endswith(".jpg"))
+        names = sorted(
+            n for n in archive.namelist() if n.startswith("test/") and n.endswith(".jpg")
+        )
         for label, cls in enumerate(CIFAR_CLASSES):
             for name in [n for n in names if n.split("/")[1] == cls][:per_class]:
                 image = Image.open(io.BytesIO(archive.read(name))).convert("RGB")

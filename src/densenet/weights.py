@@ -302,12 +302,14 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
+        if "weights only" not in reason.lower():  # e.g. "pickle data was truncated"
+            raise CheckpointError(f"{path}: corrupt or truncated PyTorch file ({reason})") from None
         raise CheckpointError(
             f"{path}: refused to load: it contains Python objects other than tensors and plain "
             f"containers, which could run code when unpickled ({reason}). Only load it with "
             "torch.load(weights_only=False) if you trust its source, then save its state_dict()."
         ) from None
-    except (RuntimeError, EOFError, ValueError) as error:
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
         reason = str(error).strip().splitlines()[0]
         raise CheckpointError(f"{path}: corrupt or truncated PyTorch file ({reason})") from None
 
