@@ -679,7 +679,7 @@ def load_pretrained(
         guess = suggest_architecture(state_dict)
         hint = f" The weights look like {guess}." if guess else ""
         raise CheckpointError(
-            f"{source.description}: the weights do not fit this model ({report}).{hint}"
+            f"{source.description}: the weights do not fit the architecture ({report}).{hint}"
         )
     model.load_state_dict(state_dict, strict=strict)
     return model
