@@ -10,8 +10,11 @@ from inference_helpers import CIFAR10_CLASSES, save_checkpoint, shared_data, tin
 from PIL import Image
 
 from densenet.cli import main
+from densenet.evaluation import eval_transform
 from densenet.io import CheckpointError, save_state
 from densenet.predict import imagenet_class_names, list_images, load_image, load_model, predict
+from densenet.weights import save_weights
+from densenet.zoo import create_model, get_model_spec
 
 
 def test_imagenet_class_names_bundled():
@@ -90,6 +93,22 @@ def test_predict_cli_text_with_a_named_model(capsys):
     )
 
 
+def test_named_model_with_a_weights_file(tmp_path, capsys):
+    image = shared_data("test-samples", "cifar10_05_6.png")
+    model = create_model("densenet40_k12").eval()
+    path = save_weights(model, tmp_path / "w.safetensors", class_names=CIFAR10_CLASSES)
+    args = ["predict", str(image), "--model", "densenet40_k12", "--pretrained", str(path)]
+    assert main([*args, "--json", "--device", "cpu"]) == 0
+    output = json.loads(capsys.readouterr().out)
+    spec = get_model_spec("densenet40_k12")
+    x = eval_transform(spec.input_size, spec.mean, spec.std, crop_pct=1.0)(load_image(image))
+    with torch.no_grad():
+        expected = model(x[None])[0].softmax(0).topk(5)
+    top = output["predictions"][0]["top"]
+    assert [e["label"] for e in top] == [CIFAR10_CLASSES[i] for i in expected.indices]
+    assert output["source"] == f"densenet40_k12 (weights {path})"
+
+
 def test_any_image_mode_converts_to_the_model_channels(tmp_path):
     white = Image.new("RGB", (40, 40), (255, 255, 255))
     files = {
@@ -141,7 +160,7 @@ def test_checkpoint_problems_are_named(tmp_path):
     wrong = save_checkpoint(
         tmp_path / "wrong.safetensors", model, model_config={**model.config, "growth_rate": 6}
     )
-    with pytest.raises(CheckpointError, match="weights do not fit the architecture"):
+    with pytest.raises(CheckpointError, match="weights do not fit"):
         load_model(wrong)
     names = save_checkpoint(tmp_path / "names.safetensors", model, class_names=["a", "b"])
     with pytest.raises(CheckpointError, match="2 class names for a 10-class classifier"):

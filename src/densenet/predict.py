@@ -7,6 +7,7 @@ metadata, else from the model's weights entry (``pretrained_cfg``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -19,9 +20,9 @@ from torch import nn
 
 from densenet.data import dataset_info
 from densenet.evaluation import eval_transform
-from densenet.io import CheckpointError, load_state
+from densenet.io import META_KEY, CheckpointError, read_header
 from densenet.models import DenseNet
-from densenet.zoo import create_model, get_model_spec
+from densenet.zoo import create_model
 
 IMAGE_EXTENSIONS = (
     ".jpg",
@@ -90,68 +91,50 @@ class ModelInfo:
         )
 
 
-def _state_dict_of(state) -> dict[str, torch.Tensor]:
-    """Training checkpoints keep the weights under 'model'; weights files are the state dict."""
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        return state["model"]
-    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
-        return state
-    raise CheckpointError("no model weights found (expected a state dict or a 'model' entry)")
-
-
-def _model_from_checkpoint(path: Path, meta: dict, state) -> DenseNet:
+def _checkpoint_metadata(path: Path) -> dict:
+    """The JSON metadata of our safetensors file; {} for other files (create_model explains)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        weights = _state_dict_of(state)
-    except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from None
-    if "model_config" in meta:
-        model = DenseNet(**meta["model_config"])
-    elif "model" in meta:
-        num_classes = (
-            weights["classifier.weight"].shape[0] if "classifier.weight" in weights else None
-        )
-        model = create_model(meta["model"], num_classes=num_classes)
-    else:
-        raise CheckpointError(
-            f"{path}: the checkpoint does not say which architecture it holds (no 'model' or "
-            "'model_config' metadata); use --model NAME --pretrained PATH instead"
-        )
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0:2]
-        raise CheckpointError(
-            f"{path}: weights do not fit the architecture ({' '.join(first)})"
-        ) from None
-    return model
+        header = read_header(path)
+    except CheckpointError:
+        return {}
+    return json.loads(header.get(META_KEY, "{}"))
 
 
-def _info_from_cfg(
-    model: nn.Module, name: str | None, cfg: dict, meta: dict, source: str
-) -> ModelInfo:
+def _normalization(meta: dict) -> dict:
+    """mean/std a checkpoint was trained with: its own metadata, else its dataset's, else none."""
+    saved = {**(meta.get("pretrained_cfg") or {}), **meta}
+    if saved.get("mean") and saved.get("std"):
+        return dict(mean=saved["mean"], std=saved["std"])
+    if meta.get("dataset"):
+        stats = dataset_info(meta["dataset"])
+        return dict(mean=stats.mean, std=stats.std)
+    return dict(mean=None, std=None)
+
+
+def _model_info(model: DenseNet, cfg: dict, source: str) -> ModelInfo:
+    """:class:`ModelInfo` from a config dict (pretrained_cfg keys, our checkpoint metadata)."""
     num_classes = model.num_classes
-    class_names = list(meta.get("class_names") or default_class_names(num_classes))
+    class_names = list(cfg.get("class_names") or default_class_names(num_classes))
     if len(class_names) != num_classes:
         raise CheckpointError(
             f"{source}: {len(class_names)} class names for a {num_classes}-class classifier"
         )
-    size = meta.get("input_size") or cfg.get("input_size") or (model.in_chans, 224, 224)
-    if len(size) == 2:  # (H, W)
-        size = (model.in_chans, *size)
+    size = cfg.get("input_size") or (model.in_chans, 224, 224)
 
-    def pick(key: str, default=None):
-        value = meta.get(key, cfg.get(key, default))
-        return tuple(value) if isinstance(value, list) else value
+    def as_tuple(value):
+        return tuple(value) if value is not None else None
 
     return ModelInfo(
-        name=name,
+        name=getattr(model, "model_name", None),
         class_names=class_names,
         input_size=(model.in_chans, int(size[-2]), int(size[-1])),
-        mean=pick("mean"),
-        std=pick("std"),
-        crop_pct=float(pick("crop_pct", 1.0)),
-        interpolation=pick("interpolation", "bilinear"),
-        dataset=meta.get("dataset"),
+        mean=as_tuple(cfg.get("mean")),
+        std=as_tuple(cfg.get("std")),
+        crop_pct=float(cfg.get("crop_pct") or 1.0),
+        interpolation=cfg.get("interpolation") or "bilinear",
+        dataset=cfg.get("dataset"),
         source=source,
     )
 
@@ -164,45 +147,31 @@ def load_model(
 ) -> tuple[DenseNet, ModelInfo]:
     """The model in eval mode on ``device`` and its :class:`ModelInfo`.
 
-    Either ``checkpoint`` (a file written by ``densenet train`` or :func:`densenet.io.save_state`
-    with model metadata) or ``name`` with optional ``pretrained`` (tag, path or True).
+    Either ``checkpoint`` (a weights file or training checkpoint of ours, whose metadata names
+    the architecture) or ``name`` with optional ``pretrained`` (tag, file, URL or True).
     """
     if (checkpoint is None) == (name is None):
         raise ValueError("give either a checkpoint (--checkpoint PATH) or a model (--model NAME)")
     if checkpoint is not None:
         path = Path(checkpoint)
-        state, meta = load_state(path)
-        model = _model_from_checkpoint(path, meta, state)
-        name = meta.get("model")
-        cfg = _spec_cfg(name, model)
-        # mean/std of a checkpoint come from its own metadata or its dataset, not the zoo default.
-        cfg = {k: v for k, v in cfg.items() if k not in ("mean", "std")}
-        if meta.get("dataset"):
-            stats = dataset_info(meta["dataset"])
-            cfg.update(mean=stats.mean, std=stats.std)
-        info = _info_from_cfg(model, name, cfg, meta, f"{path} ({name or 'custom architecture'})")
+        meta = _checkpoint_metadata(path)
+        in_chans = int((meta.get("model_config") or {}).get("in_chans", 3))
+        model = create_model(pretrained=path, in_chans=in_chans)
+        # The zoo's crop describes its ImageNet weights, not how a run evaluated: unless the file
+        # says otherwise, use densenet train's default (crop_pct 1, bilinear).
+        cfg = {
+            **model.pretrained_cfg, "crop_pct": 1.0, "interpolation": "bilinear",
+            **(meta.get("pretrained_cfg") or {}), **meta, **_normalization(meta),
+        }  # fmt: skip
+        source = f"{path} ({meta.get('model') or 'custom architecture'})"
     else:
         model = create_model(name, pretrained=pretrained)
-        cfg = dict(getattr(model, "pretrained_cfg", None) or _spec_cfg(name, model))
+        cfg = model.pretrained_cfg
         weights = {True: "default weights", None: "random weights", False: "random weights"}.get(
             pretrained, f"weights {pretrained}"
         )
-        info = _info_from_cfg(model, name, {}, cfg, f"{name} ({weights})")
-    return model.to(device).eval(), info
-
-
-def _spec_cfg(name: str | None, model: nn.Module) -> dict:
-    """The zoo entry's input config, or an empty dict for an unregistered architecture."""
-    try:
-        spec = get_model_spec(name) if name else None
-    except ValueError:
-        spec = None
-    if spec is None:
-        return {}
-    return dict(
-        input_size=spec.input_size, mean=spec.mean, std=spec.std, crop_pct=spec.crop_pct,
-        interpolation=spec.interpolation,
-    )  # fmt: skip
+        source = f"{name} ({weights})"
+    return model.to(device).eval(), _model_info(model, cfg, source)
 
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
