@@ -13,6 +13,7 @@ Public API: ``DATASETS``, :func:`dataset_info`, :func:`build_dataset`, :func:`bu
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
 import math
@@ -123,7 +124,8 @@ def dataset_info(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
         return _info(
             name, classes, IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224), ("train", "val"), False
         )
-    classes = tuple(FolderImages.scan(data_dir, None)[0]) if data_dir else ()
+    root = Path(data_dir) if data_dir else None
+    classes = tuple(FolderImages.scan(root, _split_subdir(root, "train"))[0]) if root else ()
     return _info(
         name, classes, IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224), ("train", "val", "test"), False
     )
@@ -416,6 +418,14 @@ class FolderImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> FolderImages:
+        """The images at ``indices`` (same classes), without reading them."""
+        part = copy.copy(self)
+        part.samples = [self.samples[int(i)] for i in indices]
+        part.targets = [t for _, t in part.samples]
+        part._zip = None
+        return part
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_zip": None}  # zip handles do not cross process boundaries
 
@@ -670,12 +680,13 @@ class EpochSampler(Sampler[int]):
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
+        self.start = 0  # samples of this epoch already consumed (a run resumed mid-epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return math.ceil(self.size / self.num_replicas)
+        return math.ceil(self.size / self.num_replicas) - self.start
 
     def __iter__(self):
         if self.shuffle:
@@ -683,9 +694,9 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
-        total = len(self) * self.num_replicas
+        total = math.ceil(self.size / self.num_replicas) * self.num_replicas
         order += order[: total - len(order)]
-        return iter(order[self.rank : total : self.num_replicas])
+        return iter(order[self.rank : total : self.num_replicas][self.start :])
 
 
 def build_loader(
@@ -718,7 +729,9 @@ def build_loader(
         collate_fn=_collate,
         pin_memory=torch.device(device).type == "cuda",
         drop_last=train if drop_last is None else drop_last,
-        persistent_workers=workers > 0,
+        # Fresh workers each epoch take their seeds from the generator reseeded by set_epoch,
+        # so a resumed run augments exactly like an uninterrupted one.
+        persistent_workers=False,
         worker_init_fn=_seed_worker if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
@@ -733,11 +746,11 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Make ``loader``'s next pass use epoch ``epoch``'s order."""
+def set_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Make ``loader``'s next pass use epoch ``epoch``'s order, from batch ``start_batch`` on."""
     sampler = loader.sampler
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    if isinstance(sampler, EpochSampler):
+        sampler.set_epoch(epoch, start_batch * (loader.batch_size or 1))
     if loader.generator is not None:
         # Worker seeds come from this generator: reseed so a resumed epoch draws the same.
         loader.generator.manual_seed(getattr(sampler, "seed", 0) * 1_000_003 + epoch)

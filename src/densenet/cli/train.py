@@ -1,0 +1,85 @@
+"""``densenet train``: train a DenseNet from a recipe, flags and ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Flags for the common keys: (flag, config key, type, help).
+FLAGS = (
+    ("--model", "model", str, "registered model name (densenet models lists them)"),
+    (
+        "--dataset",
+        "dataset",
+        str,
+        "cifar10, cifar100, svhn, mnist, fashion_mnist, imagenet, folder",
+    ),
+    ("--data-dir", "data_dir", str, "where the dataset is (a folder, or a .zip for folder)"),
+    ("--epochs", "epochs", int, "training epochs"),
+    ("--batch-size", "batch_size", int, "images per step"),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--out", "out", str, "run directory (default runs/<model>-<dataset>-<time>)"),
+    ("--device", "device", str, "auto, cpu, cuda, cuda:N or mps"),
+    ("--workers", "workers", int, "data-loading worker processes"),
+    ("--seed", "seed", int, "random seed (data order, init, augmentation)"),
+    ("--pretrained", "pretrained", str, "start from weights: a tag or a checkpoint path"),
+    ("--backbone-lr-scale", "backbone_lr_scale", float, "backbone lr relative to the classifier's"),
+)
+SWITCHES = (
+    ("--freeze-backbone", "freeze_backbone", "train only the classifier (fine-tuning)"),
+    ("--skip-bad-images", "skip_bad_images", "skip unreadable images in a folder dataset"),
+    ("--download", "download", "download the dataset with torchvision when it is missing"),
+    ("--deterministic", "deterministic", "deterministic algorithms (bit-reproducible on the CPU)"),
+)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model (no flags: a small DenseNet-BC on Fashion-MNIST in a few minutes)",
+        description="Train a DenseNet. Keys come from the defaults, then --config, then flags and "
+        "--set key=value (any config key; values are YAML, e.g. --set milestones=[0.5,0.75]).",
+    )
+    parser.add_argument("--config", help="a recipe YAML (see configs/)")
+    for flag, key, type_, help_ in FLAGS:
+        parser.add_argument(flag, dest=key, type=type_, help=help_)
+    for flag, key, help_ in SWITCHES:
+        parser.add_argument(flag, dest=key, action="store_true", default=None, help=help_)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="set any config key (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    parser.add_argument("--no-progress", action="store_true", help="one line per epoch, no bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from densenet.config import load_config, parse_overrides
+    from densenet.training import Interrupted, resume_config, train
+
+    overrides = {key: getattr(args, key) for _, key, *_ in FLAGS + SWITCHES}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides.update(parse_overrides(args.overrides))
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume uses the run's own config.yaml; drop --config")
+        cfg = resume_config(args.resume, overrides)
+    else:
+        cfg = load_config(args.config, overrides)
+    try:
+        result = train(
+            cfg, resume=args.resume, overwrite=args.overwrite,
+            progress=False if args.no_progress else None,
+        )  # fmt: skip
+    except Interrupted as stop:
+        print(f"densenet train: {stop}", file=sys.stderr)
+        return 128 + stop.signum  # the shell's convention for death by a signal
+    final = result.final
+    print(
+        f"done: {cfg.dataset} {cfg.val_split} top-1 {final['val_top1']:.2f}% "
+        f"(top-5 {final['val_top5']:.2f}%, best top-1 {result.best_top1:.2f}%) after "
+        f"{result.epochs} epochs\nrun directory: {result.run_dir}"
+    )
+    return 0

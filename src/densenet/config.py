@@ -1,0 +1,275 @@
+"""The training configuration: one typed, flat schema, checked completely before any work starts.
+
+A config comes from defaults, then a YAML file, then ``key=value`` overrides (values parsed as
+YAML: ``lr=0.05``, ``milestones=[0.5,0.75]``, ``model_args={growth_rate: 12}``). Unknown keys,
+wrong types and impossible values raise ``ValueError`` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+SCHEDULES = ("step", "multistep", "cosine", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+NONFINITE = ("stop", "skip")
+RECIPES = ("none", "standard", "imagenet", "randaugment")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved as ``config.yaml`` in the run directory)."""
+
+    # Model: a registered name (``densenet models``) plus DenseNet argument overrides; for the
+    # CIFAR family ``depth`` in ``model_args`` sets the three blocks by the paper's rule.
+    model: str = "densenet_bc100_k12"
+    model_args: dict = field(default_factory=lambda: {"depth": 16, "growth_rate": 12})
+    pretrained: str | None = None  # a weight tag or a checkpoint path, for fine-tuning
+    num_classes: int | None = None  # default: the dataset's
+    drop_rate: float | None = None  # default: the model's (the paper: 0.2 without augmentation)
+    memory_efficient: bool = False
+    freeze_backbone: bool = False  # train only the classifier
+    backbone_lr_scale: float = 1.0  # the backbone's lr relative to the classifier's
+
+    # Data
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    download: bool = False
+    train_split: str = "train"
+    val_split: str = "test"
+    train_subset: int | None = 20000  # first N images of a fixed shuffle; None = all
+    val_subset: int | None = None
+    augment: str = "standard"  # none | standard | imagenet | randaugment
+    input_size: int | None = None  # default: the dataset's
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+    in_memory: bool | None = None  # decode a folder dataset once into RAM; None = auto (<= 64 px)
+    skip_bad_images: bool = False
+    workers: int = 2
+
+    # Optimization (the paper: SGD, Nesterov momentum 0.9, weight decay 1e-4, lr 0.1)
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # step | multistep | cosine | constant
+    milestones: list = field(default_factory=lambda: [0.5, 0.75])  # multistep: epoch fractions
+    step_size: int = 30  # step: epochs between decays
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0  # cosine floor
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # weight EMA per step; 0 = off
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    nonfinite: str = "stop"  # on NaN/Inf loss: stop, or skip the step
+
+    # Execution
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: str = "none"  # none | bf16 | fp16 (fp16 needs CUDA)
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    out: str | None = None  # default runs/<model>-<dataset>-<timestamp>
+    tensorboard: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _allowed_types(annotation: str) -> tuple[type, ...]:
+    hint = typing.get_type_hints(TrainConfig)[annotation]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return tuple(type(None) if a is type(None) else typing.get_origin(a) or a for a in args)
+
+
+def _check_type(key: str, value: Any) -> Any:
+    allowed = _allowed_types(key)
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    elif isinstance(value, int) and float in allowed and not isinstance(value, bool):
+        return float(value)
+    else:
+        ok = isinstance(value, allowed)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(
+            f"config key {key!r} must be {names}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _unknown(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, FIELDS, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint} (valid keys: {', '.join(FIELDS)})")
+
+
+def merge(config: TrainConfig, values: dict) -> TrainConfig:
+    """``config`` with ``values`` applied, each key and type checked."""
+    if not isinstance(values, dict):
+        raise ValueError(f"a config must be a mapping of key: value, got {type(values).__name__}")
+    updates = {}
+    for key, value in values.items():
+        if key not in FIELDS:
+            raise _unknown(str(key))
+        updates[key] = _check_type(key, value)
+    return dataclasses.replace(config, **updates)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["lr=0.05", "milestones=[0.5, 0.75]"]`` -> ``{"lr": 0.05, "milestones": [0.5, 0.75]}``."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            values[key.strip()] = text
+    return values
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in YAML file ``path`` (safe loader: data only, never objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of key: value at the top level")
+    return values
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict | None = None, check_data: bool = True
+) -> TrainConfig:
+    """Defaults, then YAML ``path``, then ``overrides``; validated (see :func:`validate`)."""
+    config = TrainConfig()
+    if path is not None:
+        config = merge(config, read_yaml(path))
+    config = merge(config, overrides or {})
+    validate(config, check_data=check_data)
+    return config
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    from densenet.io import atomic_write
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def _choice(key: str, value: Any, choices: tuple) -> str | None:
+    if value not in choices:
+        return f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
+    return None
+
+
+def validate(config: TrainConfig, check_data: bool = True) -> None:
+    """Reject impossible values, all at once, naming each key (``check_data``: data dir exists)."""
+    from densenet import data, zoo
+    from densenet.models import DenseNet
+
+    c = config
+    problems = [
+        _choice("schedule", c.schedule, SCHEDULES),
+        _choice("amp", c.amp, AMP_MODES),
+        _choice("nonfinite", c.nonfinite, NONFINITE),
+        _choice("augment", c.augment, RECIPES),
+        _choice("interpolation", c.interpolation, tuple(data.INTERPOLATIONS)),
+    ]
+    positive = {"epochs": c.epochs, "batch_size": c.batch_size, "step_size": c.step_size}
+    problems += [f"{k} must be >= 1, got {v}" for k, v in positive.items() if v < 1]
+    for key in ("num_classes", "input_size", "train_subset", "val_subset"):
+        value = getattr(c, key)
+        if value is not None and value < 1:
+            problems.append(f"{key} must be >= 1 (or null for the default), got {value}")
+    non_negative = {
+        "weight_decay": c.weight_decay, "momentum": c.momentum, "min_lr": c.min_lr,
+        "warmup_epochs": c.warmup_epochs, "grad_clip": c.grad_clip, "workers": c.workers,
+    }  # fmt: skip
+    problems += [f"{k} must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    if c.lr <= 0:
+        problems.append(f"lr must be > 0, got {c.lr}")
+    fractions = {"gamma": c.gamma, "ema_decay": c.ema_decay, "label_smoothing": c.label_smoothing}
+    problems += [f"{k} must be in [0, 1), got {v}" for k, v in fractions.items() if not 0 <= v < 1]
+    if c.drop_rate is not None and not 0 <= c.drop_rate < 1:
+        problems.append(f"drop_rate must be in [0, 1), got {c.drop_rate}")
+    if not 0 < c.crop_pct <= 1:
+        problems.append(f"crop_pct must be in (0, 1], got {c.crop_pct}")
+    if not 0 <= c.backbone_lr_scale <= 1:
+        problems.append(f"backbone_lr_scale must be in [0, 1], got {c.backbone_lr_scale}")
+    if c.warmup_epochs >= c.epochs > 0:
+        problems.append(f"warmup_epochs ({c.warmup_epochs}) must be < epochs ({c.epochs})")
+    if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in c.milestones):
+        problems.append(f"milestones must be epoch fractions in (0, 1), got {c.milestones}")
+    if c.amp == "fp16" and c.device == "cpu":
+        problems.append("amp fp16 needs a CUDA device; use amp: bf16 on the CPU")
+    problems += _model_problems(c, zoo, DenseNet)
+    try:
+        data._check_name(c.dataset)
+    except ValueError as error:
+        problems.append(str(error))
+    if check_data and c.data_dir is not None and not c.download and not Path(c.data_dir).exists():
+        problems.append(f"data_dir {c.data_dir} does not exist (set data_dir or download: true)")
+    if c.data_dir is None and c.dataset != "fashion_mnist":  # the one with a system-wide copy
+        problems.append(f"dataset {c.dataset} needs data_dir (--data-dir DIR)")
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def _model_problems(c: TrainConfig, zoo, DenseNet) -> list[str]:
+    try:
+        spec = zoo.get_model_spec(c.model)
+    except ValueError as error:
+        return [str(error)]
+    valid = set(inspect.signature(DenseNet).parameters) - {"num_classes", "in_chans"}
+    valid |= {"depth"} if spec.family == "cifar" else set()
+    unknown = sorted(set(c.model_args) - valid)
+    if unknown:
+        return [f"model_args has unknown keys {unknown}; valid: {', '.join(sorted(valid))}"]
+    try:
+        with torch.device("meta"):  # builds the architecture without allocating weights
+            DenseNet(**model_kwargs(c))
+    except (ValueError, TypeError) as error:
+        return [f"model_args: {error}"]
+    return []
+
+
+def model_kwargs(config: TrainConfig) -> dict:
+    """The registered model's DenseNet arguments with ``model_args`` (and ``depth``) applied."""
+    from densenet import zoo
+
+    spec = zoo.get_model_spec(config.model)
+    args = dict(config.model_args)
+    kwargs = dict(spec.kwargs)
+    if "depth" in args:
+        bottleneck = bool(args.get("bn_size", kwargs.get("bn_size")))
+        growth = args.get("growth_rate", kwargs["growth_rate"])
+        kwargs.update(
+            zoo.cifar_densenet_kwargs(args.pop("depth"), growth, bottleneck, kwargs["compression"])
+        )
+    kwargs.update(args)
+    if config.drop_rate is not None:
+        kwargs["drop_rate"] = config.drop_rate
+    return kwargs

@@ -1,0 +1,662 @@
+"""The training loop: one readable function, :func:`train`, plus the pieces it is made of.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per epoch),
+``curves.png`` and ``checkpoints/{last,best}.safetensors`` (atomic safetensors files: model,
+optimizer, schedule, EMA, grad scaler, RNG states, epoch and step). ``train(config,
+resume=RUN_DIR)`` continues a run exactly where its last checkpoint left it: the data order comes
+from ``seed + epoch`` and every RNG is restored, so on the CPU in deterministic mode a resumed run
+ends with the same weights, bit for bit, as an uninterrupted one.
+
+SIGINT/SIGTERM save a checkpoint of the current step and raise :class:`Interrupted`; a NaN/Inf
+loss stops the run naming the step (:class:`TrainingError`) and leaves the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import io
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import densenet
+from densenet import data
+from densenet.config import TrainConfig, load_config, model_kwargs, read_yaml, save_config
+from densenet.io import atomic_write, load_state, save_state
+
+METRIC_FIELDS = (
+    "epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s",
+    "time_s",
+)  # fmt: skip
+IN_MEMORY_MAX_SIDE = 64  # folder datasets of images this small are decoded once into RAM
+
+
+class TrainingError(ValueError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint of the current step was saved."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or without torch.distributed): the one process that logs and saves."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+# --- setup --------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA, else MPS, else CPU; otherwise ``name`` checked to exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(
+            f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name} requested but CUDA is not available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError(f"device {name} requested but MPS is not available; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict:
+    """Every RNG the run draws from, as tensors and numbers (storable in a state file)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },  # fmt: skip
+        "python": {
+            "version": version,
+            "words": torch.tensor(words, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state` exactly."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(w) for w in p["words"].tolist()), p["gauss"]))
+
+
+@dataclass
+class Data:
+    """Everything the loop needs about the data."""
+
+    info: data.DatasetInfo
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    train_transform: data.BatchTransform | None  # batched preprocessing on the device, or None
+    val_transform: data.BatchTransform | None
+    input_size: tuple[int, int, int]
+    skipped_images: int = 0
+
+
+def _first(dataset: data.InMemoryImages | data.FolderImages, n: int | None, seed: int):
+    """The first ``n`` items of a fixed shuffle of ``dataset`` (all of it for None)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return dataset.subset(index.sort().values)
+
+
+def build_data(cfg: TrainConfig, device: torch.device) -> Data:
+    """Datasets and loaders of ``cfg``; small images stay uint8 in RAM and are augmented batched."""
+    info = data.dataset_info(cfg.dataset, cfg.data_dir)
+    datasets = []
+    skipped = 0
+    for split, limit in ((cfg.train_split, cfg.train_subset), (cfg.val_split, cfg.val_subset)):
+        ds = data.build_dataset(
+            cfg.dataset, cfg.data_dir, split, None, cfg.download, cfg.skip_bad_images
+        )
+        skipped += getattr(ds, "skipped", 0)
+        ds = _first(ds, limit, cfg.seed)
+        small = isinstance(ds, data.FolderImages) and _image_side(ds) <= IN_MEMORY_MAX_SIDE
+        if isinstance(ds, data.FolderImages) and (
+            cfg.in_memory or (cfg.in_memory is None and small)
+        ):
+            ds = ds.to_memory(info.in_chans)
+        datasets.append(ds)
+    train_ds, val_ds = datasets
+    info = _with_classes(info, train_ds.classes)
+    if isinstance(train_ds, data.InMemoryImages):
+        native = int(train_ds.images.shape[-1])
+    else:
+        native = info.input_size[-1]
+    size = cfg.input_size or native
+    input_size = (info.in_chans, size, size)
+    loaders, transforms = [], []
+    for ds, train in ((train_ds, True), (val_ds, False)):
+        batched = (
+            isinstance(ds, data.InMemoryImages)
+            and size == ds.images.shape[-1]
+            and cfg.augment in ("none", "standard")
+        )
+        if batched:
+            transforms.append(data.BatchTransform(cfg.augment, train, info.mean, info.std))
+        else:
+            transforms.append(None)
+            per_image = data.build_transforms(
+                cfg.augment, train, info.mean, info.std, size, cfg.crop_pct, cfg.interpolation
+            )
+            ds.transform = per_image
+        loaders.append(data.build_loader(ds, cfg.batch_size, train, cfg.workers, cfg.seed, device))
+    if len(loaders[0]) == 0:
+        raise TrainingError(
+            f"batch_size {cfg.batch_size} is larger than the {len(train_ds)} training images"
+        )
+    return Data(info, loaders[0], loaders[1], transforms[0], transforms[1], input_size, skipped)
+
+
+def _image_side(ds: data.FolderImages) -> int:
+    return max(ds.load(ds.samples[0][0]).size)
+
+
+def _with_classes(info: data.DatasetInfo, classes) -> data.DatasetInfo:
+    classes = tuple(classes)
+    return dataclasses.replace(info, class_names=classes, num_classes=len(classes))
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """The configured DenseNet (optionally pretrained; the classifier resized to ``num_classes``)."""
+    kwargs = model_kwargs(cfg)
+    kwargs.pop("num_classes", None)
+    kwargs.pop("in_chans", None)
+    model = densenet.create_model(
+        cfg.model,
+        pretrained=cfg.pretrained,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        memory_efficient=cfg.memory_efficient,
+        **kwargs,
+    )
+    if cfg.freeze_backbone:
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("classifier.")
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (Nesterov momentum, weight decay) with the classifier at ``lr`` and the backbone at
+    ``lr * backbone_lr_scale``; each group's ``lr_scale`` is applied by :func:`set_lr`."""
+    head, backbone = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if name.startswith("classifier.") else backbone).append(param)
+    groups = [{"params": head, "lr_scale": 1.0}]
+    if backbone:
+        groups.append({"params": backbone, "lr_scale": cfg.backbone_lr_scale})
+    return torch.optim.SGD(
+        groups,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup, then the schedule.
+
+    step and multistep decay at epoch boundaries (the paper: /10 at 50% and 75% of the epochs);
+    cosine anneals per step from ``lr`` to ``min_lr`` over the epochs after warmup.
+    """
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup_steps:
+        return cfg.lr * (step + 1) / warmup_steps
+    epoch = step // steps_per_epoch
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** (epoch // cfg.step_size)
+    if cfg.schedule == "multistep":
+        return cfg.lr * cfg.gamma ** sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        total = cfg.epochs * steps_per_epoch - warmup_steps
+        progress = min((step - warmup_steps) / max(total, 1), 1.0)
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+
+
+class ModelEma:
+    """Exponential moving average of the weights (buffers copied), updated after each step."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for param in self.module.parameters():
+            param.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_state = self.module.state_dict()
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                ema_state[name].lerp_(value, 1 - self.decay)
+            else:
+                ema_state[name].copy_(value)
+
+
+# --- the run directory --------------------------------------------------------------------------
+class RunDir:
+    """Paths and files of one run; only the main process writes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.csv"
+        self.curves = self.path / "curves.png"
+        self.last = self.path / "checkpoints" / "last.safetensors"
+        self.best = self.path / "checkpoints" / "best.safetensors"
+
+    def holds_run(self) -> bool:
+        return any(p.exists() for p in (self.config, self.metrics, self.last, self.best))
+
+    def clear(self) -> None:
+        """Remove a previous run's files (only those a run writes)."""
+        for p in (self.config, self.metrics, self.curves):
+            p.unlink(missing_ok=True)
+        shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
+
+    def read_metrics(self, up_to_epoch: int) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        with open(self.metrics, newline="") as f:
+            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [r for r in rows if r["epoch"] <= up_to_epoch]
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, METRIC_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row[k]) for k in METRIC_FIELDS})
+        atomic_write(self.metrics, lambda f: f.write(buffer.getvalue()), mode="w")
+        plot_curves(rows, self.curves)
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.6g}"
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Loss, top-1 accuracy and learning rate by epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = (
+        ("loss", (("train_loss", "train"), ("val_loss", "val"))),
+        ("top-1 accuracy (%)", (("train_top1", "train"), ("val_top1", "val"))),
+        ("learning rate", (("lr", "lr"),)),
+    )
+    for ax, (title, series) in zip(axes, panels, strict=True):
+        for key, label in series:
+            ax.plot(epochs, [r[key] for r in rows], marker="o", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# --- signals ------------------------------------------------------------------------------------
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    run_dir: Path
+    epochs: int
+    best_top1: float
+    final: dict  # the last metrics row
+
+
+def _accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[int, int]:
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    hits = top == targets[:, None]
+    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    transform: Callable | None,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    channels_last: bool = False,
+) -> dict:
+    """Mean cross-entropy, top-1 and top-5 accuracy (%) of ``model`` on ``loader``."""
+    model.eval()
+    loss_sum, top1, top5, count = 0.0, 0, 0, 0
+    for images, targets in loader:
+        images, targets = _to_device(images, targets, transform, device, channels_last)
+        with autocast():
+            logits = model(images)
+        loss_sum += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        c1, c5 = _accuracy_counts(logits, targets, 5)
+        top1, top5, count = top1 + c1, top5 + c5, count + len(targets)
+    count = max(count, 1)
+    return {
+        "val_loss": loss_sum / count,
+        "val_top1": 100 * top1 / count,
+        "val_top5": 100 * top5 / count,
+    }
+
+
+def _to_device(images, targets, transform, device, channels_last):
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if transform is not None:
+        images = transform(images)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets
+
+
+def _autocast_factory(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "none":
+        return contextlib.nullcontext
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise TrainingError("amp fp16 needs CUDA; use amp: bf16 on the CPU")
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def train(
+    cfg: TrainConfig,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Train ``cfg`` into a run directory (new, ``overwrite``-n, or ``resume``-d); see the module."""
+    progress = sys.stderr.isatty() if progress is None else progress
+    device = resolve_device(cfg.device)
+    run = RunDir(resume or cfg.out or default_run_dir(cfg))
+    if resume is None and run.holds_run():
+        if not overwrite:
+            raise TrainingError(
+                f"run directory {run.path} already holds a run; continue it with --resume "
+                f"{run.path}, replace it with --overwrite, or choose another --out"
+            )
+        run.clear()
+    if resume is not None and not run.last.exists():
+        raise TrainingError(f"{run.path}: no checkpoint to resume ({run.last} is missing)")
+
+    seed_everything(cfg.seed, cfg.deterministic)
+    d = build_data(cfg, device)
+    if d.skipped_images:
+        log(f"skipped {d.skipped_images} unreadable images (--skip-bad-images)")
+    num_classes = cfg.num_classes or d.info.num_classes
+    model = build_model(cfg, num_classes, d.info.in_chans).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.compile else model
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    autocast = _autocast_factory(cfg, device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    steps_per_epoch = len(d.train_loader)
+    metadata = {
+        "model": cfg.model, "model_config": model.config, "dataset": d.info.name,
+        "num_classes": num_classes, "class_names": list(d.info.class_names),
+        "mean": list(d.info.mean), "std": list(d.info.std), "input_size": list(d.input_size),
+        "densenet_version": densenet.__version__,
+    }  # fmt: skip
+
+    epoch, step, epoch_step, best_top1 = 0, 0, 0, -1.0
+    sums = [0.0, 0, 0]  # train loss sum, correct, images of the current epoch
+    if resume is not None:
+        state, _ = load_state(run.last)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and "ema" in state:
+            ema.module.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        epoch, step, epoch_step = state["epoch"], state["step"], state["epoch_step"]
+        best_top1, sums = state["best_top1"], list(state["train_sums"])
+        if epoch >= cfg.epochs:
+            raise TrainingError(
+                f"{run.path} already finished {epoch} epochs; raise --epochs to train further"
+            )
+        log(f"resuming {run.path} at epoch {epoch + 1}, step {step}")
+    elif is_main_process():
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.config)
+    rows = run.read_metrics(epoch)
+    writer = _tensorboard(cfg, run.path)
+
+    def checkpoint(path: Path, weights: nn.Module | None = None) -> None:
+        if not is_main_process():
+            return
+        state = {
+            "model": (weights or model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {"name": cfg.schedule, "step": step, "lr": lr_at(cfg, step, steps_per_epoch)},
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+            "epoch": epoch, "step": step, "epoch_step": epoch_step,
+            "train_sums": list(sums), "best_top1": best_top1,
+        }  # fmt: skip
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
+        save_state(path, state, {**metadata, "epoch": epoch})
+
+    with StopSignal() as stop:
+        while epoch < cfg.epochs:
+            start_time = time.perf_counter()
+            model.train()
+            if cfg.freeze_backbone:
+                model.features.eval()  # frozen BN statistics too
+            data.set_epoch(d.train_loader, epoch, epoch_step)
+            batches = _progress(
+                d.train_loader, steps_per_epoch - epoch_step, f"epoch {epoch + 1}/{cfg.epochs}",
+                progress and is_main_process(),
+            )  # fmt: skip
+            seen = 0
+            for images, targets in batches:
+                images, targets = _to_device(
+                    images, targets, d.train_transform, device, cfg.channels_last
+                )
+                set_lr(optimizer, lr_at(cfg, step, steps_per_epoch))
+                with autocast():
+                    logits = forward(images)
+                    loss = criterion(logits, targets)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    if cfg.nonfinite == "stop":
+                        raise TrainingError(
+                            f"loss is {loss_value} at step {step} (epoch {epoch + 1}, batch "
+                            f"{epoch_step + 1}); stopped. The last good checkpoint is {run.last}. "
+                            "Lower the lr, add grad_clip, or set nonfinite: skip"
+                        )
+                    log(f"skipping step {step}: loss is {loss_value}")
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if cfg.grad_clip > 0:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if ema is not None:
+                        ema.update(model)
+                    sums[0] += loss_value * len(targets)
+                    sums[1] += int((logits.argmax(1) == targets).sum())
+                    sums[2] += len(targets)
+                step += 1
+                epoch_step += 1
+                seen += len(targets)
+                if progress and hasattr(batches, "set_postfix"):
+                    elapsed = time.perf_counter() - start_time
+                    batches.set_postfix(
+                        loss=f"{sums[0] / max(sums[2], 1):.4f}",
+                        acc=f"{100 * sums[1] / max(sums[2], 1):.1f}%",
+                        img_s=f"{seen / elapsed:.0f}",
+                    )
+                if stop.signum is not None:
+                    checkpoint(run.last)
+                    name = signal.Signals(stop.signum).name
+                    raise Interrupted(
+                        f"{name} received: saved a checkpoint at step {step} (epoch {epoch + 1}, "
+                        f"batch {epoch_step}) to {run.last}; continue with "
+                        f"densenet train --resume {run.path}",
+                        stop.signum,
+                    )
+            train_time = time.perf_counter() - start_time
+            evaluated = ema.module if ema is not None else model
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": sums[0] / max(sums[2], 1),
+                "train_top1": 100 * sums[1] / max(sums[2], 1),
+                **evaluate(
+                    evaluated, d.val_loader, d.val_transform, device, autocast, cfg.channels_last
+                ),
+                "lr": lr_at(cfg, step - 1, steps_per_epoch),
+                "img_per_s": seen / max(train_time, 1e-9),
+                "time_s": time.perf_counter() - start_time,
+            }
+            epoch, epoch_step, sums = epoch + 1, 0, [0.0, 0, 0]
+            improved = row["val_top1"] > best_top1
+            best_top1 = max(best_top1, row["val_top1"])
+            if improved:
+                checkpoint(run.best, evaluated)
+            checkpoint(run.last)
+            rows.append(row)
+            if is_main_process():
+                run.write_metrics(rows)
+                if writer is not None:
+                    for key in METRIC_FIELDS[1:]:
+                        writer.add_scalar(key, row[key], epoch)
+                log(_epoch_line(row, cfg.epochs))
+    return RunResult(run.path, epoch, best_top1, rows[-1] if rows else {})
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    return (
+        f"epoch {int(row['epoch'])}/{epochs}  train loss {row['train_loss']:.4f} "
+        f"top1 {row['train_top1']:.2f}%  val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}% "
+        f"top5 {row['val_top5']:.2f}%  lr {row['lr']:.4g}  {row['img_per_s']:.0f} img/s  "
+        f"{row['time_s']:.1f}s"
+    )
+
+
+def _tensorboard(cfg: TrainConfig, path: Path):
+    if not (cfg.tensorboard and is_main_process()):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError("tensorboard: true needs pip install 'densenet[tensorboard]'") from None
+    return SummaryWriter(str(path / "tensorboard"))
+
+
+def resume_config(run_dir: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """The config saved in ``run_dir`` with ``overrides`` (e.g. more ``epochs``) applied."""
+    run = RunDir(run_dir)
+    if not run.config.exists():
+        raise TrainingError(f"{run.path} is not a run directory (no config.yaml); check --resume")
+    return load_config(None, {**read_yaml(run.config), **(overrides or {})})

@@ -1,0 +1,110 @@
+"""The config schema and every recipe in configs/: parsed, validated, and run for one step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from test_data import make_image_folder
+
+from densenet.config import TrainConfig, load_config, parse_overrides
+from densenet.training import train
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_cover_the_published_setups():
+    names = {p.stem for p in CONFIGS}
+    for model in ("densenet40_k12", "densenet100_k12", "densenet100_k24", "densenet_bc100_k12",
+                  "densenet_bc250_k24", "densenet_bc190_k40"):  # fmt: skip
+        for prefix in ("cifar10", "cifar10plus", "cifar100", "cifar100plus", "svhn"):
+            assert f"{prefix}_{model}" in names
+    for model in ("densenet121", "densenet169", "densenet201", "densenet161", "densenet264"):
+        assert {f"imagenet_{model}_step", f"imagenet_{model}_cosine"} <= names
+    assert "imagenet_densenet264_k48_cosine" in names
+
+
+def test_paper_recipes_have_the_papers_settings():
+    c10 = load_config(CONFIGS[0].parent / "cifar10_densenet_bc100_k12.yaml", check_data=False)
+    assert (c10.lr, c10.momentum, c10.nesterov, c10.weight_decay) == (0.1, 0.9, True, 1e-4)
+    assert (c10.batch_size, c10.epochs, c10.schedule, c10.milestones) == (
+        64, 300, "multistep", [0.5, 0.75]
+    )  # fmt: skip
+    assert (c10.augment, c10.drop_rate) == ("none", 0.2)
+    plus = load_config(CONFIGS[0].parent / "cifar10plus_densenet_bc100_k12.yaml", check_data=False)
+    assert (plus.augment, plus.drop_rate) == ("standard", 0.0)
+    svhn = load_config(CONFIGS[0].parent / "svhn_densenet40_k12.yaml", check_data=False)
+    assert (svhn.epochs, svhn.train_split) == (40, "train+extra")
+    imagenet = load_config(CONFIGS[0].parent / "imagenet_densenet121_step.yaml", check_data=False)
+    assert (imagenet.batch_size, imagenet.epochs, imagenet.step_size) == (256, 90, 30)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("recipes"), size=16, per_class=4, classes=2)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_recipe_runs_one_step(path, tiny_folder, tmp_path):
+    """Each recipe's optimizer, schedule, augmentation, dropout and flags on a shrunk model."""
+    recipe = load_config(path, check_data=False)
+    shrink = {
+        "dataset": "folder", "data_dir": str(tiny_folder), "input_size": 16, "batch_size": 8,
+        "epochs": 1, "workers": 0, "device": "cpu", "out": str(tmp_path / "run"),
+        "model_args": {"growth_rate": 2, "block_config": [1, 1], "num_init_features": 4},
+    }  # fmt: skip
+    cfg = load_config(path, shrink)
+    result = train(cfg, progress=False, log=lambda _: None)
+    assert result.epochs == 1
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").exists()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    for key in ("lr", "schedule", "augment", "drop_rate", "weight_decay", "milestones", "model"):
+        assert saved[key] == getattr(recipe, key)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lrr": 0.1}, "unknown config key 'lrr'; did you mean lr"),
+        ({"lr": "fast"}, "'lr' must be float"),
+        ({"epochs": 2.5}, "'epochs' must be int"),
+        ({"lr": -0.1}, "lr must be > 0"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"num_classes": 0}, "num_classes must be >= 1"),
+        ({"schedule": "linear"}, "schedule must be one of step, multistep, cosine"),
+        ({"data_dir": "/no/such/dir"}, "data_dir /no/such/dir does not exist"),
+        ({"dataset": "cifar10"}, "dataset cifar10 needs data_dir"),
+        ({"dataset": "cifar11"}, "unknown dataset 'cifar11'"),
+        ({"model": "densenet12"}, "did you mean densenet121"),
+        ({"model_args": {"depth": 17}}, "depth L=17 does not fit"),
+        ({"model_args": {"grwth_rate": 4}}, "model_args has unknown keys ['grwth_rate']"),
+        ({"milestones": [50, 75]}, "milestones must be epoch fractions"),
+        ({"amp": "fp16", "device": "cpu"}, "amp fp16 needs a CUDA device"),
+    ],
+)
+def test_bad_configs_are_rejected_naming_the_key(overrides, message):
+    with pytest.raises(ValueError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value)
+
+
+def test_yaml_file_errors(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "typo.yaml").write_text("epochs: 3\nbatchsize: 4\n")
+    with pytest.raises(ValueError, match="did you mean batch_size"):
+        load_config(tmp_path / "typo.yaml")
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_parse_as_yaml_values():
+    values = parse_overrides(["lr=0.05", "milestones=[0.5, 0.75]", "pretrained=a.safetensors"])
+    assert values == {"lr": 0.05, "milestones": [0.5, 0.75], "pretrained": "a.safetensors"}
+    assert load_config(None, {"lr": 1}).lr == 1.0  # ints are fine where floats are expected
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["lr"])
+    assert TrainConfig().dataset == "fashion_mnist"
