@@ -7,7 +7,13 @@ import math
 
 import pytest
 import torch
-from inference_helpers import CIFAR10_CLASSES, save_checkpoint, shared_data, tiny_model
+from inference_helpers import (
+    CIFAR10_CLASSES,
+    save_checkpoint,
+    shared_data,
+    tiny_model,
+    trained_cifar10_checkpoint,
+)
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -233,3 +239,14 @@ def test_eval_command_report_and_errors(tmp_path, capsys):
     assert "give --dataset" in capsys.readouterr().err
     assert main([*args, "--limit", "0"]) == 2
     assert "--limit must be at least 1" in capsys.readouterr().err
+
+
+def test_eval_command_with_a_trained_model_on_real_cifar10_jpegs(tmp_path, capsys):
+    data = shared_data(*CIFAR_ZIP)
+    checkpoint = trained_cifar10_checkpoint(tmp_path / "trained.safetensors")
+    args = ["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--data-dir", str(data)]
+    assert main([*args, "--limit", "100", "--workers", "0", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # 79.7% on all 10,000 JPEGs (its author: 90.5% on the lossless originals); chance is 10%.
+    assert result["images"] == 100
+    assert result["top1"] >= 65 and result["top5"] >= 90 and result["loss"] < 1.2

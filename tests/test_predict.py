@@ -6,7 +6,13 @@ import json
 
 import pytest
 import torch
-from inference_helpers import CIFAR10_CLASSES, save_checkpoint, shared_data, tiny_model
+from inference_helpers import (
+    CIFAR10_CLASSES,
+    save_checkpoint,
+    shared_data,
+    tiny_model,
+    trained_cifar10_checkpoint,
+)
 from PIL import Image
 
 from densenet.cli import main
@@ -172,3 +178,15 @@ def test_checkpoint_problems_are_named(tmp_path):
     with pytest.raises(ValueError, match="no normalization"):
         info.transform()
     assert info.transform(mean=(0.5,) * 3, std=(0.5,) * 3) is not None
+
+
+def test_trained_model_recognizes_real_cifar10_samples(tmp_path):
+    samples = shared_data("test-samples")
+    model, info = load_model(trained_cifar10_checkpoint(tmp_path / "trained.safetensors"))
+    paths = sorted(samples.glob("cifar10_*.png"))  # cifar10_<position>_<label>.png
+    results = predict(model, info, paths, topk=1)
+    correct = sum(
+        int(p.stem.split("_")[-1]) == r["top"][0]["index"]
+        for p, r in zip(paths, results, strict=True)
+    )
+    assert len(paths) == 20 and correct >= 17  # 19 of 20 at the time of writing
