@@ -12,7 +12,17 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist where apt is available (root or
+# password-less sudo); elsewhere densenet train looks in --data-dir or downloads it.
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+
 run: $(BIN)/.installed
+	@[ -d $(FMNIST_DIR) ] || ! command -v apt-get >/dev/null || \
+		$(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q >/dev/null 2>&1 && \
+		  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+		echo "note: could not install dataset-fashion-mnist; densenet train will download it"
 	$(BIN)/densenet train
 
 test: $(BIN)/.installed

@@ -259,3 +259,21 @@ def test_in_memory_loader_serves_whole_uint8_batches():
     assert torch.equal(next(iter(loader))[1], batches[1][1])
     evaluation = list(data.build_loader(ds, 4, train=False))
     assert [len(t) for _, t in evaluation] == [4, 4, 2]
+
+
+def test_download_failure_offline_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(data.datasets, "MNIST", offline)
+    with pytest.raises(FileNotFoundError, match="downloading into .* failed .*unreachable"):
+        data.build_dataset("mnist", tmp_path, "test", download=True)
+
+
+def test_fashion_mnist_default_lookup_order(tmp_path, monkeypatch):
+    _need(SHARED / "fashion-mnist")
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (SHARED / "fashion-mnist",))
+    monkeypatch.setattr(data, "DOWNLOAD_DIR", tmp_path / "cache")
+    assert len(data.build_dataset("fashion_mnist", None, "test")) == 10000  # the system copy
+    with pytest.raises(FileNotFoundError, match="mnist not found.*" + str(tmp_path / "empty")):
+        data.build_dataset("mnist", tmp_path / "empty", "test")

@@ -276,6 +276,20 @@ def test_frozen_backbone_trains_only_the_classifier(folder, tmp_path):
     assert not torch.equal(trained["classifier.weight"], initial["classifier.weight"])
 
 
+def test_fine_tune_from_our_checkpoint_with_another_class_count(folder, tmp_path):
+    base = tmp_path / "base"
+    train(tiny(folder, base, epochs=1), progress=False, log=quiet)
+    three = make_image_folder(tmp_path / "three", size=8, per_class=4, classes=3)
+    best = base / "checkpoints" / "best.safetensors"
+    cfg = tiny(three, tmp_path / "ft", epochs=1, pretrained=str(best), freeze_backbone=True)
+    train(cfg, progress=False, log=quiet)
+    tuned, pretrained = weights(tmp_path / "ft"), weights(base, "best")
+    assert tuned["classifier.weight"].shape == (3, pretrained["classifier.weight"].shape[1])
+    for key, value in pretrained.items():
+        if not key.startswith("classifier."):
+            assert torch.equal(tuned[key], value), key
+
+
 def test_backbone_lr_scale_sets_the_group_lrs(folder, tmp_path):
     from densenet.training import build_model, build_optimizer, set_lr
 

@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torchvision import datasets
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)  # Debian dataset-fashion-mnist
+DOWNLOAD_DIR = Path.home() / ".cache" / "densenet" / "data"  # downloads without a --data-dir
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 RECIPES = ("none", "standard", "imagenet", "randaugment")
 INTERPOLATIONS = {
@@ -222,38 +224,46 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.from_numpy(data.reshape(shape).copy())
 
 
+def _find_idx(files: Sequence[str], places: Sequence[Path]) -> list[Path] | None:
+    """The IDX ``files`` (gzipped or not) in the first of ``places`` holding them all."""
+    for suffix in (".gz", ""):
+        place = _find([f + suffix for f in files], places)
+        if place is not None:
+            return [place / (f + suffix) for f in files]
+    return None
+
+
+def _download(name: str, root: Path, fetch: Callable[[str], Any]) -> None:
+    """Run torchvision's downloader ``fetch(root)``; offline, a clear error, not a traceback."""
+    try:
+        fetch(str(root))
+    except (OSError, RuntimeError) as error:  # URLError is an OSError
+        raise FileNotFoundError(
+            f"{name}: downloading into {root} failed ({error}); without a network, copy the "
+            "files there by hand (run without --download to see which)"
+        ) from None
+
+
 def _mnist_like(name: str, data_dir: Path | None, split: str, download: bool) -> InMemoryImages:
     prefix = "train" if split == "train" else "t10k"
     files = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
     tv_name = "FashionMNIST" if name == "fashion_mnist" else "MNIST"
-    places = []
-    if data_dir is not None:
-        places += [
-            data_dir,
-            data_dir / name,
-            data_dir / name.replace("_", "-"),
-            data_dir / tv_name / "raw",
-        ]
-    if name == "fashion_mnist":
-        places += list(FASHION_MNIST_DIRS)
-    found = None
-    for suffix in (".gz", ""):
-        found = found or _find([f + suffix for f in files], places)
-        if found:
-            images, labels = (_read_idx(found / (f + suffix)) for f in files)
-            break
+    # The built-in default (Fashion-MNIST, no --data-dir) falls back to downloading it.
+    fetch = download or (name == "fashion_mnist" and data_dir is None)
+    root = data_dir or DOWNLOAD_DIR
+    local = [root, root / name, root / name.replace("_", "-"), root / tv_name / "raw"]
+    system = list(FASHION_MNIST_DIRS) if name == "fashion_mnist" else []
+    # --data-dir first, then the system-wide copy, then an earlier download.
+    places = local + system if data_dir is not None else system + local[-1:]
+    found = _find_idx(files, places)
+    if found is None and fetch:
+        train = split == "train"
+        _download(name, root, lambda r: getattr(datasets, tv_name)(r, train=train, download=True))
+        found = _find_idx(files, places)
     if found is None:
-        if not download:
-            hint = " or install Debian's dataset-fashion-mnist" if name == "fashion_mnist" else ""
-            raise _missing(
-                name, [f + ".gz" for f in files], places, hint + ", or pass download=True"
-            )
-        from torchvision import datasets
-
-        if data_dir is None:
-            raise ValueError(f"downloading {name} needs a --data-dir to put it in")
-        getattr(datasets, tv_name)(str(data_dir), train=split == "train", download=True)
-        return _mnist_like(name, data_dir, split, download=False)
+        hint = " or install Debian's dataset-fashion-mnist" if name == "fashion_mnist" else ""
+        raise _missing(name, [f + ".gz" for f in files], places, hint + ", or pass --download")
+    images, labels = (_read_idx(path) for path in found)
     return InMemoryImages(images[:, None], labels, _INFOS[name].class_names)
 
 
@@ -285,12 +295,8 @@ def _cifar_dir(name: str, data_dir: Path | None, download: bool) -> Path:
     needed = ["test_batch"] if name == "cifar10" else ["test", "meta"]
     places = [data_dir / folder, data_dir] if data_dir is not None else []
     found = _find(needed, places)
-    if found is None and download:
-        from torchvision import datasets
-
-        if data_dir is None:
-            raise ValueError(f"downloading {name} needs a --data-dir to put it in")
-        getattr(datasets, name.upper())(str(data_dir), download=True)
+    if found is None and download and data_dir is not None:
+        _download(name, data_dir, lambda r: getattr(datasets, name.upper())(r, download=True))
         found = _find(needed, places)
     if found is None:
         archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
@@ -323,10 +329,8 @@ def _svhn(data_dir: Path | None, split: str, download: bool) -> InMemoryImages:
     files = [f"{p}_32x32.mat" for p in parts]
     found = _find(files, places)
     if found is None and download and data_dir is not None:
-        from torchvision import datasets
-
         for part in parts:
-            datasets.SVHN(str(data_dir), split=part, download=True)
+            _download("svhn", data_dir, lambda r, p=part: datasets.SVHN(r, split=p, download=True))
         found = _find(files, places)
     if found is None:
         raise _missing("svhn", files, places)
