@@ -68,18 +68,29 @@ def _batch_stats(x: torch.Tensor, dtype: torch.dtype, eps: float) -> Stats:
     return mean, invstd.pow(-2).sub_(eps)
 
 
+def _normalize(
+    norm: nn.BatchNorm2d, x: torch.Tensor, stats: Stats, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """BatchNorm of ``x`` with the given (mean, var), written to ``out`` when given."""
+    args = (x, norm.weight, norm.bias, *stats, False, 0.0, norm.eps)
+    if out is None:
+        return torch.ops.aten.native_batch_norm(*args)[0]
+    empty = stats[0].new_empty(0)
+    return torch.ops.aten.native_batch_norm.out(*args, out=out, save_mean=empty,
+                                                save_invstd=empty.clone())[0]  # fmt: skip
+
+
 def _norm_forward(
-    norm: nn.BatchNorm2d, x: torch.Tensor, stats: Stats | None
+    norm: nn.BatchNorm2d, x: torch.Tensor, stats: Stats | None, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, Stats | None]:
     """``norm(x)``, including its running-statistics update; also returns the batch statistics.
 
     ``stats``: ``x``'s batch statistics when already known (a prefix of the block buffer, whose
-    channels' statistics are the same for every layer), so only the normalization runs.
+    channels' statistics are the same for every layer), so only the normalization runs, into
+    ``out`` when given.
     """
     if not _uses_batch_stats(norm):
-        running = (norm.running_mean, norm.running_var)
-        return torch.ops.aten.native_batch_norm(x, norm.weight, norm.bias, *running, False, 0.0,
-                                                norm.eps)[0], None  # fmt: skip
+        return _normalize(norm, x, (norm.running_mean, norm.running_var), out), None
     count = x.numel() // x.shape[1]
     if count < 2:
         raise ValueError(
@@ -92,9 +103,7 @@ def _norm_forward(
         )
         stats = (mean, invstd.pow(-2).sub_(norm.eps))
     else:
-        out = torch.ops.aten.native_batch_norm(
-            x, norm.weight, norm.bias, *stats, False, 0.0, norm.eps
-        )[0]
+        out = _normalize(norm, x, stats, out)
     if norm.training and norm.running_mean is not None:  # as nn.BatchNorm2d.forward does
         norm.num_batches_tracked.add_(1)
         momentum = norm.momentum
@@ -109,6 +118,21 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         return torch.contiguous_format
     return torch.channels_last
+
+
+def _workspace_view(
+    workspace: torch.Tensor, like: torch.Tensor, memory_format: torch.memory_format
+) -> torch.Tensor:
+    """A dense tensor shaped like ``like``, in ``memory_format``, at the front of ``workspace``.
+
+    Temporaries of every prefix width go to one block-sized workspace: allocating them one by one
+    in growing sizes fragments the CPU heap (glibc keeps the holes in the RSS).
+    """
+    n, c, h, w = like.shape
+    flat = workspace[: like.numel()]
+    if memory_format == torch.channels_last:
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(n, c, h, w)
 
 
 class _DenseBlockFunction(torch.autograd.Function):
@@ -136,13 +160,20 @@ class _DenseBlockFunction(torch.autograd.Function):
             var = torch.empty_like(mean)
             stats = _batch_stats(x, stats_dtype, eps)
             mean[:in_channels], var[:in_channels] = stats
+        memory_format = _memory_format(x)
+        widest = x.numel() // in_channels * (total - growth)
+        workspace = torch.empty(widest, dtype=x.dtype, device=x.device)
         buffer, stage_inputs, stage_stats, dropouts = None, [], [], []
         for i, layer in enumerate(layers):
             width = in_channels + i * growth
             features = x if buffer is None else buffer.narrow(1, 0, width)
             for s, (norm, relu, conv, drop) in enumerate(_stages(layer)):
-                known = (mean[:width], var[:width]) if s == 0 and mean is not None else None
-                normed, stats = _norm_forward(norm, features, known)
+                known, out = None, None
+                if s == 0:
+                    known = None if mean is None else (mean[:width], var[:width])
+                    if workspace.dtype == features.dtype:
+                        out = _workspace_view(workspace, features, memory_format)
+                normed, stats = _norm_forward(norm, features, known, out)
                 if s > 0:
                     stage_inputs.append(features)
                     stage_stats.append(stats)
@@ -161,7 +192,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                 shape = (x.shape[0], total, *x.shape[2:])
                 dtype = torch.promote_types(x.dtype, features.dtype)
                 buffer = torch.empty(shape, dtype=dtype, device=x.device,
-                                     memory_format=_memory_format(x))  # fmt: skip
+                                     memory_format=memory_format)  # fmt: skip
                 buffer.narrow(1, 0, width).copy_(x)
             buffer.narrow(1, width, growth).copy_(features)
             if mean is not None:
@@ -189,6 +220,8 @@ class _DenseBlockFunction(torch.autograd.Function):
         memory_format = _memory_format(buffer)
         grads: dict[torch.Tensor, torch.Tensor] = {}
         grad_buffer = grad_output.clone()
+        widest = buffer.numel() // buffer.shape[1] * (buffer.shape[1] - ctx.block.growth_rate)
+        workspaces = [buffer.new_empty(widest) for _ in range(2)]
         for i, layer in reversed(list(enumerate(ctx.block.values()))):
             width = ctx.in_channels + i * ctx.block.growth_rate
             # Layer i's output gradient is complete: only later layers read its channels.
@@ -199,11 +232,14 @@ class _DenseBlockFunction(torch.autograd.Function):
                     (grad,) = torch.autograd.grad(dropout[1], dropout[0], grad)
                 if s > 0:
                     features, stats = stage_inputs.pop(), stage_stats.pop()
+                    workspace = None
                 else:
-                    # A contiguous copy: BatchNorm's kernels are several times faster on it.
-                    features = buffer.narrow(1, 0, width).contiguous(memory_format=memory_format)
+                    # A dense copy: BatchNorm's kernels are several times faster on it.
+                    prefix = buffer.narrow(1, 0, width)
+                    features = _workspace_view(workspaces[0], prefix, memory_format).copy_(prefix)
                     stats = None if mean is None else (mean[:width], var[:width])
-                grad = _stage_backward(norm, conv, features, stats, grad, grads)
+                    workspace = _workspace_view(workspaces[1], prefix, memory_format)
+                grad = _stage_backward(norm, conv, features, stats, grad, grads, workspace)
             grad_buffer.narrow(1, 0, width).add_(grad)
         grad_x = grad_buffer.narrow(1, 0, ctx.in_channels)
         return (None, grad_x, *(grads.get(p) for p in ctx.params))
@@ -216,18 +252,18 @@ def _stage_backward(
     stats: Stats | None,
     grad_out: torch.Tensor,
     grads: dict[torch.Tensor, torch.Tensor],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of ``conv(relu(norm(features)))`` w.r.t. ``features``; parameters' go to ``grads``.
 
-    BN-ReLU is recomputed from the batch statistics forward used (``stats``; None when ``norm``
-    used its running statistics); the conv is not re-run: its backward needs only its input and
-    weight. At most three ``features``-sized temporaries are alive at a time.
+    BN-ReLU is recomputed (into ``out`` when given) from the batch statistics forward used
+    (``stats``; None when ``norm`` used its running statistics); the conv is not re-run: its
+    backward needs only its input and weight. At most three ``features``-sized temporaries are alive
+    at a time.
     """
     batch = _uses_batch_stats(norm)
     mean, var = stats if batch else (norm.running_mean, norm.running_var)
-    normed = torch.ops.aten.native_batch_norm(
-        features, norm.weight, norm.bias, mean, var, False, 0.0, norm.eps
-    )[0]
+    normed = _normalize(norm, features, (mean, var), out)
     # Under autocast the conv ran in a lower precision (grad_out's dtype): cast as autocast did.
     normed_dtype = normed.dtype
     activated = normed.relu_().to(grad_out.dtype)
