@@ -15,7 +15,7 @@ from densenet.cli.predict import add_model_arguments, model_from_args
 from densenet.data import build_dataset, build_loader, dataset_info
 from densenet.evaluation import EvalResult, evaluate
 from densenet.io import atomic_write
-from densenet.predict import ModelInfo
+from densenet.predict import ModelInfo, default_class_names
 from densenet.visualize import confusion_matrix_figure
 
 
@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--dataset", help="dataset name (default: the checkpoint's dataset)")
     parser.add_argument(
-        "--data-dir", default="data", help="where the dataset lives (default ./data)"
+        "--data-dir", help="the dataset's folder, or a .zip of <split>/<class>/ images (folder)"
     )
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
     parser.add_argument(
@@ -63,7 +63,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _load_data(args: argparse.Namespace, dataset_name: str, info: ModelInfo, device: torch.device):
-    """A loader over the (possibly truncated) split with the model's eval transform."""
+    """A loader over the (possibly truncated) split with the model's eval transform, and the
+    dataset's class names."""
     stats = dataset_info(dataset_name)
     transform = info.transform(args.ten_crop, stats.mean, stats.std)
     dataset = build_dataset(dataset_name, args.data_dir, args.split, transform)
@@ -76,7 +77,10 @@ def _load_data(args: argparse.Namespace, dataset_name: str, info: ModelInfo, dev
     if args.limit is not None and args.limit < len(dataset):
         # Evenly spaced rather than the first N: class-sorted splits then still cover every class.
         dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, args.limit).long().tolist())
-    return build_loader(dataset, args.batch_size, train=False, workers=args.workers, device=device)
+    loader = build_loader(
+        dataset, args.batch_size, train=False, workers=args.workers, device=device
+    )
+    return loader, list(classes)
 
 
 def _print_report(result: EvalResult, title: str) -> None:
@@ -104,8 +108,11 @@ def run(args: argparse.Namespace) -> int:
     if not dataset_name:
         raise CLIError("which data? give --dataset NAME (the checkpoint does not name its dataset)")
     device = next(model.parameters()).device
-    loader = _load_data(args, dataset_name, info, device)
-    result = evaluate(model, loader, device, class_names=info.class_names, progress=not args.json)
+    loader, classes = _load_data(args, dataset_name, info, device)
+    names = info.class_names
+    if names == default_class_names(len(names)) and len(classes) == len(names):
+        names = classes  # the model has no names of its own: use the dataset's
+    result = evaluate(model, loader, device, class_names=names, progress=not args.json)
     out = Path(args.out or (Path(args.checkpoint).parent if args.checkpoint else "."))
     stem = f"eval_{dataset_name}_{args.split}" + ("_10crop" if args.ten_crop else "")
     title = f"{info.source} on {dataset_name} {args.split}" + (
