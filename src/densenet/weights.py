@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from densenet.io import CheckpointError, load_state, save_state
-from densenet.models import DenseNet
+from densenet.models import DenseNet, FeatureExtractor
 from densenet.zoo import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, get_model_spec, list_models
 
 WEIGHTS_FORMAT = "densenet-weights"
@@ -519,7 +519,7 @@ def architecture_of(source: Source) -> tuple[ModelSpec, dict]:
     return ModelSpec(name=name or "densenet", kwargs={}, family=family), config
 
 
-def num_classes_of(source: Source) -> int | None:
+def num_classes_of(source: Source) -> int:
     """Classifier outputs of the weights; 0 if they have no classifier."""
     weight = source.state_dict.get("classifier.weight")
     return int(weight.shape[0]) if weight is not None else 0
@@ -534,6 +534,9 @@ def _channels(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
     return tuple(values[i % len(values)] for i in range(in_chans))
 
 
+_CFG_KEYS = ("mean", "std", "input_size", "crop_pct", "interpolation")
+
+
 def pretrained_cfg(spec: ModelSpec, source: Source | None, in_chans: int = 3) -> dict:
     """What evaluation transforms read: mean, std, input_size, crop_pct, interpolation,
     num_classes, class_names (when known) and the weights tag."""
@@ -546,6 +549,8 @@ def pretrained_cfg(spec: ModelSpec, source: Source | None, in_chans: int = 3) ->
             cfg.update(source.weights.cfg())
         else:
             cfg.update(source.metadata.get("pretrained_cfg") or {})
+            # training checkpoints record the run's normalization and input at the top level
+            cfg.update({k: source.metadata[k] for k in _CFG_KEYS if source.metadata.get(k)})
             cfg["tag"] = cfg.get("tag") or source.description
             cfg["num_classes"] = num_classes_of(source)
         if source.metadata.get("class_names"):
@@ -572,7 +577,7 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     the filters repeated cyclically and scaled by ``c / in_chans``, so an input whose channels
     repeat the original ones cyclically gives the same activation scale (as timm).
     """
-    out_chans, chans = weight.shape[:2]
+    chans = weight.shape[1]
     if in_chans == chans:
         return weight
     if in_chans == 1:
@@ -648,10 +653,9 @@ def _mismatch_report(model: nn.Module, state_dict: dict[str, torch.Tensor], limi
     return "; ".join(parts)
 
 
-def load_pretrained(
-    model: nn.Module, source: Source | str | Path, strict: bool = True
-) -> nn.Module:
-    """Copy ``source``'s weights into ``model`` (a :class:`DenseNet`); return the model.
+def load_pretrained(model: nn.Module, source: Source | str | Path) -> nn.Module:
+    """Copy ``source``'s weights into ``model`` (a :class:`DenseNet`, possibly compiled or
+    wrapped); return ``model``.
 
     ``source``: a :class:`Source`, or anything ``create_model(pretrained=...)`` takes. The first
     conv is adapted to ``model.in_chans``; a classifier of another size is left as it is, with a
@@ -661,27 +665,27 @@ def load_pretrained(
     """
     if not isinstance(source, Source):
         source = resolve_source(None, source)
+    net = _unwrap_model(model)
     state_dict = dict(source.state_dict)
-    if FIRST_CONV in state_dict and hasattr(model, "in_chans"):
-        state_dict[FIRST_CONV] = adapt_input_conv(state_dict[FIRST_CONV], model.in_chans)
-    weight_classes = num_classes_of(source)
-    model_classes = getattr(model, "num_classes", weight_classes)
+    if FIRST_CONV in state_dict:
+        state_dict[FIRST_CONV] = adapt_input_conv(state_dict[FIRST_CONV], net.in_chans)
+    weight_classes, model_classes = num_classes_of(source), net.num_classes
     if weight_classes != model_classes:
         notice(
             f"{source.description}: weights have {weight_classes} classes, the model "
             f"{model_classes}; keeping the model's new classifier (train it before use)"
         )
-        own = model.state_dict()
+        own = net.state_dict()
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
         state_dict.update({k: v for k, v in own.items() if k.startswith("classifier.")})
-    report = _mismatch_report(model, state_dict)
-    if report and strict:
+    report = _mismatch_report(net, state_dict)
+    if report:
         guess = suggest_architecture(state_dict)
         hint = f" The weights look like {guess}." if guess else ""
         raise CheckpointError(
             f"{source.description}: the weights do not fit the architecture ({report}).{hint}"
         )
-    model.load_state_dict(state_dict, strict=strict)
+    net.load_state_dict(state_dict)
     return model
 
 
@@ -691,7 +695,8 @@ def load_pretrained(
 def _unwrap_model(model: nn.Module) -> DenseNet:
     model = getattr(model, "_orig_mod", model)  # torch.compile
     model = getattr(model, "module", model)  # DataParallel / DDP
-    model = getattr(model, "model", model) if not isinstance(model, DenseNet) else model
+    if isinstance(model, FeatureExtractor):
+        model = model.model
     if not isinstance(model, DenseNet):
         raise ValueError(f"expected a densenet.DenseNet, got {type(model).__name__}")
     return model
