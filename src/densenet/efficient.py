@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -175,8 +176,9 @@ class _DenseBlockFunction(torch.autograd.Function):
                         out = _workspace_view(workspace, features, memory_format)
                 normed, stats = _norm_forward(norm, features, known, out)
                 if s > 0:
-                    stage_inputs.append(features)
                     stage_stats.append(stats)
+                    if dropouts[-1] is not None:  # else backward re-runs the bottleneck conv
+                        stage_inputs.append(features)
                 conv_out = conv(relu(normed))
                 del normed
                 with torch.enable_grad():  # the plain model's dropout call: same RNG, same mask
@@ -202,6 +204,12 @@ class _DenseBlockFunction(torch.autograd.Function):
             # The new features live in the buffer now; a dropout graph needs only their shape.
             features.untyped_storage().resize_(0)
         ctx.block, ctx.params, ctx.in_channels = block, params, in_channels
+        device_type = x.device.type
+        ctx.autocast = dict(
+            device_type=device_type,
+            dtype=torch.get_autocast_dtype(device_type),
+            enabled=torch.is_autocast_enabled(device_type),
+        )
         ctx.stage_stats, ctx.dropouts = stage_stats, dropouts
         ctx.save_for_backward(buffer, mean, var, *stage_inputs)
         return buffer
@@ -224,25 +232,48 @@ class _DenseBlockFunction(torch.autograd.Function):
         workspaces = [buffer.new_empty(widest) for _ in range(2)]
         for i, layer in reversed(list(enumerate(ctx.block.values()))):
             width = ctx.in_channels + i * ctx.block.growth_rate
+            stages = _stages(layer)
+            layer_dropouts = [dropouts.pop() for _ in stages][::-1]
+            # Recompute each stage's BN-ReLU output; the prefix first, as a dense copy, because
+            # BatchNorm's kernels are several times faster on it.
+            prefix = buffer.narrow(1, 0, width)
+            inputs = [_workspace_view(workspaces[0], prefix, memory_format).copy_(prefix)]
+            stats = [None if mean is None else (mean[:width], var[:width])]
+            out = _workspace_view(workspaces[1], prefix, memory_format)
+            activated = [_activate(stages[0][0], inputs[0], stats[0], out)]
+            if len(stages) == 2:
+                if layer_dropouts[0] is None:  # re-run the bottleneck conv instead of keeping it
+                    conv = stages[0][2]
+                    with torch.autocast(**ctx.autocast):
+                        inputs.append(F.conv2d(activated[0], conv.weight, conv.bias, conv.stride,
+                                               conv.padding, conv.dilation, conv.groups))  # fmt: skip
+                else:
+                    inputs.append(stage_inputs.pop())
+                stats.append(stage_stats.pop())
+                activated.append(_activate(stages[1][0], inputs[1], stats[1]))
             # Layer i's output gradient is complete: only later layers read its channels.
             grad = grad_buffer.narrow(1, width, ctx.block.growth_rate)
-            for s, (norm, _, conv, _) in reversed(list(enumerate(_stages(layer)))):
-                dropout = dropouts.pop()
-                if dropout is not None:
-                    (grad,) = torch.autograd.grad(dropout[1], dropout[0], grad)
-                if s > 0:
-                    features, stats = stage_inputs.pop(), stage_stats.pop()
-                    workspace = None
-                else:
-                    # A dense copy: BatchNorm's kernels are several times faster on it.
-                    prefix = buffer.narrow(1, 0, width)
-                    features = _workspace_view(workspaces[0], prefix, memory_format).copy_(prefix)
-                    stats = None if mean is None else (mean[:width], var[:width])
-                    workspace = _workspace_view(workspaces[1], prefix, memory_format)
-                grad = _stage_backward(norm, conv, features, stats, grad, grads, workspace)
+            for s in reversed(range(len(stages))):
+                norm, _, conv, _ = stages[s]
+                if layer_dropouts[s] is not None:
+                    conv_out, dropped = layer_dropouts[s]
+                    (grad,) = torch.autograd.grad(dropped, conv_out, grad)
+                grad = _stage_backward(norm, conv, inputs[s], stats[s], activated[s], grad, grads)
             grad_buffer.narrow(1, 0, width).add_(grad)
         grad_x = grad_buffer.narrow(1, 0, ctx.in_channels)
         return (None, grad_x, *(grads.get(p) for p in ctx.params))
+
+
+def _activate(
+    norm: nn.BatchNorm2d,
+    features: torch.Tensor,
+    stats: Stats | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BN-ReLU of ``features`` as forward computed it: from the batch statistics forward used
+    (``stats``), or the running ones when ``norm`` used them; into ``out`` when given."""
+    running = (norm.running_mean, norm.running_var)
+    return _normalize(norm, features, stats if _uses_batch_stats(norm) else running, out).relu_()
 
 
 def _stage_backward(
@@ -250,24 +281,20 @@ def _stage_backward(
     conv: nn.Conv2d,
     features: torch.Tensor,
     stats: Stats | None,
+    activated: torch.Tensor,
     grad_out: torch.Tensor,
     grads: dict[torch.Tensor, torch.Tensor],
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of ``conv(relu(norm(features)))`` w.r.t. ``features``; parameters' go to ``grads``.
 
-    BN-ReLU is recomputed (into ``out`` when given) from the batch statistics forward used
-    (``stats``; None when ``norm`` used its running statistics); the conv is not re-run: its
-    backward needs only its input and weight. At most three ``features``-sized temporaries are alive
-    at a time.
+    ``activated``: the recomputed ``relu(norm(features))`` (see ``_activate``); it is overwritten.
+    The conv is not re-run: its backward needs only its input and weight.
     """
     batch = _uses_batch_stats(norm)
     mean, var = stats if batch else (norm.running_mean, norm.running_var)
-    normed = _normalize(norm, features, (mean, var), out)
     # Under autocast the conv ran in a lower precision (grad_out's dtype): cast as autocast did.
-    normed_dtype = normed.dtype
-    activated = normed.relu_().to(grad_out.dtype)
-    del normed
+    normed_dtype = activated.dtype
+    activated = activated.to(grad_out.dtype)
     bias = conv.bias
     grad_act, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         grad_out, activated, conv.weight.to(grad_out.dtype),
