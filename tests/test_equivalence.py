@@ -75,22 +75,6 @@ def test_timm_state_dict_file_gives_timm_outputs(name: str, tmp_path: Path) -> N
     assert_same_outputs(ours, theirs, 64)
 
 
-def test_torchvision_published_file_layout(tmp_path: Path) -> None:
-    """torchvision's released .pth files use legacy keys ('norm.1'); a full-size densenet121 in
-    that form, written with torch.save, loads and reproduces torchvision's outputs."""
-    torch.manual_seed(0)
-    theirs = randomize_bn_stats(torchvision.models.densenet121())
-    legacy = {
-        k.replace("norm1", "norm.1").replace("conv2", "conv.2"): v
-        for k, v in theirs.state_dict().items()
-    }
-    assert any(".norm.1." in k for k in legacy)
-    path = tmp_path / "densenet121-legacy.pth"
-    torch.save(legacy, path)
-    ours = densenet.create_model("densenet121", pretrained=path)
-    assert_same_outputs(ours, theirs, 64)
-
-
 def cifar10_test_subset(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``per_class`` JPEG test images of each class: uint8 ``(N, 3, 32, 32)``, labels."""
     images, labels = [], []

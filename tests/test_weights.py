@@ -6,6 +6,7 @@ test touches the network.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import re
@@ -18,7 +19,7 @@ import torchvision
 from safetensors.torch import save_file
 
 import densenet
-from densenet import DenseNet, weights
+from densenet import DenseNet, weights, zoo
 from densenet.io import CheckpointError, save_state
 from densenet.weights import WEIGHTS, Weights
 
@@ -104,7 +105,9 @@ def served_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pat
     return path, model
 
 
-def test_registry_tag_downloads_checks_and_reuses_cache(served_weights, hub_cache: Path) -> None:
+def test_registry_tag_downloads_checks_and_reuses_cache(
+    served_weights, hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, reference = served_weights
     model = densenet.create_model("densenet_bc100_k12.test", pretrained=True)
     assert same_weights(model, reference)
@@ -116,6 +119,14 @@ def test_registry_tag_downloads_checks_and_reuses_cache(served_weights, hub_cach
     path.unlink()  # the cached copy is used: no second download
     again = densenet.create_model("densenet_bc100_k12", pretrained="densenet_bc100_k12.test")
     assert same_weights(again, reference)
+    # pretrained=True on a bare name takes the model's default tag
+    spec = dataclasses.replace(
+        densenet.get_model_spec("densenet_bc100_k12"), default_weights="densenet_bc100_k12.test"
+    )
+    monkeypatch.setitem(zoo._REGISTRY, spec.name, spec)
+    default = densenet.create_model("densenet_bc100_k12", pretrained=True)
+    assert same_weights(default, reference)
+    assert default.pretrained_cfg["tag"] == "densenet_bc100_k12.test"
 
 
 # --- downloads ----------------------------------------------------------------------------------
@@ -246,10 +257,10 @@ def test_our_weights_and_training_checkpoints_round_trip(tmp_path: Path) -> None
     save_state(
         checkpoint,
         {"model": custom.state_dict(), "optimizer": {"step": torch.tensor(3.0)}, "epoch": 3},
-        {"model": None, "model_config": custom.config},
+        {"model": None, "model_config": custom.config, "mean": [0.1, 0.2, 0.3]},
     )
     rebuilt = densenet.create_model(pretrained=checkpoint)
-    assert rebuilt.config == custom.config
+    assert rebuilt.config == custom.config and rebuilt.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
     assert torch.equal(outputs(rebuilt), outputs(custom))
 
 
