@@ -18,24 +18,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from densenet.data import dataset_info
+from densenet.data import IMAGE_EXTENSIONS, dataset_info
 from densenet.evaluation import eval_transform
 from densenet.io import META_KEY, CheckpointError, read_header
 from densenet.models import DenseNet
 from densenet.zoo import create_model
-
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-)
 
 
 @cache
