@@ -175,7 +175,7 @@ def evaluate(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(loader, desc="eval", unit="batch", leave=False)
+        batches = tqdm(loader, desc="eval", unit="batch", leave=False, disable=None)
     for inputs, targets in batches:
         inputs = inputs.to(device, non_blocking=True)
         targets = torch.as_tensor(targets).to(device).long()
