@@ -278,7 +278,7 @@ def download_weights(tag: str, progress: bool = True) -> Path:
     """The local file of registry weights ``tag``, downloaded into :func:`cache_dir` if needed."""
     weights = get_weights(tag)
     if not weights.sha256:
-        notice(f"{tag}: no published SHA256; the download is checked for completeness and format")
+        notice(f"{tag}: hash check: {weights.hash_checked}")
     return download(weights.url, cache_dir() / weights.file_name, weights.sha256, progress)
 
 
