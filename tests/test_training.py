@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_data import CIFAR_ZIP, SHARED, make_image_folder
 
+from densenet import training
 from densenet.config import TrainConfig, load_config
 from densenet.io import load_state
 from densenet.models import DenseNet
@@ -163,20 +164,35 @@ def test_resume_after_epoch_one_is_bit_identical(folder, tmp_path):
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
 
 
-def test_sigterm_mid_epoch_saves_the_step_and_resumes_bit_identical(folder, tmp_path):
+def test_sigterm_mid_epoch_saves_the_step_and_resumes_bit_identical(folder, tmp_path, monkeypatch):
     train(tiny(folder, tmp_path / "a", schedule="multistep"), progress=False, log=quiet)
 
-    def terminate_after_epoch_one(line: str) -> None:
-        if line.startswith("epoch 1/"):
-            os.kill(os.getpid(), signal.SIGTERM)  # noticed after the next step
+    def lr_with_sigterm_at_step_5(cfg, step, steps_per_epoch):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # noticed once step 5 is done
+        return lr_at(cfg, step, steps_per_epoch)
 
+    monkeypatch.setattr(training, "lr_at", lr_with_sigterm_at_step_5)
     cfg = tiny(folder, tmp_path / "b", schedule="multistep")
-    with pytest.raises(Interrupted, match="SIGTERM received.*step 5.*--resume"):
-        train(cfg, progress=False, log=terminate_after_epoch_one)
+    with pytest.raises(
+        Interrupted, match=r"SIGTERM received.*step 6 \(epoch 2, batch 2\).*--resume"
+    ):
+        train(cfg, progress=False, log=quiet)
+    monkeypatch.undo()
     state = load_state(tmp_path / "b" / "checkpoints" / "last.safetensors")[0]
-    assert (state["epoch"], state["step"], state["epoch_step"]) == (1, 5, 1)
+    assert (state["epoch"], state["step"], state["epoch_step"]) == (1, 6, 2)
     train(resume_config(tmp_path / "b"), resume=tmp_path / "b", progress=False, log=quiet)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_signal_during_evaluation_stops_at_the_epoch_boundary(folder, tmp_path):
+    def terminate_after_epoch_one(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted, match=r"SIGINT received.*step 4 \(epoch 2, batch 0\)"):
+        train(tiny(folder, tmp_path / "r"), progress=False, log=terminate_after_epoch_one)
+    assert load_state(tmp_path / "r" / "checkpoints" / "last.safetensors")[0]["epoch"] == 1
 
 
 def test_finished_run_asks_for_more_epochs(folder, tmp_path):

@@ -599,13 +599,7 @@ def train(
                     )
                 if stop.signum is not None:
                     checkpoint(run.last)
-                    name = signal.Signals(stop.signum).name
-                    raise Interrupted(
-                        f"{name} received: saved a checkpoint at step {step} (epoch {epoch + 1}, "
-                        f"batch {epoch_step}) to {run.last}; continue with "
-                        f"densenet train --resume {run.path}",
-                        stop.signum,
-                    )
+                    raise _interrupted(stop.signum, step, epoch, epoch_step, run)
             train_time = time.perf_counter() - start_time
             evaluated = ema.module if ema is not None else model
             row = {
@@ -632,7 +626,18 @@ def train(
                     for key in METRIC_FIELDS[1:]:
                         writer.add_scalar(key, row[key], epoch)
                 log(_epoch_line(row, cfg.epochs))
+            if stop.signum is not None and epoch < cfg.epochs:  # arrived during evaluation
+                raise _interrupted(stop.signum, step, epoch, epoch_step, run)
     return RunResult(run.path, epoch, best_top1, rows[-1] if rows else {})
+
+
+def _interrupted(signum: int, step: int, epoch: int, epoch_step: int, run: RunDir) -> Interrupted:
+    return Interrupted(
+        f"{signal.Signals(signum).name} received: saved a checkpoint at step {step} (epoch "
+        f"{epoch + 1}, batch {epoch_step}) to {run.last}; continue with "
+        f"densenet train --resume {run.path}",
+        signum,
+    )
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
