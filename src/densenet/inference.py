@@ -26,9 +26,13 @@ fastest here, see docs/benchmarks.md) and eager otherwise; it never starts a lon
 from __future__ import annotations
 
 import copy
+import importlib
 import io
+import tempfile
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,7 @@ from torch import nn
 
 from densenet.models import BlurPool2d, DenseBlock, DenseLayer, DenseNet, Transition
 
-BACKENDS = ("auto", "eager", "compile", "onnxruntime")
+BACKENDS = ("auto", "eager", "compile", "onnxruntime", "openvino")
 
 
 def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -235,31 +239,66 @@ class OnnxRuntimeModel(nn.Module):
         return torch.from_numpy(out)
 
 
-def import_onnxruntime():
-    """onnxruntime, or a clear error naming the extra that installs it."""
+def import_optional(module: str, extra: str):
+    """An optional dependency, or a ``ValueError`` naming the extra that installs it."""
     try:
-        import onnxruntime
+        return importlib.import_module(module)
     except ImportError as error:
-        raise ValueError(
-            "the onnxruntime backend needs onnxruntime: pip install 'densenet[onnx]'"
-        ) from error
-    return onnxruntime
+        raise ValueError(f"this backend needs {module}: pip install 'densenet[{extra}]'") from error
+
+
+def import_onnxruntime():
+    return import_optional("onnxruntime", "onnx")
+
+
+class OpenVinoModel:
+    """An ONNX model compiled by OpenVINO for CPU, one static shape per input shape (compiled on
+    first use, about a second), behind a module-like call."""
+
+    def __init__(self, model_bytes: bytes, threads: int | None = None) -> None:
+        openvino = import_optional("openvino", "bench")
+        self.core = openvino.Core()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, "model.onnx")
+            path.write_bytes(model_bytes)
+            self.model = self.core.read_model(str(path))
+        self.threads = threads or torch.get_num_threads()
+        self.compiled: dict[tuple, object] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        if shape not in self.compiled:
+            model = self.model.clone()
+            model.reshape(list(shape))
+            # OpenVINO silently computes in bfloat16 on CPUs that have it (rel. error ~1e-2):
+            # pin float32 so it is the same arithmetic as the other backends.
+            config = {
+                "INFERENCE_NUM_THREADS": self.threads,
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_PRECISION_HINT": "f32",
+            }
+            self.compiled[shape] = self.core.compile_model(model, "CPU", config)
+        result = self.compiled[shape]([x.numpy()])
+        return torch.from_numpy(next(iter(result.values())).copy())
 
 
 def onnx_bytes(module: nn.Module, example: torch.Tensor, opset: int = 18) -> bytes:
     """Serialized ONNX of ``module`` with a dynamic batch dimension (TorchScript exporter)."""
     buffer = io.BytesIO()
-    torch.onnx.export(
-        module, (example,), buffer, input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-        dynamo=False,
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        # DenseNet.check_input's shape checks are Python, not graph ops: nothing is lost.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module, (example,), buffer, input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+            dynamo=False,
+        )  # fmt: skip
     return buffer.getvalue()
 
 
 def _example_input(model: DenseNet, input_size: tuple[int, int] | None) -> torch.Tensor:
-    size = input_size or getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[1:]
-    size = tuple(size) if size else (224, 224)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = input_size or tuple(cfg.get("input_size", (3, 224, 224)))[1:]
     return torch.randn(1, model.in_chans, *size)
 
 
@@ -276,24 +315,24 @@ def optimize_for_inference(
     Args:
         model: a :class:`DenseNet` (left unchanged).
         backend: 'auto' (onnxruntime if installed, else eager; never a long compile), 'eager',
-            'compile' (``torch.compile``; densenet121 compiles for ~2 min on 2 cores) or
-            'onnxruntime'.
+            'compile' (``torch.compile``; densenet121 compiles for ~2 min on 2 cores),
+            'onnxruntime' or 'openvino' (the rewritten graph exported to ONNX and run there).
         channels_last: NHWC activations for the eager/compile backends (default: off, measured
             slower here at batch 1 and about even at batch 16).
-        input_size: (H, W) traced for onnxruntime (any size works later; the batch is dynamic).
-        threads: onnxruntime intra-op threads (default ``torch.get_num_threads()``).
+        input_size: (H, W) traced for onnxruntime/openvino (default: the model's; batch dynamic).
+        threads: runtime intra-op threads (default ``torch.get_num_threads()``).
 
-    Returns an ``nn.Module``: call it on ``(N, in_chans, H, W)`` float tensors.
+    Returns a callable (an ``nn.Module`` except for openvino) on ``(N, in_chans, H, W)`` floats.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     model = _as_densenet(model)
     if backend == "auto":
         backend = "onnxruntime" if _has_onnxruntime() else "eager"
-    if backend == "onnxruntime":
-        import_onnxruntime()
+    if backend in ("onnxruntime", "openvino"):
+        runtime = OnnxRuntimeModel if backend == "onnxruntime" else OpenVinoModel
         graph = fuse_for_inference(model, preallocate=False)
-        return OnnxRuntimeModel(onnx_bytes(graph, _example_input(model, input_size)), threads)
+        return runtime(onnx_bytes(graph, _example_input(model, input_size)), threads)
     fused: nn.Module = fuse_for_inference(model)
     if channels_last:
         fused = ChannelsLast(fused)

@@ -8,7 +8,7 @@ import sys
 
 # Each module defines ``add_parser(subparsers)``, which registers its sub-command and sets
 # ``func(args) -> int`` as the handler.
-COMMAND_MODULES = ("models", "eval", "predict", "visualize", "train")
+COMMAND_MODULES = ("models", "eval", "predict", "visualize", "train", "export", "bench")
 
 
 class CLIError(Exception):

@@ -1,0 +1,257 @@
+"""``densenet bench``: inference speed of one model on several backends, measured in one run.
+
+Backends run interleaved (one call of each per round), so load from other processes hits them
+alike and the ratios stay meaningful on a busy machine. Reported per backend and batch size:
+img/s (batch x rounds / total time), latency p50/p90 (ms), the extra resident memory while it ran
+(MB, sampled from /proc), and the speed ratio to the torchvision eager model and to onnxruntime on
+the plain export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from densenet.cli import CLIError
+from densenet.cli.predict import add_model_arguments, model_from_args
+from densenet.inference import (
+    ChannelsLast,
+    OnnxRuntimeModel,
+    OpenVinoModel,
+    onnx_bytes,
+    optimize_for_inference,
+)
+
+BACKENDS = (
+    "torchvision", "eager", "channels_last", "optimized", "optimized-eager", "optimized-compile",
+    "optimized-onnxruntime", "optimized-openvino", "onnxruntime", "openvino", "int8",
+)  # fmt: skip
+DEFAULT_BACKENDS = (
+    "torchvision,optimized,optimized-eager,optimized-onnxruntime,onnxruntime,openvino"
+)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="inference speed on several backends (img/s, latency, memory)",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--batch", default="1,16", help="comma-separated batch sizes (default 1,16)"
+    )
+    parser.add_argument(
+        "--backends", default=DEFAULT_BACKENDS,
+        help=f"comma-separated, from {', '.join(BACKENDS)} (default {DEFAULT_BACKENDS}); "
+        "openvino is skipped with a note when not installed",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--iters", type=int, default=10, help="timed rounds per batch size")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--size", type=int, help="input height=width (default: the model's)")
+    parser.add_argument(
+        "--calibration", nargs="+", metavar="IMAGE_OR_FOLDER",
+        help="real images to calibrate the int8 backend on (required for int8)",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def torchvision_model(model: nn.Module) -> nn.Module:
+    """torchvision's DenseNet with ``model``'s weights, or ``model`` itself if torchvision
+    cannot build that architecture (CIFAR stems, blur, basic layers)."""
+    import torchvision
+
+    from densenet.weights import to_torchvision_state_dict
+
+    try:
+        state = to_torchvision_state_dict(model)
+    except ValueError:
+        return model
+    cfg = model.config
+    net = torchvision.models.DenseNet(
+        cfg["growth_rate"], tuple(cfg["block_config"]), cfg["num_init_features"], cfg["bn_size"],
+        num_classes=cfg["num_classes"],
+    )  # fmt: skip
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def _calibration_batches(args: argparse.Namespace, info, size: int) -> list[torch.Tensor]:
+    from densenet.predict import list_images, load_image
+
+    if not args.calibration:
+        raise CLIError("the int8 backend calibrates on real images: add --calibration IMAGES")
+    transform = info.transform()
+    images = [transform(load_image(p)) for p in list_images(args.calibration)]
+    return list(torch.stack(images).split(32))
+
+
+def build_backends(
+    names: list[str], model: nn.Module, example: torch.Tensor, threads: int, calibration=None
+) -> tuple[dict[str, Callable], dict[str, str]]:
+    """Callables for the requested backends, and a note for each one skipped (and why)."""
+    made: dict[str, Callable] = {}
+    skipped: dict[str, str] = {}
+    plain_onnx = None
+    size = tuple(example.shape[2:])
+    for name in names:
+        if name == "torchvision":
+            made[name] = torchvision_model(model)
+        elif name == "eager":
+            made[name] = model
+        elif name == "channels_last":
+            made[name] = ChannelsLast(copy.deepcopy(model))
+        elif name == "optimized":
+            made[name] = optimize_for_inference(model, input_size=size, threads=threads)
+        elif name.startswith("optimized-"):
+            backend = name.removeprefix("optimized-")
+            made[name] = optimize_for_inference(model, backend, input_size=size, threads=threads)
+        elif name in ("onnxruntime", "openvino"):
+            plain_onnx = plain_onnx or onnx_bytes(model, example[:1])
+            if name == "onnxruntime":
+                made[name] = OnnxRuntimeModel(plain_onnx, threads)
+                continue
+            try:
+                made[name] = OpenVinoModel(plain_onnx, threads)
+            except ValueError as error:
+                skipped[name] = str(error)
+        elif name == "int8":
+            from densenet.quantization import quantize_model
+
+            made[name] = quantize_model(model, calibration(), threads=threads)
+        else:
+            raise CLIError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return made, skipped
+
+
+class _PeakRSS:
+    """Peak resident memory (bytes) of this process while the context is open, sampled."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, self.current())
+            self.done.wait(self.interval)
+
+    def __enter__(self) -> _PeakRSS:
+        self.peak = self.current()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+@torch.no_grad()
+def measure(
+    backends: dict[str, Callable], batch: torch.Tensor, iters: int, warmup: int
+) -> dict[str, dict]:
+    """Interleaved timing of every backend on ``batch``: img/s, p50/p90 ms, extra memory MB."""
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    extra_mb: dict[str, float] = {}
+    for name, fn in backends.items():
+        base = _PeakRSS.current()
+        with _PeakRSS() as rss:
+            for _ in range(warmup):
+                fn(batch)
+        extra_mb[name] = (rss.peak - base) / 2**20
+    for _ in range(iters):
+        for name, fn in backends.items():
+            start = time.perf_counter()
+            fn(batch)
+            times[name].append(time.perf_counter() - start)
+    n = batch.shape[0]
+    results = {}
+    for name, values in times.items():
+        q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
+        results[name] = dict(
+            img_per_s=n * len(values) / sum(values),
+            p50_ms=1000 * statistics.median(values),
+            p90_ms=1000 * q[8],
+            extra_memory_mb=round(extra_mb[name], 1),
+        )
+    for row in results.values():
+        for ref in ("torchvision", "onnxruntime"):
+            if ref in results:
+                row[f"vs_{ref}"] = row["img_per_s"] / results[ref]["img_per_s"]
+    return results
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise CLIError(f"--batch must list integers like 1,16, got {args.batch!r}") from None
+    if min(batches) < 1 or args.iters < 1 or args.threads < 1 or args.warmup < 0:
+        raise CLIError("--batch, --iters and --threads must be >= 1, --warmup >= 0")
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(names) - set(BACKENDS))
+    if unknown:
+        raise CLIError(
+            f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}"
+        )
+    torch.set_num_threads(args.threads)
+    model, info = model_from_args(args)
+    model = model.cpu().eval()
+    size = args.size or info.input_size[-1]
+    example = torch.randn(1, model.in_chans, size, size)
+    backends, skipped = build_backends(
+        names, model, example, args.threads, lambda: _calibration_batches(args, info, size)
+    )
+    report = dict(
+        model=info.name, source=info.source, size=size, threads=args.threads, iters=args.iters,
+        load_before=_load(), skipped=skipped, results={},
+    )  # fmt: skip
+    for n in batches:
+        batch = torch.randn(n, model.in_chans, size, size)
+        report["results"][str(n)] = measure(backends, batch, args.iters, args.warmup)
+    report["load_after"] = _load()
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{info.source}, {size}x{size}, {args.threads} threads, load {report['load_before']}")
+    header = f"{'batch':>5} {'backend':16} {'img/s':>8} {'p50 ms':>9} {'p90 ms':>9} {'+MB':>7}"
+    print(header + f" {'vs tv':>6} {'vs ort':>6}")
+    for n, rows in report["results"].items():
+        for name, r in rows.items():
+            ratios = " ".join(
+                f"{r[k]:6.2f}" if k in r else f"{'-':>6}"
+                for k in ("vs_torchvision", "vs_onnxruntime")
+            )
+            print(
+                f"{n:>5} {name:16} {r['img_per_s']:8.2f} {r['p50_ms']:9.1f} {r['p90_ms']:9.1f} "
+                f"{r['extra_memory_mb']:7.1f} {ratios}"
+            )
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    print(f"load after: {report['load_after']}")
+    return 0

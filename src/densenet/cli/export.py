@@ -1,0 +1,87 @@
+"""``densenet export``: write ONNX or a torch.export program (dynamic batch), then verify it.
+
+After writing, the file is loaded back (onnxruntime for ONNX, ``torch.export.load`` for .pt2) and
+compared with the PyTorch model on random batches of 1 and 3 and on real images when given,
+printing the max absolute and relative (to the largest logit) error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from densenet.cli import CLIError
+from densenet.cli.predict import add_model_arguments, model_from_args
+from densenet.export import FORMATS, SUFFIXES, export_model, verify_export
+from densenet.predict import list_images, load_image
+
+MAX_REL_ERROR = 1e-4
+MAX_IMAGES = 16
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export to ONNX or torch.export with dynamic batch, verified against PyTorch",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument("--out", required=True, metavar="FILE", help="output .onnx or .pt2 file")
+    parser.add_argument(
+        "--optimize", action="store_true",
+        help="export the inference graph (BN folded, pool-first transitions)",
+    )  # fmt: skip
+    parser.add_argument("--size", type=int, help="traced input height=width (default: the model's)")
+    parser.add_argument(
+        "--images", nargs="+", metavar="IMAGE_OR_FOLDER",
+        help=f"real images to verify on too (the first {MAX_IMAGES})",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    suffix = SUFFIXES[args.format]
+    if not args.out.endswith(suffix):
+        raise CLIError(f"--format {args.format} writes a {suffix} file; name --out FILE{suffix}")
+    args.device = "cpu"
+    model, info = model_from_args(args)
+    size = args.size or info.input_size[-1]
+    path = export_model(
+        model, args.out, args.format, input_size=(size, size), optimize=args.optimize
+    )
+    gen = torch.Generator().manual_seed(0)
+    inputs = {
+        f"random batch {n}": torch.randn(n, model.in_chans, size, size, generator=gen)
+        for n in (1, 3)
+    }
+    if args.images:
+        transform = info.transform()
+        images = [transform(load_image(p)) for p in list_images(args.images)[:MAX_IMAGES]]
+        if images[0].shape[-1] != size:
+            raise CLIError(
+                f"the model's transform makes {images[0].shape[-1]}px images, exported at {size}px"
+            )
+        inputs[f"{len(images)} real images"] = torch.stack(images)
+    errors = verify_export(model, path, inputs)
+    worst = max(e["max_rel_error"] for e in errors.values())
+    report = dict(
+        model=info.name, format=args.format, out=str(path), optimized=args.optimize,
+        input_size=[model.in_chans, size, size], errors=errors, max_rel_error=worst,
+        ok=worst <= MAX_REL_ERROR,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"wrote {path} ({args.format}, batch dynamic, {size}x{size})")
+        for name, e in errors.items():
+            print(
+                f"  {name:>18}: max abs error {e['max_abs_error']:.3g}, "
+                f"max rel error {e['max_rel_error']:.3g}"
+            )
+    if not report["ok"]:
+        raise CLIError(f"exported outputs differ from PyTorch: max rel error {worst:.3g}")
+    return 0

@@ -1,0 +1,163 @@
+"""optimize_for_inference: the rewritten graph gives the model's outputs on every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from inference_helpers import shared_data
+
+from densenet import DenseNet, create_model
+from densenet.inference import (
+    InferenceTransition,
+    fuse_for_inference,
+    optimize_for_inference,
+)
+
+REL_TOL = 1e-4
+
+
+def randomize_bn(model: DenseNet, seed: int = 0) -> DenseNet:
+    """Non-trivial BN statistics and affine params, so every fold is actually exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
+    return model.eval()
+
+
+def tiny(**kwargs) -> DenseNet:
+    torch.manual_seed(0)
+    args = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, num_classes=7)
+    return randomize_bn(DenseNet(**{**args, **kwargs}))
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@torch.no_grad()
+def assert_same(model, fast, x: torch.Tensor) -> None:
+    expected = model(x)
+    actual = fast(x)
+    assert actual.shape == expected.shape
+    assert rel_error(actual, expected) <= REL_TOL
+
+
+ARCHS = {
+    "bc-cifar": dict(stem="cifar"),
+    "basic-cifar": dict(stem="cifar", bn_size=0, compression=1.0),
+    "cifar-bn-stem": dict(stem="cifar_bn"),
+    "imagenet-stem": dict(stem="imagenet"),
+    "deep-blur-stem": dict(stem="deep", stem_width=6, blur="stem"),
+    "blur-all": dict(stem="imagenet", blur="all"),
+    "max-pool-head": dict(stem="cifar", global_pool="max"),
+    "three-blocks-odd-compression": dict(stem="cifar", block_config=(1, 2, 1), compression=0.7),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("size", [16, 19])
+def test_fused_graph_matches_model(arch: str, size: int) -> None:
+    # 19 is odd at every stage: pool-first must floor exactly like conv-then-pool.
+    model = tiny(**ARCHS[arch])
+    x = torch.randn(2, 3, size, size)
+    assert_same(model, fuse_for_inference(model), x)
+    assert_same(model, fuse_for_inference(model, preallocate=False), x)
+
+
+def test_odd_map_reaches_transition() -> None:
+    model = tiny(stem="cifar")
+    seen = []
+    fast = fuse_for_inference(model)
+    for m in fast.modules():
+        if isinstance(m, InferenceTransition):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[-1]))
+    assert_same(model, fast, torch.randn(1, 3, 15, 15))
+    assert seen == [15]
+
+
+def test_pool_runs_before_conv_and_norm2_is_folded() -> None:
+    model = tiny(stem="cifar")
+    fast = fuse_for_inference(model)
+    transition = next(m for m in fast.modules() if isinstance(m, InferenceTransition))
+    shapes = []
+    transition.conv.register_forward_pre_hook(lambda mod, args: shapes.append(args[0].shape))
+    fast(torch.randn(1, 3, 16, 16))
+    assert shapes[0][-1] == 8  # the 1x1 conv sees the pooled map
+    layer = fast.stages[0].layers[0]
+    assert layer.conv1.bias is not None and not hasattr(layer, "norm2")
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime", "openvino"])
+def test_backends_match(backend: str) -> None:
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    model = tiny(stem="cifar")
+    fast = optimize_for_inference(model, backend, input_size=(16, 16))
+    for batch in (1, 3):
+        assert_same(model, fast, torch.randn(batch, 3, 16, 16))
+
+
+def test_channels_last_input_and_option() -> None:
+    model = tiny(stem="imagenet")
+    x = torch.randn(2, 3, 33, 33).contiguous(memory_format=torch.channels_last)
+    assert_same(model, optimize_for_inference(model, "eager", channels_last=True), x)
+    assert_same(model, fuse_for_inference(model), x)
+
+
+def test_compile_backend_matches() -> None:
+    model = tiny(stem="cifar", block_config=(1, 1))
+    assert_same(model, optimize_for_inference(model, "compile"), torch.randn(2, 3, 8, 8))
+
+
+def test_model_left_unchanged_and_bad_arguments() -> None:
+    model = tiny(stem="cifar")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimize_for_inference(model, "eager")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        optimize_for_inference(model, "tensorrt")
+    with pytest.raises(ValueError, match="needs a densenet.DenseNet"):
+        optimize_for_inference(torch.nn.Linear(2, 2))
+
+
+def test_densenet121_matches_at_small_size() -> None:
+    model = randomize_bn(create_model("densenet121"))
+    assert_same(model, fuse_for_inference(model), torch.randn(1, 3, 64, 64))
+
+
+@torch.no_grad()
+def test_int8_on_real_cifar_images() -> None:
+    """Quantized model: finite outputs and mostly the float model's classes on real images."""
+    from PIL import Image
+
+    from densenet.quantization import quantize_model
+    from densenet.weights import load_pretrained
+
+    folder = shared_data("test-samples")
+    checkpoint = shared_data("checkpoints", "jasonwei05_densenet_cifar10.pth")
+    model = DenseNet(
+        growth_rate=12, block_config=(6, 12, 24), num_init_features=24, stem="cifar",
+        num_classes=10,
+    )  # fmt: skip
+    load_pretrained(model, checkpoint)
+    model.eval()
+    mean = torch.tensor((0.4914, 0.4822, 0.4465)).view(3, 1, 1)
+    std = torch.tensor((0.2023, 0.1994, 0.2010)).view(3, 1, 1)
+    images = []
+    for path in sorted(folder.glob("cifar10_*.png")):
+        array = torch.tensor(list(Image.open(path).convert("RGB").getdata()), dtype=torch.float32)
+        images.append((array.T.reshape(3, 32, 32) / 255 - mean) / std)
+    x = torch.stack(images)
+    assert len(x) == 20
+    int8 = quantize_model(model, [x[:10]])
+    logits = int8(x)
+    assert torch.isfinite(logits).all()
+    agree = (logits.argmax(1) == model(x).argmax(1)).float().mean().item()
+    assert agree >= 0.8
+    # The quantized graph really differs from float32 (it is not the fp32 model re-run).
+    assert not torch.allclose(logits, model(x), rtol=1e-5, atol=1e-5)
