@@ -343,7 +343,7 @@ def test_real_cifar10_jpeg_small_densenet_bc(tmp_path):
         None,
         {
             "dataset": "folder", "data_dir": str(CIFAR_ZIP), "train_subset": 10000, "epochs": 2,
-            "out": str(tmp_path / "r"), "device": "cpu",
+            "augment": "standard", "out": str(tmp_path / "r"), "device": "cpu",
         },
     )  # fmt: skip
     result = train(cfg, progress=False, log=print)

@@ -48,7 +48,7 @@ class TrainConfig:
     val_split: str = "test"
     train_subset: int | None = 20000  # first N images of a fixed shuffle; None = all
     val_subset: int | None = None
-    augment: str = "standard"  # none | standard | imagenet | randaugment
+    augment: str = "none"  # none | standard | imagenet | randaugment
     input_size: int | None = None  # default: the dataset's
     crop_pct: float = 1.0
     interpolation: str = "bilinear"
@@ -57,7 +57,7 @@ class TrainConfig:
     workers: int = 2
 
     # Optimization (the paper: SGD, Nesterov momentum 0.9, weight decay 1e-4, lr 0.1)
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 64
     lr: float = 0.1
     momentum: float = 0.9

@@ -2,7 +2,8 @@
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per epoch),
 ``curves.png`` and ``checkpoints/{last,best}.safetensors`` (atomic safetensors files: model,
-optimizer, schedule, EMA, grad scaler, RNG states, epoch and step). ``train(config,
+optimizer, schedule, EMA, grad scaler, RNG states, epoch and step). With weight EMA the validation
+numbers are the EMA weights', and ``best``'s ``model`` holds those EMA weights. ``train(config,
 resume=RUN_DIR)`` continues a run exactly where its last checkpoint left it: the data order comes
 from ``seed + epoch`` and every RNG is restored, so on the CPU in deterministic mode a resumed run
 ends with the same weights, bit for bit, as an uninterrupted one.
