@@ -87,7 +87,7 @@ def torchvision_model(model: nn.Module) -> nn.Module:
     return net.eval()
 
 
-def _calibration_batches(args: argparse.Namespace, info, size: int) -> list[torch.Tensor]:
+def _calibration_batches(args: argparse.Namespace, info) -> list[torch.Tensor]:
     from densenet.predict import list_images, load_image
 
     if not args.calibration:
@@ -98,9 +98,17 @@ def _calibration_batches(args: argparse.Namespace, info, size: int) -> list[torc
 
 
 def build_backends(
-    names: list[str], model: nn.Module, example: torch.Tensor, threads: int, calibration=None
+    names: list[str],
+    model: nn.Module,
+    example: torch.Tensor,
+    threads: int,
+    calibration: Callable[[], list[torch.Tensor]] | None = None,
 ) -> tuple[dict[str, Callable], dict[str, str]]:
-    """Callables for the requested backends, and a note for each one skipped (and why)."""
+    """Callables for the requested backends, and a note for each one skipped (and why).
+
+    ``example`` is a ``(1, C, H, W)`` input for tracing; ``calibration`` returns the int8
+    calibration batches (called only when int8 is requested).
+    """
     made: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
     plain_onnx = None
@@ -129,6 +137,8 @@ def build_backends(
         elif name == "int8":
             from densenet.quantization import quantize_model
 
+            if calibration is None:
+                raise ValueError("the int8 backend needs calibration batches of real images")
             made[name] = quantize_model(model, calibration(), threads=threads)
         else:
             raise CLIError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
@@ -225,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     size = args.size or info.input_size[-1]
     example = torch.randn(1, model.in_chans, size, size)
     backends, skipped = build_backends(
-        names, model, example, args.threads, lambda: _calibration_batches(args, info, size)
+        names, model, example, args.threads, lambda: _calibration_batches(args, info)
     )
     report = dict(
         model=info.name, source=info.source, size=size, threads=args.threads, iters=args.iters,
