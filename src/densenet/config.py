@@ -76,6 +76,7 @@ class TrainConfig:
 
     # Execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int | None = None  # CPU threads for torch; None = torch's default (all cores)
     amp: str = "none"  # none | bf16 | fp16 (fp16 needs CUDA)
     channels_last: bool = False
     compile: bool = False
@@ -199,7 +200,7 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
     ]
     positive = {"epochs": c.epochs, "batch_size": c.batch_size, "step_size": c.step_size}
     problems += [f"{k} must be >= 1, got {v}" for k, v in positive.items() if v < 1]
-    for key in ("num_classes", "input_size", "train_subset", "val_subset"):
+    for key in ("num_classes", "input_size", "train_subset", "val_subset", "threads"):
         value = getattr(c, key)
         if value is not None and value < 1:
             problems.append(f"{key} must be >= 1 (or null for the default), got {value}")

@@ -485,6 +485,8 @@ def train(
     if resume is not None and not run.last.exists():
         raise TrainingError(f"{run.path}: no checkpoint to resume ({run.last} is missing)")
 
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)  # fewer than the cores helps on a shared machine
     seed_everything(cfg.seed, cfg.deterministic)
     d = build_data(cfg, device)
     if d.skipped_images:
