@@ -73,7 +73,8 @@ def int8_benchmark(iters: int, test_per_class: int, threads: int) -> dict:
         "torch-eager-fp32": model,
         "onnxruntime-fp32": OnnxRuntimeModel(onnx_bytes(model, test_x[:1]), threads),
         "optimized-fp32": optimize_for_inference(model, input_size=(32, 32), threads=threads),
-        "int8": quantize_model(model, calib_x.split(50), threads=threads),
+        "int8-onnxruntime": quantize_model(model, calib_x.split(50), "onnxruntime", threads),
+        "int8-openvino": quantize_model(model, calib_x.split(50), "openvino", threads),
     }
     # torch eager computes the same float32 function as onnxruntime-fp32 (checked in the tests);
     # its accuracy pass would only cost time.
@@ -85,7 +86,9 @@ def int8_benchmark(iters: int, test_per_class: int, threads: int) -> dict:
              for k, v in speed.items()}  # fmt: skip
     return dict(
         test_images=len(test_y), calibration_images=len(calib_x), top1=accuracy,
-        top1_change_int8=accuracy["int8"] - accuracy["onnxruntime-fp32"], batch64=speed,
+        top1_change_int8={
+            k: accuracy[k] - accuracy["onnxruntime-fp32"] for k in accuracy if k.startswith("int8")
+        }, batch64=speed,
     )  # fmt: skip
 
 

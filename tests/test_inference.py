@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from inference_helpers import shared_data
@@ -9,6 +11,8 @@ from inference_helpers import shared_data
 from densenet import DenseNet, create_model
 from densenet.inference import (
     InferenceTransition,
+    OnnxRuntimeModel,
+    OpenVinoModel,
     fuse_for_inference,
     optimize_for_inference,
 )
@@ -92,7 +96,7 @@ def test_pool_runs_before_conv_and_norm2_is_folded() -> None:
     assert layer.conv1.bias is not None and not hasattr(layer, "norm2")
 
 
-@pytest.mark.parametrize("backend", ["eager", "onnxruntime", "openvino"])
+@pytest.mark.parametrize("backend", ["auto", "eager", "onnxruntime", "openvino"])
 def test_backends_match(backend: str) -> None:
     if backend == "openvino":
         pytest.importorskip("openvino")
@@ -135,7 +139,7 @@ def test_int8_on_real_cifar_images() -> None:
     """Quantized model: finite outputs and mostly the float model's classes on real images."""
     from PIL import Image
 
-    from densenet.quantization import quantize_model
+    from densenet.quantization import quantize_model, quantize_onnx
     from densenet.weights import load_pretrained
 
     folder = shared_data("test-samples")
@@ -154,10 +158,16 @@ def test_int8_on_real_cifar_images() -> None:
         images.append((array.T.reshape(3, 32, 32) / 255 - mean) / std)
     x = torch.stack(images)
     assert len(x) == 20
-    int8 = quantize_model(model, [x[:10]])
-    logits = int8(x)
-    assert torch.isfinite(logits).all()
-    agree = (logits.argmax(1) == model(x).argmax(1)).float().mean().item()
-    assert agree >= 0.8
-    # The quantized graph really differs from float32 (it is not the fp32 model re-run).
-    assert not torch.allclose(logits, model(x), rtol=1e-5, atol=1e-5)
+    int8 = quantize_onnx(model, [x[:10]])
+    runtimes = [OnnxRuntimeModel]
+    if importlib.util.find_spec("openvino"):
+        runtimes.append(OpenVinoModel)
+    for runtime in runtimes:
+        logits = runtime(int8)(x)
+        assert torch.isfinite(logits).all()
+        agree = (logits.argmax(1) == model(x).argmax(1)).float().mean().item()
+        assert agree >= 0.8
+        # The quantized graph really differs from float32 (it is not the fp32 model re-run).
+        assert not torch.allclose(logits, model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="int8 backend must be"):
+        quantize_model(model, [x[:2]], backend="tensorrt")

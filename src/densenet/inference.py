@@ -18,15 +18,17 @@ between layers (every layer has its own statistics for the same prefix channels)
 per-layer BN-ReLU; it is a cheap elementwise op beside the 1x1 conv it feeds.
 
 :func:`optimize_for_inference` then runs the rewritten model on a backend: ``"eager"`` PyTorch,
-``"compile"`` (``torch.compile``, minutes of compile for densenet121 on a small CPU) or
-``"onnxruntime"`` (optional dependency). ``"auto"`` picks onnxruntime when it is installed (the
-fastest here, see docs/benchmarks.md) and eager otherwise; it never starts a long compile.
+``"compile"`` (``torch.compile``, minutes of compile for densenet121 on a small CPU),
+``"onnxruntime"`` or ``"openvino"`` (optional dependencies, run on the rewritten graph exported
+to ONNX). ``"auto"`` picks the fastest one installed as measured in docs/benchmarks.md: openvino,
+then onnxruntime, then eager; it never starts a long compile.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import io
 import tempfile
 import warnings
@@ -41,6 +43,8 @@ from torch import nn
 from densenet.models import BlurPool2d, DenseBlock, DenseLayer, DenseNet, Transition
 
 BACKENDS = ("auto", "eager", "compile", "onnxruntime", "openvino")
+# What 'auto' picks, fastest first as measured in docs/benchmarks.md (eager when neither is there).
+AUTO_ORDER = ("openvino", "onnxruntime")
 
 
 def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -251,11 +255,12 @@ def import_onnxruntime():
     return import_optional("onnxruntime", "onnx")
 
 
-class OpenVinoModel:
+class OpenVinoModel(nn.Module):
     """An ONNX model compiled by OpenVINO for CPU, one static shape per input shape (compiled on
     first use, about a second), behind a module-like call."""
 
     def __init__(self, model_bytes: bytes, threads: int | None = None) -> None:
+        super().__init__()
         openvino = import_optional("openvino", "bench")
         self.core = openvino.Core()
         with tempfile.TemporaryDirectory() as tmp:
@@ -265,7 +270,7 @@ class OpenVinoModel:
         self.threads = threads or torch.get_num_threads()
         self.compiled: dict[tuple, object] = {}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(x.shape)
         if shape not in self.compiled:
             model = self.model.clone()
@@ -278,7 +283,7 @@ class OpenVinoModel:
                 "INFERENCE_PRECISION_HINT": "f32",
             }
             self.compiled[shape] = self.core.compile_model(model, "CPU", config)
-        result = self.compiled[shape]([x.numpy()])
+        result = self.compiled[shape]([x.detach().to("cpu", torch.float32).contiguous().numpy()])
         return torch.from_numpy(next(iter(result.values())).copy())
 
 
@@ -316,7 +321,8 @@ def optimize_for_inference(
 
     Args:
         model: a :class:`DenseNet` (left unchanged).
-        backend: 'auto' (onnxruntime if installed, else eager; never a long compile), 'eager',
+        backend: 'auto' (openvino if installed, else onnxruntime, else eager; never a long
+            compile), 'eager',
             'compile' (``torch.compile``; densenet121 compiles for ~2 min on 2 cores),
             'onnxruntime' or 'openvino' (the rewritten graph exported to ONNX and run there).
         channels_last: NHWC activations for the eager/compile backends (default: off, measured
@@ -324,13 +330,13 @@ def optimize_for_inference(
         input_size: (H, W) traced for onnxruntime/openvino (default: the model's; batch dynamic).
         threads: runtime intra-op threads (default ``torch.get_num_threads()``).
 
-    Returns a callable (an ``nn.Module`` except for openvino) on ``(N, in_chans, H, W)`` floats.
+    Returns an ``nn.Module``: call it on ``(N, in_chans, H, W)`` float tensors.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     model = _as_densenet(model)
     if backend == "auto":
-        backend = "onnxruntime" if _has_onnxruntime() else "eager"
+        backend = next((b for b in AUTO_ORDER if importlib.util.find_spec(b)), "eager")
     if backend in ("onnxruntime", "openvino"):
         runtime = OnnxRuntimeModel if backend == "onnxruntime" else OpenVinoModel
         graph = fuse_for_inference(model, preallocate=False)
@@ -341,11 +347,3 @@ def optimize_for_inference(
     if backend == "compile":
         fused = torch.compile(fused)
     return fused
-
-
-def _has_onnxruntime() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
