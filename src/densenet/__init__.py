@@ -1,5 +1,6 @@
 """densenet: the reference DenseNet library and toolkit for PyTorch."""
 
+from densenet.inference import optimize_for_inference
 from densenet.models import DenseNet, FeatureExtractor
 from densenet.weights import (
     WEIGHTS,
@@ -35,6 +36,7 @@ __all__ = [
     "list_weights",
     "load_pretrained",
     "load_state_dict_file",
+    "optimize_for_inference",
     "save_weights",
     "to_torchvision_state_dict",
 ]
