@@ -511,8 +511,7 @@ def build_dataset(
     """
     name = _check_name(name)
     data_dir = Path(data_dir).expanduser() if data_dir else None
-    info_splits = {"imagenet": ("train", "val"), "folder": ("train", "val", "test")}
-    splits = info_splits.get(name) or dataset_info(name).splits
+    splits = dataset_info(name).splits
     if split == "val" and "val" not in splits:
         split = "test"
     if split == "test" and "test" not in splits:

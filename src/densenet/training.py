@@ -174,7 +174,8 @@ def build_data(cfg: TrainConfig, device: torch.device) -> Data:
             ds = ds.to_memory(info.in_chans)
         datasets.append(ds)
     train_ds, val_ds = datasets
-    info = _with_classes(info, train_ds.classes)
+    if len(info.class_names) != len(train_ds.classes):  # keep ImageNet's readable names
+        info = _with_classes(info, train_ds.classes)
     if isinstance(train_ds, data.InMemoryImages):
         native = int(train_ds.images.shape[-1])
     else:
