@@ -238,8 +238,17 @@ def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
     assert list(a) == second
     a.set_epoch(1, start=10)
     assert list(a) == second[10:] and len(a) == 40
-    shards = [list(data.EpochSampler(50, True, 3, num_replicas=3, rank=r)) for r in range(3)]
-    assert all(len(s) == 17 for s in shards) and set(sum(shards, [])) == set(range(50))
+    shards = [data.EpochSampler(50, True, 3, num_replicas=3, rank=r) for r in range(3)]
+    for shard in shards:
+        shard.set_epoch(1)
+    assert all(len(s) == len(list(s)) == 16 for s in shards)
+    assert [i for batch in zip(*shards) for i in batch] == second[:48]  # strided shares
+
+
+def test_eval_sampler_shares_cover_each_sample_once():
+    shards = [list(data.EpochSampler(50, False, num_replicas=3, rank=r)) for r in range(3)]
+    assert [len(s) for s in shards] == [17, 17, 16]
+    assert sorted(sum(shards, [])) == list(range(50))
 
 
 def test_in_memory_loader_serves_whole_uint8_batches():

@@ -674,7 +674,11 @@ class BatchTransform:
 class EpochSampler(Sampler[int]):
     """A permutation drawn from ``seed + epoch`` (or the identity): the same order on resume.
 
-    ``num_replicas``/``rank`` give each DDP process its strided share (padded to equal length).
+    ``num_replicas``/``rank`` give each DDP process its strided share: rank ``r`` of ``W`` takes
+    ``order[r::W]``, so a per-rank batch of ``B/W`` is the strided share of the global batch of
+    ``B`` that one process would draw, whatever ``W`` is. Shuffled (training) shares are cut to
+    equal length, as every rank must take the same number of steps; ordered (evaluation) shares
+    are uneven and cover each sample exactly once.
     """
 
     def __init__(
@@ -688,8 +692,13 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
+    def _total(self) -> int:
+        if self.shuffle:
+            return self.size // self.num_replicas * self.num_replicas
+        return self.size
+
     def __len__(self) -> int:
-        return math.ceil(self.size / self.num_replicas) - self.start
+        return len(range(self.rank, self._total(), self.num_replicas)) - self.start
 
     def __iter__(self):
         if self.shuffle:
@@ -697,9 +706,7 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
-        total = math.ceil(self.size / self.num_replicas) * self.num_replicas
-        order += order[: total - len(order)]
-        return iter(order[self.rank : total : self.num_replicas][self.start :])
+        return iter(order[self.rank : self._total() : self.num_replicas][self.start :])
 
 
 def build_loader(
