@@ -504,8 +504,8 @@ def architecture_of(source: Source) -> tuple[ModelSpec, dict]:
     its own, built from the saved arguments.
     """
     name = source.metadata.get("model")
-    config = source.metadata.get("model_config") or source.metadata.get("config")
-    if not isinstance(config, dict):
+    config = _saved_config(source)
+    if config is None:
         guess = suggest_architecture(source.state_dict)
         raise CheckpointError(
             f"{source.description}: the file does not say which architecture it holds (no "
@@ -517,6 +517,36 @@ def architecture_of(source: Source) -> tuple[ModelSpec, dict]:
         return get_model_spec(name), config
     family = "cifar" if str(config.get("stem", "")).startswith("cifar") else "imagenet"
     return ModelSpec(name=name or "densenet", kwargs={}, family=family), config
+
+
+def _saved_config(source: Source) -> dict | None:
+    """The DenseNet arguments our file's metadata records (``model_config``), else None."""
+    config = source.metadata.get("model_config") or source.metadata.get("config")
+    return config if isinstance(config, dict) else None
+
+
+def saved_kwargs(spec: ModelSpec, source: Source) -> dict:
+    """DenseNet arguments of our file (``in_chans`` and ``num_classes`` left out) when its
+    metadata names ``spec``'s model; empty otherwise (other files, other or unnamed models).
+
+    With them, ``create_model(NAME, pretrained=run_checkpoint)`` rebuilds what was trained
+    (``model_args`` such as depth or drop rate included) rather than the registry's default.
+    """
+    config = _saved_config(source)
+    saved_name = source.metadata.get("model")
+    if config is None or not saved_name or str(saved_name).split(".", 1)[0] != spec.name:
+        return {}
+    return {k: v for k, v in config.items() if k not in ("in_chans", "num_classes")}
+
+
+def in_chans_of(source: Source) -> int | None:
+    """Input channels the weights were made for: our metadata's ``model_config``, else the first
+    conv's input channels; None if neither says."""
+    config = _saved_config(source) or {}
+    if isinstance(config.get("in_chans"), int) and config["in_chans"] > 0:
+        return config["in_chans"]
+    weight = source.state_dict.get(FIRST_CONV)
+    return int(weight.shape[1]) if weight is not None and weight.ndim == 4 else None
 
 
 def num_classes_of(source: Source) -> int:

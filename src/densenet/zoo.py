@@ -215,7 +215,7 @@ def create_model(
     *,
     pretrained: bool | str | Path | None = None,
     num_classes: int | None = None,
-    in_chans: int = 3,
+    in_chans: int | None = None,
     memory_efficient: bool = False,
     features_only: bool = False,
     out_indices: Sequence[int] | None = None,
@@ -231,11 +231,15 @@ def create_model(
             file or an http(s)/file URL.
         num_classes: classifier outputs; defaults to the weights' (or the model's) class count.
             A different count than the weights' resets the classifier.
-        in_chans: input channels; pretrained RGB filters are adapted to it.
+        in_chans: input channels; default: those of the weights (the ``model_config`` of our
+            files, else their first conv), 3 without weights. Pretrained filters of another
+            channel count are adapted to it.
         memory_efficient: recompute bottlenecks in backward (linear memory in depth).
         features_only: return a :class:`FeatureExtractor` giving normalized multi-scale maps.
         out_indices: which dense blocks' maps ``features_only`` returns (default all).
         overrides: any other :class:`DenseNet` argument (``drop_rate``, ``compression``, ...).
+            When ``pretrained`` is one of our files of ``name``'s model (or ``name`` is None),
+            the arguments it saved are the defaults.
     """
     from densenet import weights  # weights imports this module
 
@@ -244,15 +248,23 @@ def create_model(
     source = weights.resolve_source(name, pretrained)
     if name is None:
         if source is None:
-            raise ValueError("create_model needs a model name, or pretrained= one of our checkpoints")
+            raise ValueError(
+                "create_model needs a model name, or pretrained= one of our checkpoints"
+            )
         spec, saved_kwargs = weights.architecture_of(source)
         name = spec.name
         overrides = {**saved_kwargs, **overrides}
     else:
         spec = get_model_spec(name)
+        if source is not None:
+            overrides = {**weights.saved_kwargs(spec, source), **overrides}
+    if in_chans is None:
+        in_chans = (weights.in_chans_of(source) if source is not None else None) or 3
     arch = {**spec.kwargs, **overrides}
     weight_classes = weights.num_classes_of(source) if source is not None else None
-    arch["num_classes"] = weight_classes if weight_classes is not None else arch.get("num_classes", spec.num_classes)
+    arch["num_classes"] = (
+        weight_classes if weight_classes is not None else arch.get("num_classes", spec.num_classes)
+    )
     model = _build(arch, in_chans=in_chans)
     model.pretrained_cfg = weights.pretrained_cfg(spec, source, in_chans)
     if source is not None:
@@ -287,7 +299,9 @@ def _build(
         kwargs["num_classes"] = num_classes
     unknown = set(kwargs) - set(DenseNet.__init__.__code__.co_varnames[1:])
     if unknown:
-        raise TypeError(f"unknown DenseNet argument(s) {sorted(unknown)}; see help(densenet.DenseNet)")
+        raise TypeError(
+            f"unknown DenseNet argument(s) {sorted(unknown)}; see help(densenet.DenseNet)"
+        )
     model = DenseNet(**kwargs)
     return FeatureExtractor(model, out_indices) if features_only else model
 
