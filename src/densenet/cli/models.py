@@ -1,23 +1,99 @@
-"""``densenet models``: the model zoo with parameters, MACs and published accuracy."""
+"""``densenet models``: the model zoo with parameters, MACs and published accuracy, and
+(``--weights``) the pretrained-weights registry."""
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import urllib.parse
 
 import torch
 
+from densenet.weights import WEIGHTS, Weights
 from densenet.zoo import count_macs, count_parameters, create_model, get_model_spec, list_models
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("models", help="list the model zoo")
-    parser.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'densenet_bc*'")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per model")
+    parser.add_argument(
+        "pattern", nargs="?", default="*", help="shell pattern, e.g. 'densenet_bc*'"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per model (or weights)"
+    )
     parser.add_argument(
         "--plot", metavar="FILE.png", help="write the published error against parameters instead"
     )
+    parser.add_argument(
+        "--weights",
+        action="store_true",
+        help="list the pretrained weights registry instead (tags for create_model/--pretrained; "
+        "the pattern matches tags or model names)",
+    )
     parser.set_defaults(func=run)
+
+
+_ORIGINS = {"download.pytorch.org": "torchvision", "huggingface.co": "timm (Hugging Face)"}
+
+
+def _origin(weights: Weights) -> str:
+    host = urllib.parse.urlparse(weights.url).hostname or ""
+    return _ORIGINS.get(host, host)
+
+
+def weights_rows(pattern: str = "*") -> list[dict]:
+    """One dict per registered weights whose tag or model name matches ``pattern``."""
+    rows = []
+    for tag in sorted(WEIGHTS):
+        w = WEIGHTS[tag]
+        if not (fnmatch.fnmatch(tag, pattern) or fnmatch.fnmatch(w.model_name, pattern)):
+            continue
+        rows.append(
+            dict(
+                tag=tag,
+                model=w.model_name,
+                source=_origin(w),
+                url=w.url,
+                license=w.license,
+                input_size=list(w.input_size),
+                crop_pct=w.crop_pct,
+                interpolation=w.interpolation,
+                mean=list(w.mean),
+                std=list(w.std),
+                num_classes=w.num_classes,
+                top1=w.top1,
+                top5=w.top5,
+                metrics_source=w.metrics_source,
+                sha256=w.sha256,
+                full_sha256=bool(w.sha256 and len(w.sha256) == 64),
+                hash_checked=w.hash_checked,
+                file_size=w.file_size,
+                notes=w.notes,
+            )
+        )
+    return rows
+
+
+def _print_weights(rows: list[dict]) -> None:
+    print(
+        f"{'tag':26s} {'model':17s} {'source':20s} {'license':13s} {'input':>9s} {'crop':>5s} "
+        f"{'interp':8s} {'top-1':>7s} {'top-5':>7s}  sha256"
+    )
+    for row in rows:
+        size = "x".join(str(n) for n in row["input_size"])
+        top5 = f"{row['top5']:7.3f}" if row["top5"] is not None else f"{'-':>7s}"
+        sha = "full" if row["full_sha256"] else ("prefix" if row["sha256"] else "none")
+        print(
+            f"{row['tag']:26s} {row['model']:17s} {row['source']:20s} "
+            f"{row['license'].split(' ', 1)[0]:13s} {size:>9s} {row['crop_pct']:>5.3f} "
+            f"{row['interpolation']:8s} {row['top1']:7.3f} {top5}  {sha}"
+        )
+    print(
+        "top-1/top-5: ImageNet-1k validation accuracy (%) as reported by the source, with this "
+        "input size, crop and interpolation; sha256: full digest, file-name prefix only, or none "
+        "published (--json has the details)"
+    )
 
 
 def zoo_rows(pattern: str = "*") -> list[dict]:
@@ -46,6 +122,20 @@ def zoo_rows(pattern: str = "*") -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.weights:
+        if args.plot:
+            raise ValueError("--plot draws the model zoo; it does not combine with --weights")
+        rows = weights_rows(args.pattern)
+        if not rows:
+            raise ValueError(
+                f"no weights match {args.pattern!r}; try 'densenet models --weights' for all"
+            )
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+        else:
+            _print_weights(rows)
+        return 0
     if args.plot:
         from densenet.visualize import parameter_efficiency_figure, parameter_efficiency_points
 
