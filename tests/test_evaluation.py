@@ -24,10 +24,10 @@ from densenet.evaluation import (
     eval_transform,
     evaluate,
     per_class_accuracy,
-    resolve_device,
     to_channels,
     topk_correct,
 )
+from densenet.runtime import resolve_device
 
 
 class FixedLogits(nn.Module):

@@ -58,7 +58,8 @@ class TrainConfig:
 
     # Optimization (the paper: SGD, Nesterov momentum 0.9, weight decay 1e-4, lr 0.1)
     epochs: int = 3
-    batch_size: int = 64
+    batch_size: int = 64  # images per optimizer step over all processes (the paper's batch)
+    grad_accum_steps: int = 1  # micro-batches per step (batch_size / (processes * this) each)
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -80,6 +81,7 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (fp16 needs CUDA)
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over all ranks' micro-batches
     seed: int = 0
     deterministic: bool = False
     out: str | None = None  # default runs/<model>-<dataset>-<timestamp>
@@ -198,7 +200,10 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
         _choice("augment", c.augment, RECIPES),
         _choice("interpolation", c.interpolation, tuple(data.INTERPOLATIONS)),
     ]
-    positive = {"epochs": c.epochs, "batch_size": c.batch_size, "step_size": c.step_size}
+    positive = {
+        "epochs": c.epochs, "batch_size": c.batch_size, "step_size": c.step_size,
+        "grad_accum_steps": c.grad_accum_steps,
+    }  # fmt: skip
     problems += [f"{k} must be >= 1, got {v}" for k, v in positive.items() if v < 1]
     for key in ("num_classes", "input_size", "train_subset", "val_subset", "threads"):
         value = getattr(c, key)
@@ -209,6 +214,11 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
         "warmup_epochs": c.warmup_epochs, "grad_clip": c.grad_clip, "workers": c.workers,
     }  # fmt: skip
     problems += [f"{k} must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    if c.grad_accum_steps >= 1 and c.batch_size % c.grad_accum_steps:
+        problems.append(
+            f"batch_size ({c.batch_size}) must be a multiple of grad_accum_steps "
+            f"({c.grad_accum_steps})"
+        )
     if c.lr <= 0:
         problems.append(f"lr must be > 0, got {c.lr}")
     fractions = {"gamma": c.gamma, "ema_decay": c.ema_decay, "label_smoothing": c.label_smoothing}

@@ -8,8 +8,9 @@ softmax is averaged over them, as in the paper's 10-crop numbers.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from densenet.data import build_transforms
+from densenet.runtime import DistEnv, all_reduce_sum
 
 
 def eval_transform(
@@ -74,23 +76,6 @@ class _StackCrops:
 
     def __call__(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack(list(crops))
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``'auto'``/None: the GPU when there is one, else the CPU; otherwise ``device`` checked."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(
-            f"unknown device {device!r} ({error}); use cpu, cuda, cuda:1 or auto"
-        ) from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {device!r} asked for but no CUDA GPU is available; use --device cpu"
-        )
-    return resolved
 
 
 def topk_correct(
@@ -159,12 +144,18 @@ def evaluate(
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
     progress: bool = False,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    channels_last: bool = False,
+    env: DistEnv | None = None,
 ) -> EvalResult:
     """Run ``model`` in eval mode over ``loader`` and collect the metrics.
 
     Multi-crop batches ``(N, crops, C, H, W)`` are scored by the mean of the per-crop softmax; the
     loss is then ``-log`` of the averaged probability of the target (plain cross-entropy for one
-    crop). ``num_classes`` defaults to the model's output width.
+    crop). ``num_classes`` defaults to the model's output width. ``transform`` preprocesses each
+    batch on the device (the training loop's uint8 batches); with ``env`` of a DDP job each rank
+    scores its own share of the data and the counts are summed over the ranks.
     """
     was_training = model.training
     model.eval()
@@ -179,9 +170,14 @@ def evaluate(
     for inputs, targets in batches:
         inputs = inputs.to(device, non_blocking=True)
         targets = torch.as_tensor(targets).to(device).long()
+        if transform is not None:
+            inputs = transform(inputs)
         crops = inputs.shape[1] if inputs.dim() == 5 else 1
         flat = inputs.flatten(0, 1) if inputs.dim() == 5 else inputs
-        logits = model(flat).float()
+        if channels_last:
+            flat = flat.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(flat).float()
         log_probs = logits.log_softmax(dim=1)
         if crops > 1:
             log_probs = log_probs.view(len(targets), crops, -1).logsumexp(dim=1) - math.log(crops)
@@ -198,6 +194,13 @@ def evaluate(
         confusion += confusion_matrix(log_probs.argmax(dim=1), targets, classes).cpu()
         images += len(targets)
     model.train(was_training)
+    if env is not None and env.enabled:
+        if confusion is None:  # this rank's share was empty
+            confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        totals = torch.tensor([total_loss, *counts.tolist(), images], dtype=torch.float64)
+        totals = all_reduce_sum(totals.to(device), env).cpu()  # nccl reduces GPU tensors only
+        total_loss, counts, images = float(totals[0]), totals[1:3].long(), int(totals[3])
+        confusion = all_reduce_sum(confusion.to(device), env).cpu()
     if images == 0 or confusion is None:
         raise ValueError("the evaluation data is empty; check the dataset path, split and --limit")
     top1, top5 = (100.0 * int(c) / images for c in counts)

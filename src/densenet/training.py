@@ -10,6 +10,12 @@ ends with the same weights, bit for bit, as an uninterrupted one.
 
 SIGINT/SIGTERM save a checkpoint of the current step and raise :class:`Interrupted`; a NaN/Inf
 loss stops the run naming the step (:class:`TrainingError`) and leaves the last good checkpoint.
+
+Launched by ``torchrun``, each process trains on its strided share of every batch inside
+DistributedDataParallel: ``batch_size`` is the global batch (the paper's 64 or 256), split over
+the processes and ``grad_accum_steps`` micro-batches, so a recipe means the same on one GPU or
+sixteen. Per step the ranks sum their loss and accuracy counts and agree on a stop (signal or
+non-finite loss); rank 0 alone logs and writes; every rank's RNG state goes into the checkpoint.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import densenet
-from densenet import data
+from densenet import data, runtime
 from densenet.config import TrainConfig, load_config, model_kwargs, read_yaml, save_config
+from densenet.evaluation import evaluate
 from densenet.io import atomic_write, load_state, save_state
+from densenet.runtime import DistEnv
 
 METRIC_FIELDS = (
     "epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s",
@@ -60,35 +67,7 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def is_main_process() -> bool:
-    """True on rank 0 (or without torch.distributed): the one process that logs and saves."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
-
-
 # --- setup --------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA, else MPS, else CPU; otherwise ``name`` checked to exist here."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainingError(
-            f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name} requested but CUDA is not available; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError(f"device {name} requested but MPS is not available; use --device cpu")
-    return device
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -156,8 +135,18 @@ def _first(dataset: data.InMemoryImages | data.FolderImages, n: int | None, seed
     return dataset.subset(index.sort().values)
 
 
-def build_data(cfg: TrainConfig, device: torch.device) -> Data:
-    """Datasets and loaders of ``cfg``; small images stay uint8 in RAM and are augmented batched."""
+def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv | None = None) -> Data:
+    """Datasets and loaders of ``cfg``; small images stay uint8 in RAM and are augmented batched.
+
+    Each loader yields this rank's share of a global batch: ``batch_size / world_size`` images.
+    """
+    env = env or DistEnv()
+    if cfg.batch_size % (env.world_size * cfg.grad_accum_steps):
+        raise TrainingError(
+            f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum_steps "
+            f"({env.world_size} x {cfg.grad_accum_steps}); it is the global batch of one step"
+        )
+    rank_batch = cfg.batch_size // env.world_size
     info = data.dataset_info(cfg.dataset, cfg.data_dir)
     datasets = []
     skipped = 0
@@ -197,7 +186,18 @@ def build_data(cfg: TrainConfig, device: torch.device) -> Data:
                 cfg.augment, train, info.mean, info.std, size, cfg.crop_pct, cfg.interpolation
             )
             ds.transform = per_image
-        loaders.append(data.build_loader(ds, cfg.batch_size, train, cfg.workers, cfg.seed, device))
+        loaders.append(
+            data.build_loader(
+                ds,
+                rank_batch,
+                train,
+                cfg.workers,
+                cfg.seed,
+                device,
+                num_replicas=env.world_size,
+                rank=env.rank,
+            )  # fmt: skip
+        )
     if len(loaders[0]) == 0:
         raise TrainingError(
             f"batch_size {cfg.batch_size} is larger than the {len(train_ds)} training images"
@@ -405,39 +405,6 @@ class RunResult:
     final: dict  # the last metrics row
 
 
-def _accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[int, int]:
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    hits = top == targets[:, None]
-    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    transform: Callable | None,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    channels_last: bool = False,
-) -> dict:
-    """Mean cross-entropy, top-1 and top-5 accuracy (%) of ``model`` on ``loader``."""
-    model.eval()
-    loss_sum, top1, top5, count = 0.0, 0, 0, 0
-    for images, targets in loader:
-        images, targets = _to_device(images, targets, transform, device, channels_last)
-        with autocast():
-            logits = model(images)
-        loss_sum += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
-        c1, c5 = _accuracy_counts(logits, targets, 5)
-        top1, top5, count = top1 + c1, top5 + c5, count + len(targets)
-    count = max(count, 1)
-    return {
-        "val_loss": loss_sum / count,
-        "val_top1": 100 * top1 / count,
-        "val_top5": 100 * top5 / count,
-    }
-
-
 def _to_device(images, targets, transform, device, channels_last):
     images = images.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
@@ -472,46 +439,77 @@ def train(
     progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> RunResult:
-    """Train ``cfg`` into a run directory (new, ``overwrite``-n, or ``resume``-d); see the module."""
-    progress = sys.stderr.isatty() if progress is None else progress
-    device = resolve_device(cfg.device)
-    run = RunDir(resume or cfg.out or default_run_dir(cfg))
+    """Train ``cfg`` into a run directory (new, ``overwrite``-n, or ``resume``-d); see the module.
+
+    Under ``torchrun`` every process calls this; it joins (and afterwards leaves) the job.
+    """
+    env, device = runtime.setup(runtime.resolve_device(cfg.device))
+    try:
+        return _train(
+            cfg, env, device, resume, overwrite,
+            (sys.stderr.isatty() if progress is None else progress) and env.is_main,
+            log if env.is_main else _quiet,
+        )  # fmt: skip
+    finally:
+        runtime.cleanup(env)
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _train(
+    cfg: TrainConfig,
+    env: DistEnv,
+    device: torch.device,
+    resume: str | Path | None,
+    overwrite: bool,
+    progress: bool,
+    log: Callable[[str], None],
+) -> RunResult:
+    run = RunDir(runtime.broadcast_object(resume or cfg.out or default_run_dir(cfg), env))
     if resume is None and run.holds_run():
         if not overwrite:
             raise TrainingError(
                 f"run directory {run.path} already holds a run; continue it with --resume "
                 f"{run.path}, replace it with --overwrite, or choose another --out"
             )
-        run.clear()
+        runtime.barrier(env)  # every rank has looked before rank 0 clears
+        if env.is_main:
+            run.clear()
     if resume is not None and not run.last.exists():
         raise TrainingError(f"{run.path}: no checkpoint to resume ({run.last} is missing)")
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)  # fewer than the cores helps on a shared machine
-    seed_everything(cfg.seed, cfg.deterministic)
-    d = build_data(cfg, device)
+    # Each rank draws its own augmentation and dropout; DDP copies rank 0's initial weights.
+    seed_everything(cfg.seed + env.rank, cfg.deterministic)
+    d = build_data(cfg, device, env)
     if d.skipped_images:
         log(f"skipped {d.skipped_images} unreadable images (--skip-bad-images)")
     num_classes = cfg.num_classes or d.info.num_classes
     model = build_model(cfg, num_classes, d.info.in_chans).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.compile else model
+    ddp = runtime.wrap_model(model, env, device, cfg.sync_bn)  # ``model`` itself if one process
+    forward = torch.compile(ddp) if cfg.compile else ddp
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     autocast = _autocast_factory(cfg, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     steps_per_epoch = len(d.train_loader)
+    accum = cfg.grad_accum_steps
     metadata = {
         "model": cfg.model, "model_config": model.config, "dataset": d.info.name,
         "num_classes": num_classes, "class_names": list(d.info.class_names),
         "mean": list(d.info.mean), "std": list(d.info.std), "input_size": list(d.input_size),
+        "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation,
         "densenet_version": densenet.__version__,
     }  # fmt: skip
 
     epoch, step, epoch_step, best_top1 = 0, 0, 0, -1.0
-    sums = [0.0, 0, 0]  # train loss sum, correct, images of the current epoch
+    sums = [0.0, 0, 0]  # train loss sum, correct, images of the current epoch (all ranks)
     if resume is not None:
         state, _ = load_state(run.last)
         model.load_state_dict(state["model"])
@@ -519,35 +517,47 @@ def train(
         scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
         epoch, step, epoch_step = state["epoch"], state["step"], state["epoch_step"]
         best_top1, sums = state["best_top1"], list(state["train_sums"])
+        rngs = state.get("rng_ranks", [state["rng"]])
+        if len(rngs) == env.world_size:
+            set_rng_state(rngs[env.rank])
+        else:
+            log(
+                f"note: {run.last} was written by {len(rngs)} processes and this run has "
+                f"{env.world_size}; the data order continues exactly, the random streams restart"
+            )
+            seed_everything(cfg.seed + env.rank + 1_000_003 * step, cfg.deterministic)
         if epoch >= cfg.epochs:
             raise TrainingError(
                 f"{run.path} already finished {epoch} epochs; raise --epochs to train further"
             )
         log(f"resuming {run.path} at epoch {epoch + 1}, step {step}")
-    elif is_main_process():
+    elif env.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
     rows = run.read_metrics(epoch)
-    writer = _tensorboard(cfg, run.path)
+    writer = _tensorboard(cfg, run.path) if env.is_main else None
 
     def checkpoint(path: Path, weights: nn.Module | None = None) -> None:
-        if not is_main_process():
-            return
-        state = {
-            "model": (weights or model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"name": cfg.schedule, "step": step, "lr": lr_at(cfg, step, steps_per_epoch)},
-            "scaler": scaler.state_dict(),
-            "rng": rng_state(),
-            "epoch": epoch, "step": step, "epoch_step": epoch_step,
-            "train_sums": list(sums), "best_top1": best_top1,
-        }  # fmt: skip
-        if ema is not None:
-            state["ema"] = ema.module.state_dict()
-        save_state(path, state, {**metadata, "epoch": epoch})
+        """Every rank calls this (the RNG states are gathered); rank 0 writes."""
+        rngs = runtime.gather_objects(rng_state(), env)
+        if env.is_main:
+            state = {
+                "model": (weights or model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {"name": cfg.schedule, "step": step, "lr": lr_at(cfg, step, steps_per_epoch)},
+                "scaler": scaler.state_dict(),
+                "rng": rngs[0],
+                "epoch": epoch, "step": step, "epoch_step": epoch_step,
+                "train_sums": list(sums), "best_top1": best_top1,
+            }  # fmt: skip
+            if env.enabled:
+                state["rng_ranks"] = rngs
+            if ema is not None:
+                state["ema"] = ema.module.state_dict()
+            save_state(path, state, {**metadata, "epoch": epoch})
+        runtime.barrier(env)  # no rank exits before the file is complete
 
     with StopSignal() as stop:
         while epoch < cfg.epochs:
@@ -558,7 +568,7 @@ def train(
             data.set_epoch(d.train_loader, epoch, epoch_step)
             batches = _progress(
                 d.train_loader, steps_per_epoch - epoch_step, f"epoch {epoch + 1}/{cfg.epochs}",
-                progress and is_main_process(),
+                progress,
             )  # fmt: skip
             seen = 0
             for images, targets in batches:
@@ -566,21 +576,35 @@ def train(
                     images, targets, d.train_transform, device, cfg.channels_last
                 )
                 set_lr(optimizer, lr_at(cfg, step, steps_per_epoch))
-                with autocast():
-                    logits = forward(images)
-                    loss = criterion(logits, targets)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum, correct = 0.0, 0
+                for micro in range(accum):
+                    x, y = (
+                        (images, targets)
+                        if accum == 1
+                        else (images[micro::accum], targets[micro::accum])
+                    )
+                    # DDP averages the gradients over the ranks in the last micro-batch's backward.
+                    last = micro == accum - 1
+                    with contextlib.nullcontext() if last or ddp is model else ddp.no_sync():
+                        with autocast():
+                            logits = forward(x)
+                            loss = criterion(logits, y)
+                        scaler.scale(loss / accum if accum > 1 else loss).backward()
+                    loss_sum += float(loss.detach()) * len(y)
+                    correct += int((logits.argmax(1) == y).sum())
+                loss_sum, correct, count, stopping = _sum_over_ranks(
+                    (loss_sum, correct, len(targets), stop.signum is not None), env, device
+                )
+                if not math.isfinite(loss_sum):
                     if cfg.nonfinite == "stop":
                         raise TrainingError(
-                            f"loss is {loss_value} at step {step} (epoch {epoch + 1}, batch "
+                            f"loss is {loss_sum} at step {step} (epoch {epoch + 1}, batch "
                             f"{epoch_step + 1}); stopped. The last good checkpoint is {run.last}. "
                             "Lower the lr, add grad_clip, or set nonfinite: skip"
                         )
-                    log(f"skipping step {step}: loss is {loss_value}")
+                    log(f"skipping step {step}: loss is {loss_sum}")
                 else:
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
                     if cfg.grad_clip > 0:
                         scaler.unscale_(optimizer)
                         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -588,12 +612,10 @@ def train(
                     scaler.update()
                     if ema is not None:
                         ema.update(model)
-                    sums[0] += loss_value * len(targets)
-                    sums[1] += int((logits.argmax(1) == targets).sum())
-                    sums[2] += len(targets)
+                    sums = [sums[0] + loss_sum, sums[1] + int(correct), sums[2] + int(count)]
                 step += 1
                 epoch_step += 1
-                seen += len(targets)
+                seen += int(count)
                 if progress and hasattr(batches, "set_postfix"):
                     elapsed = time.perf_counter() - start_time
                     batches.set_postfix(
@@ -601,22 +623,25 @@ def train(
                         acc=f"{100 * sums[1] / max(sums[2], 1):.1f}%",
                         img_s=f"{seen / elapsed:.0f}",
                     )
-                if stop.signum is not None:
+                if stopping:
                     checkpoint(run.last)
-                    raise _interrupted(stop.signum, step, epoch, epoch_step, run)
+                    raise _interrupted(stop.signum or signal.SIGTERM, step, epoch, epoch_step, run)
             train_time = time.perf_counter() - start_time
             evaluated = ema.module if ema is not None else model
+            runtime.broadcast_buffers(evaluated, env)  # every rank scores rank 0's model
+            result = evaluate(
+                evaluated, d.val_loader, device, num_classes, transform=d.val_transform,
+                autocast=autocast, channels_last=cfg.channels_last, env=env,
+            )  # fmt: skip
             row = {
                 "epoch": epoch + 1,
                 "train_loss": sums[0] / max(sums[2], 1),
                 "train_top1": 100 * sums[1] / max(sums[2], 1),
-                **evaluate(
-                    evaluated, d.val_loader, d.val_transform, device, autocast, cfg.channels_last
-                ),
+                "val_loss": result.loss, "val_top1": result.top1, "val_top5": result.top5,
                 "lr": lr_at(cfg, step - 1, steps_per_epoch),
                 "img_per_s": seen / max(train_time, 1e-9),
                 "time_s": time.perf_counter() - start_time,
-            }
+            }  # fmt: skip
             epoch, epoch_step, sums = epoch + 1, 0, [0.0, 0, 0]
             improved = row["val_top1"] > best_top1
             best_top1 = max(best_top1, row["val_top1"])
@@ -624,15 +649,24 @@ def train(
                 checkpoint(run.best, evaluated)
             checkpoint(run.last)
             rows.append(row)
-            if is_main_process():
+            if env.is_main:
                 run.write_metrics(rows)
                 if writer is not None:
                     for key in METRIC_FIELDS[1:]:
                         writer.add_scalar(key, row[key], epoch)
-                log(_epoch_line(row, cfg.epochs))
-            if stop.signum is not None and epoch < cfg.epochs:  # arrived during evaluation
-                raise _interrupted(stop.signum, step, epoch, epoch_step, run)
+            log(_epoch_line(row, cfg.epochs))
+            (stopping,) = _sum_over_ranks((stop.signum is not None,), env, device)
+            if stopping and epoch < cfg.epochs:  # arrived during evaluation
+                raise _interrupted(stop.signum or signal.SIGTERM, step, epoch, epoch_step, run)
     return RunResult(run.path, epoch, best_top1, rows[-1] if rows else {})
+
+
+def _sum_over_ranks(values: tuple, env: DistEnv, device: torch.device) -> tuple:
+    """``values`` (numbers or flags) summed over the ranks: one all-reduce per step under DDP."""
+    if not env.enabled:
+        return values
+    summed = runtime.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device), env)
+    return tuple(summed.tolist())
 
 
 def _interrupted(signum: int, step: int, epoch: int, epoch_step: int, run: RunDir) -> Interrupted:
@@ -654,7 +688,7 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 
 def _tensorboard(cfg: TrainConfig, path: Path):
-    if not (cfg.tensorboard and is_main_process()):
+    if not cfg.tensorboard:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from densenet.cli import CLIError
-from densenet.evaluation import resolve_device
+from densenet.runtime import resolve_device
 from densenet.predict import list_images, load_model, predict
 
 
