@@ -274,6 +274,30 @@ def test_cli_rejects_bad_keys_before_any_work(tmp_path, capsys):
     assert "batch_size must be >= 1" in error and "does not exist" in error
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"amp": "bf16", "channels_last": True, "memory_efficient": True},
+        {"grad_accum_steps": 2, "grad_clip": 1.0, "schedule": "step", "step_size": 1},
+    ],
+    ids=["bf16-channels_last-memory_efficient", "grad_accum-clip-step"],
+)
+def test_execution_options_train_and_resume_bit_identical(folder, tmp_path, options):
+    straight = train(tiny(folder, tmp_path / "a", **options), progress=False, log=quiet)
+    assert all(math.isfinite(v) for v in straight.final.values())
+    with pytest.raises(_Crash):
+        train(tiny(folder, tmp_path / "b", **options), progress=False, log=_crash_after_first_epoch)
+    train(resume_config(tmp_path / "b"), resume=tmp_path / "b", progress=False, log=quiet)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_batch_must_split_into_the_micro_batches(folder, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"batch_size \(8\) must be a multiple of grad_accum_steps \(3\)"
+    ):
+        tiny(folder, tmp_path / "r", grad_accum_steps=3)
+
+
 # --- fine-tuning ------------------------------------------------------------------------------
 def test_frozen_backbone_trains_only_the_classifier(folder, tmp_path):
     run = tmp_path / "r"
