@@ -112,3 +112,11 @@ def test_overrides_parse_as_yaml_values():
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["lr"])
     assert TrainConfig().dataset == "fashion_mnist"
+
+
+def test_another_model_does_not_inherit_the_default_model_args():
+    assert load_config(None, {"model": "densenet121"}).model_args == {}
+    assert load_config(None, {"model": "densenet40_k12"}).model_args == {}
+    kept = load_config(None, {"model": "densenet40_k12", "model_args": {"growth_rate": 6}})
+    assert kept.model_args == {"growth_rate": 6}
+    assert load_config().model_args == TrainConfig().model_args  # the default run's small model

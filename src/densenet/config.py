@@ -167,9 +167,11 @@ def load_config(
 ) -> TrainConfig:
     """Defaults, then YAML ``path``, then ``overrides``; validated (see :func:`validate`)."""
     config = TrainConfig()
-    if path is not None:
-        config = merge(config, read_yaml(path))
-    config = merge(config, overrides or {})
+    values = read_yaml(path) if path is not None else {}
+    config = merge(merge(config, values), overrides or {})
+    if "model_args" not in {**values, **(overrides or {})} and config.model != TrainConfig.model:
+        # The default model_args shape the default model; another model starts from its own.
+        config = dataclasses.replace(config, model_args={})
     validate(config, check_data=check_data)
     return config
 
