@@ -2,14 +2,24 @@
 
 A state file is one ``.safetensors`` file. Its tensors are the leaves of a nested structure (dicts,
 lists, tuples); everything else (numbers, strings, None, the structure itself) is JSON in the
-safetensors header's metadata, next to free-form JSON ``metadata`` (model name, arguments, ...).
+safetensors header's metadata, next to free-form JSON ``metadata`` (model name, arguments, ...) and
+a SHA-256 checksum of all of it, so a file damaged after it was written is refused, not loaded.
+
+Writes are atomic: a file is either the complete new version or the previous one, whatever happens
+(a kill -9, a full disk, a power cut after the fsync). A write that fails raises
+:class:`WriteError` naming the file and saying that the previous version is intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import re
+import socket
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +33,7 @@ from safetensors.torch import save as safetensors_save
 TREE_KEY = "densenet.tree"
 META_KEY = "densenet.metadata"
 FORMAT_KEY = "densenet.format"
+CHECKSUM_KEY = "densenet.sha256"
 FORMAT_VERSION = "1"
 
 
@@ -30,25 +41,56 @@ class CheckpointError(ValueError):
     """A file that cannot be used as a checkpoint or weights file; the message names it."""
 
 
+class WriteError(OSError, ValueError):
+    """A file could not be written (full disk, no permission, ...); the previous one is intact.
+
+    An ``OSError`` with the original ``errno`` and the path as ``filename``; also a ``ValueError``,
+    so command-line tools report it as one line, like other user-facing errors.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+# Temporary files: ".<name>.<host>-<pid>-<random>.tmp" beside the target, so that one left behind
+# by a killed process can be recognized (same host, dead pid) and removed by a later write.
+_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Write ``path`` so that it is either the complete new file or the old one, never partial.
 
     ``write(f)`` fills a temporary file in the same directory, which is flushed, fsynced and
-    renamed over ``path``; on any error (including a full disk) the temporary file is removed and
-    ``path`` is untouched.
+    renamed over ``path``. On any error the temporary file is removed and ``path`` is untouched;
+    an ``OSError`` (a full disk, no permission, a read-only file system) becomes a
+    :class:`WriteError` naming ``path`` and saying so. A replaced file keeps its permissions; a
+    new one gets the usual ``0o666 & ~umask``. Temporary files left in the directory by writers
+    on this machine that were killed (kill -9, power loss) are removed after a successful write.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    existed = path.exists()
+    tmp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent
+        )
         with os.fdopen(fd, mode) as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), _mode_for(path))
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+    except BaseException as error:
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+        if isinstance(error, OSError) and not isinstance(error, WriteError):
+            raise _write_error(path, error, existed) from error
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -56,9 +98,69 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    remove_stale_temporary_files(path.parent)
     return path
 
 
+def _write_error(path: Path, error: OSError, existed: bool) -> WriteError:
+    reason = error.strerror or str(error)
+    if error.errno in _DISK_FULL:
+        reason = f"the disk is full ({reason}); free some space or write elsewhere"
+    kept = f"the previous {path.name} is intact" if existed else "no partial file was left behind"
+    return WriteError(error.errno, f"could not write {path}: {reason}; {kept}", str(path))
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions of the file being replaced, or what ``open()`` would give a new file."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(path.stat().st_mode)
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (briefly) and back
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # e.g. another user's process
+    return True
+
+
+def remove_stale_temporary_files(directory: str | Path) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_write` in ``directory`` whose writer is dead.
+
+    Only files written from this machine (by host name) by a process that no longer exists are
+    removed; the temporary files of live writers are left alone. Returns the removed paths.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) is not a liveness check elsewhere
+        return []
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            match = _TEMP.match(entry.name)
+            if match is None or match["host"] != _HOST:
+                continue
+            pid = int(match["pid"])
+            if pid == os.getpid() or _alive(pid):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+# --- state files --------------------------------------------------------------------------------
 def _split(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
     """Replace each tensor leaf of ``obj`` by a reference into ``tensors``; return the JSON tree."""
     if isinstance(obj, torch.Tensor):
@@ -68,12 +170,19 @@ def _split(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
     if isinstance(obj, dict):
         for k in obj:
             if not isinstance(k, (str, int)):
-                raise TypeError(f"state keys must be str or int, got {type(k).__name__} at {prefix!r}")
+                raise TypeError(
+                    f"state keys must be str or int, got {type(k).__name__} at {prefix!r}"
+                )
         return {
-            "__dict__": [[k, _split(v, tensors, f"{prefix}.{k}" if prefix else str(k))] for k, v in obj.items()]
+            "__dict__": [
+                [k, _split(v, tensors, f"{prefix}.{k}" if prefix else str(k))]
+                for k, v in obj.items()
+            ]
         }
     if isinstance(obj, (list, tuple)):
-        items = [_split(v, tensors, f"{prefix}.{i}" if prefix else str(i)) for i, v in enumerate(obj)]
+        items = [
+            _split(v, tensors, f"{prefix}.{i}" if prefix else str(i)) for i, v in enumerate(obj)
+        ]
         return {"__tuple__": items} if isinstance(obj, tuple) else items
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -95,6 +204,18 @@ def _join(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
+def _checksum(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the structure, the metadata and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for key in (FORMAT_KEY, TREE_KEY, META_KEY):
+        digest.update(json.dumps([key, header.get(key)]).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 def save_state(path: str | Path, state: Any, metadata: dict | None = None) -> Path:
     """Atomically write a nested ``state`` (tensors, dicts, lists, numbers, strings) to ``path``."""
     tensors: dict[str, torch.Tensor] = {}
@@ -104,6 +225,7 @@ def save_state(path: str | Path, state: Any, metadata: dict | None = None) -> Pa
         TREE_KEY: json.dumps(tree),
         META_KEY: json.dumps(metadata or {}),
     }
+    header[CHECKSUM_KEY] = _checksum(header, tensors)
     # Tied or shared tensors must be separate buffers for safetensors.
     data = safetensors_save({k: v.clone() for k, v in tensors.items()}, metadata=header)
     return atomic_write(path, lambda f: f.write(data))
@@ -116,22 +238,33 @@ def read_header(path: str | Path) -> dict[str, str]:
         with open(path, "rb") as f:
             size_bytes = f.read(8)
             if len(size_bytes) < 8:
-                raise CheckpointError(f"{path}: file is empty or truncated ({len(size_bytes)} bytes)")
-            size = int.from_bytes(size_bytes, "little")
-            if size > os.path.getsize(path) - 8 or size > 100_000_000:
+                raise CheckpointError(
+                    f"{path}: file is empty or truncated ({len(size_bytes)} bytes)"
+                )
+            size, file_size = int.from_bytes(size_bytes, "little"), os.path.getsize(path)
+            if size > 100_000_000:
                 raise CheckpointError(f"{path}: not a safetensors file (bad header length {size})")
+            if size > file_size - 8:
+                raise CheckpointError(
+                    f"{path}: truncated, or not a safetensors file (its header claims {size} "
+                    f"bytes, the whole file has {file_size})"
+                )
             header = json.loads(f.read(size))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: not a safetensors file ({error})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
-    return header.get("__metadata__") or {}
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (__metadata__ is not an object)")
+    return metadata
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Any, dict]:
     """Read a file written by :func:`save_state`: ``(state, metadata)``.
 
-    Raises :class:`CheckpointError` naming the file for a missing, truncated or corrupt file.
+    Raises :class:`CheckpointError` naming the file for a missing, truncated or corrupt file,
+    including one whose contents no longer match the checksum written with it.
     """
     path = Path(path)
     if not path.is_file():
@@ -141,14 +274,25 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         tensors = safetensors_load(path.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({error})") from None
-    metadata = json.loads(header.get(META_KEY, "{}"))
+    if CHECKSUM_KEY in header and _checksum(header, tensors) != header[CHECKSUM_KEY]:
+        raise CheckpointError(
+            f"{path}: corrupt file: its contents do not match the SHA-256 checksum written with "
+            "it (damaged after it was saved: a failing disk, an incomplete copy or an edit); use "
+            "another copy or an earlier checkpoint"
+        )
+    try:
+        metadata = json.loads(header.get(META_KEY, "{}"))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{path}: damaged metadata ({error})") from None
     if TREE_KEY not in header:  # a plain safetensors weights file (e.g. from the hub)
         state: Any = tensors
     else:
         try:
             state = _join(json.loads(header[TREE_KEY]), tensors)
-        except (KeyError, json.JSONDecodeError, TypeError) as error:
+        except (KeyError, json.JSONDecodeError, TypeError, ValueError) as error:
             raise CheckpointError(f"{path}: damaged state structure ({error})") from None
     if str(map_location) != "cpu":
-        state = _join(_split(state, tensors := {}, ""), {k: v.to(map_location) for k, v in tensors.items()})
+        state = _join(
+            _split(state, tensors := {}, ""), {k: v.to(map_location) for k, v in tensors.items()}
+        )
     return state, metadata
