@@ -4,9 +4,8 @@ docs/reliability.md maps every point of the issue to the test that tries it (her
 test_training, test_weights, test_data, test_configs, test_models) and the outcome. This file has:
 kill -9 at random moments of a real CLI run (with SIGINT/SIGTERM among them) and an exact resume;
 a full disk during checkpoint and file writes; damaged, truncated and disguised checkpoints (fuzzed);
-code-carrying pickles and YAML; bad images at the training level; zip paths that escape. Tests
-marked ``xfail(strict=True)`` are known bugs reported in docs/reliability.md: they fail today and
-must have their marker removed once fixed.
+code-carrying pickles and YAML; bad images at the training level; zip paths that escape; and the
+four faults this work found and fixed (last section).
 """
 
 from __future__ import annotations
@@ -383,6 +382,19 @@ class DiskFull:
         return _FullFile(os.fdopen(fd, *args, **kwargs), self)
 
 
+class DiskFullIn(DiskFull):
+    """A full disk for the files written in ``folder`` only (Linux: the path of an open fd)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(room=0)
+        self.folder = str(folder)
+
+    def fdopen(self, fd, *args, **kwargs):
+        file = os.fdopen(fd, *args, **kwargs)
+        inside = os.readlink(f"/proc/self/fd/{fd}").startswith(self.folder)
+        return _FullFile(file, self) if inside else file
+
+
 def test_atomic_write_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "data.bin"
     atomic_write(path, lambda f: f.write(b"old contents"))
@@ -407,27 +419,35 @@ def test_atomic_write_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypat
     assert path.read_bytes() == b"old contents" and os.listdir(tmp_path) == ["data.bin"]
 
 
-def test_full_disk_during_a_training_checkpoint(folder, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("full", ["everywhere", "checkpoints"])
+def test_full_disk_at_the_end_of_an_epoch(folder, tmp_path, monkeypatch, capsys, full):
+    """The epoch's files are written metrics.csv, curves.png, then the checkpoints: the disk
+    fills at the first (everywhere) or only for the checkpoints."""
     run = tmp_path / "r"
     assert main(tiny_args(folder, run, epochs=1)) == 0
     before = checkpoint_files(run)
     metrics = (run / "metrics.csv").read_bytes()
     capsys.readouterr()
-    monkeypatch.setattr(dio, "os", DiskFull(room=1000))  # the next checkpoint does not fit
+    disk = DiskFull(room=0) if full == "everywhere" else DiskFullIn(run / "checkpoints")
+    monkeypatch.setattr(dio, "os", disk)
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 2
     error = capsys.readouterr().err
+    failed = r"metrics\.csv" if full == "everywhere" else r"checkpoints/(best|last)\.safetensors"
     assert re.search(
-        rf"densenet train: error: could not write {re.escape(str(run))}/checkpoints/"
-        r"(best|last)\.safetensors: the disk is full \(No space left on device\); free some "
-        r"space or write elsewhere; the previous (best|last)\.safetensors is intact",
+        rf"densenet train: error: could not write {re.escape(str(run))}/{failed}: the disk is "
+        r"full \(No space left on device\); free some space or write elsewhere; the previous "
+        r"(metrics\.csv|best\.safetensors|last\.safetensors) is intact",
         error,
     ), error
     assert "Traceback" not in error
     assert checkpoint_files(run) == before  # both checkpoints intact, no temporary file
-    assert (run / "metrics.csv").read_bytes() == metrics
-    monkeypatch.undo()  # space is back: the run continues
+    if full == "everywhere":
+        assert (run / "metrics.csv").read_bytes() == metrics
+    monkeypatch.undo()  # space is back: the run continues from the last checkpoint
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
     assert load_state(run / "checkpoints" / "last.safetensors")[0]["epoch"] == 2
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]  # no row lost, none twice
 
 
 # --- atomic writes: leftovers of killed writers, permissions -----------------------------------
@@ -640,12 +660,6 @@ def test_bad_images_stop_training_naming_the_file_or_are_skipped_and_counted(tmp
     assert load_state(run / "checkpoints" / "last.safetensors")[0]["epoch"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug (docs/reliability.md): with workers > 0 and images too large for RAM, the error "
-    "of a bad image arrives wrapped in DataLoader's worker traceback",
-)
 def test_bad_image_read_by_a_loader_worker_is_one_clear_line(tmp_path, capsys):
     root = make_image_folder(tmp_path / "images", size=72, per_class=8)  # > 64 px: read lazily
     (root / "train" / "c1" / "broken.png").write_bytes(b"not a png at all")
@@ -657,13 +671,7 @@ def test_bad_image_read_by_a_loader_worker_is_one_clear_line(tmp_path, capsys):
     assert "Traceback" not in error and error.count("\n") == 1, error
 
 
-# --- known bugs in files of other owners (see docs/reliability.md) -----------------------------
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug (docs/reliability.md): killed after last.safetensors is written but before "
-    "metrics.csv, the resumed run never writes that epoch's metrics row",
-)
+# --- faults found by these tests, fixed (see docs/reliability.md) --------------------------------
 def test_kill_between_checkpoint_and_metrics_loses_no_metrics_row(folder, tmp_path, monkeypatch):
     class Killed(BaseException):
         pass
@@ -693,12 +701,6 @@ def test_kill_between_checkpoint_and_metrics_loses_no_metrics_row(folder, tmp_pa
     assert epochs == ["1", "2", "3"], epochs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="bug (docs/reliability.md): --resume with other model_args fails inside torch's "
-    "load_state_dict with a traceback instead of a clear error",
-)
 def test_resume_with_another_architecture_is_a_clear_error(folder, tmp_path, capsys):
     run = tmp_path / "r"
     assert main(tiny_args(folder, run, epochs=1)) == 0
@@ -707,12 +709,6 @@ def test_resume_with_another_architecture_is_a_clear_error(folder, tmp_path, cap
     assert "does not fit" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(RuntimeError, AssertionError),
-    reason="bug (docs/reliability.md): optimize_for_inference's modules do not check their "
-    "input; wrong shapes fail deep inside torch",
-)
 @pytest.mark.parametrize(
     "x",
     [

@@ -351,6 +351,17 @@ def _svhn(data_dir: Path | None, split: str, download: bool) -> InMemoryImages:
 
 
 # --- file datasets ------------------------------------------------------------------------------
+class BadImageError(ValueError):
+    """An unreadable image file; its message is one line, also when a loader worker raised it."""
+
+    def __init__(self, message: str) -> None:
+        # DataLoader re-raises a worker's error as ``type(error)(text with the worker's
+        # traceback)``; the last line of that text is "...BadImageError: <our message>".
+        if "Original Traceback" in message:
+            message = message.strip().splitlines()[-1].split("BadImageError: ", 1)[-1]
+        super().__init__(message)
+
+
 class FolderImages(Dataset):
     """A class-per-folder image tree ``root/<class>/<image>``, a directory or inside a .zip.
 
@@ -447,7 +458,7 @@ class FolderImages(Dataset):
             image = Image.open(io.BytesIO(self._read(member)))
             image.load()
         except (UnidentifiedImageError, OSError, SyntaxError, zipfile.BadZipFile) as error:
-            raise ValueError(
+            raise BadImageError(
                 f"{self.root}: {member} is not a readable image ({error}); remove it or pass "
                 "--skip-bad-images"
             ) from None

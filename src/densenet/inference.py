@@ -40,7 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densenet.models import BlurPool2d, DenseBlock, DenseLayer, DenseNet, Transition
+from densenet.models import (
+    BlurPool2d,
+    DenseBlock,
+    DenseLayer,
+    DenseNet,
+    Transition,
+    check_batch,
+    input_too_small,
+)
 
 BACKENDS = ("auto", "eager", "compile", "onnxruntime", "openvino")
 # What 'auto' picks, fastest first as measured in docs/benchmarks.md (eager when neither is there).
@@ -157,6 +165,20 @@ class InferenceTransition(nn.Module):
         return self.conv(self.pool(_bn_relu(self.norm, x)))
 
 
+class InputCheck:
+    """The source model's input contract: float ``(N, in_chans, H, W)``, H and W >= ``min_size``."""
+
+    def __init__(self, model: DenseNet) -> None:
+        self.in_chans, self.min_size = model.in_chans, model.min_input_size()
+
+    def __call__(self, x: torch.Tensor) -> None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return  # Python checks are not graph ops; the eager call checked the shapes
+        check_batch(x, self.in_chans)
+        if min(x.shape[2], x.shape[3]) < self.min_size:
+            raise input_too_small(int(x.shape[2]), int(x.shape[3]), self.min_size)
+
+
 class InferenceDenseNet(nn.Module):
     """The inference graph of a :class:`DenseNet`: ``(N, in_chans, H, W) -> (N, num_classes)``.
 
@@ -180,9 +202,11 @@ class InferenceDenseNet(nn.Module):
         self.classifier = copy.deepcopy(model.classifier)
         self.num_classes = model.num_classes
         self.in_chans = model.in_chans
+        self.check_input = InputCheck(model)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         x = _bn_relu(self.norm5, self.stages(self.stem(x)))
         x = x.amax((2, 3)) if self.global_pool_type == "max" else x.mean((2, 3))
         return self.classifier(x)
@@ -225,8 +249,11 @@ class OnnxRuntimeModel(nn.Module):
     onnxruntime's intra-op threads (default: ``torch.get_num_threads()``).
     """
 
-    def __init__(self, model_bytes: bytes, threads: int | None = None) -> None:
+    def __init__(
+        self, model_bytes: bytes, threads: int | None = None, check_input: InputCheck | None = None
+    ) -> None:
         super().__init__()
+        self.check_input = check_input
         ort = import_onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -238,6 +265,8 @@ class OnnxRuntimeModel(nn.Module):
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.check_input is not None:
+            self.check_input(x)
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
         (out,) = self.session.run(None, {self.input_name: array})
         return torch.from_numpy(out)
@@ -259,8 +288,11 @@ class OpenVinoModel(nn.Module):
     """An ONNX model compiled by OpenVINO for CPU, one static shape per input shape (compiled on
     first use, about a second), behind a module-like call."""
 
-    def __init__(self, model_bytes: bytes, threads: int | None = None) -> None:
+    def __init__(
+        self, model_bytes: bytes, threads: int | None = None, check_input: InputCheck | None = None
+    ) -> None:
         super().__init__()
+        self.check_input = check_input
         openvino = import_optional("openvino", "bench")
         self.core = openvino.Core()
         with tempfile.TemporaryDirectory() as tmp:
@@ -271,6 +303,8 @@ class OpenVinoModel(nn.Module):
         self.compiled: dict[tuple, object] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.check_input is not None:
+            self.check_input(x)
         shape = tuple(x.shape)
         if shape not in self.compiled:
             model = self.model.clone()
@@ -340,7 +374,8 @@ def optimize_for_inference(
     if backend in ("onnxruntime", "openvino"):
         runtime = OnnxRuntimeModel if backend == "onnxruntime" else OpenVinoModel
         graph = fuse_for_inference(model, preallocate=False)
-        return runtime(onnx_bytes(graph, _example_input(model, input_size)), threads)
+        example = _example_input(model, input_size)
+        return runtime(onnx_bytes(graph, example), threads, graph.check_input)
     fused: nn.Module = fuse_for_inference(model)
     if channels_last:
         fused = ChannelsLast(fused)

@@ -40,12 +40,12 @@ class BlurPool2d(nn.Module):
         pad = ((stride - 1) + (filt_size - 1)) // 2
         self.padding = (pad, pad, pad, pad)
         # Binomial taps (1, 2, 1)/4 for size 3: the (0.5, 0.5) filter convolved with itself.
-        taps = torch.tensor([math.comb(filt_size - 1, i) for i in range(filt_size)], dtype=torch.float32)
+        taps = torch.tensor(
+            [math.comb(filt_size - 1, i) for i in range(filt_size)], dtype=torch.float32
+        )
         taps = taps / taps.sum()
         kernel = taps[:, None] * taps[None, :]
-        self.register_buffer(
-            "filt", kernel[None, None].repeat(channels, 1, 1, 1), persistent=False
-        )
+        self.register_buffer("filt", kernel[None, None].repeat(channels, 1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, self.padding, mode="reflect")
@@ -173,6 +173,34 @@ def build_stem(
     else:
         pool = nn.MaxPool2d(3, stride=2, padding=1)
     return layers + [("pool0", pool)]
+
+
+def check_batch(x: torch.Tensor, in_chans: int) -> None:
+    """Raise ``ValueError`` unless ``x`` is a float ``(N, in_chans, H, W)`` tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"expected a 4-D batch (N, {in_chans}, H, W), got shape {tuple(x.shape)}; "
+            "add a batch dimension with x.unsqueeze(0) for a single image"
+        )
+    if not x.is_floating_point():
+        raise ValueError(
+            f"expected a floating-point tensor, got {x.dtype}; convert with x.float() "
+            "(and normalize to the model's mean/std)"
+        )
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"expected {in_chans} input channels (N, {in_chans}, H, W), got shape "
+            f"{tuple(x.shape)}; build the model with in_chans={x.shape[1]} to adapt it"
+        )
+
+
+def input_too_small(height: int, width: int, min_size: int) -> ValueError:
+    return ValueError(
+        f"input {height}x{width} is too small for this network: it needs at least "
+        f"{min_size}x{min_size} pixels; resize the images"
+    )
 
 
 class DenseNet(nn.Module):
@@ -323,29 +351,10 @@ class DenseNet(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` naming the expected shape when ``x`` cannot pass the network."""
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(
-                f"expected a 4-D batch (N, {self.in_chans}, H, W), got shape {tuple(x.shape)}; "
-                "add a batch dimension with x.unsqueeze(0) for a single image"
-            )
-        if not x.is_floating_point():
-            raise ValueError(
-                f"expected a floating-point tensor, got {x.dtype}; convert with x.float() "
-                "(and normalize to the model's mean/std)"
-            )
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected {self.in_chans} input channels (N, {self.in_chans}, H, W), got shape "
-                f"{tuple(x.shape)}; build the model with in_chans={x.shape[1]} to adapt it"
-            )
+        check_batch(x, self.in_chans)
         height, width = int(x.shape[2]), int(x.shape[3])
         if self._final_size(height) < 1 or self._final_size(width) < 1:
-            raise ValueError(
-                f"input {height}x{width} is too small for this network: it needs at least "
-                f"{self.min_input_size()}x{self.min_input_size()} pixels; resize the images"
-            )
+            raise input_too_small(height, width, self.min_input_size())
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in_chans, H, W) -> (N, num_features, H/32, W/32)`` after the final BN-ReLU."""

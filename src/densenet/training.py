@@ -478,7 +478,10 @@ def _train(
         if env.is_main:
             run.clear()
     if resume is not None and not run.last.exists():
-        raise TrainingError(f"{run.path}: no checkpoint to resume ({run.last} is missing)")
+        raise TrainingError(
+            f"{run.path}: no checkpoint to resume ({run.last} is missing; the run stopped before "
+            f"its first one); start it again with --out {run.path} --overwrite"
+        )
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)  # fewer than the cores helps on a shared machine
@@ -512,7 +515,13 @@ def _train(
     sums = [0.0, 0, 0]  # train loss sum, correct, images of the current epoch (all ranks)
     if resume is not None:
         state, _ = load_state(run.last)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise TrainingError(
+                f"{run.last} does not fit the configured model ({_first_line(error)}); resume "
+                "with the run's own model and model_args"
+            ) from None
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
@@ -645,15 +654,15 @@ def _train(
             epoch, epoch_step, sums = epoch + 1, 0, [0.0, 0, 0]
             improved = row["val_top1"] > best_top1
             best_top1 = max(best_top1, row["val_top1"])
-            if improved:
-                checkpoint(run.best, evaluated)
-            checkpoint(run.last)
             rows.append(row)
-            if env.is_main:
+            if env.is_main:  # before the checkpoint: a resume drops rows past its epoch
                 run.write_metrics(rows)
                 if writer is not None:
                     for key in METRIC_FIELDS[1:]:
                         writer.add_scalar(key, row[key], epoch)
+            if improved:
+                checkpoint(run.best, evaluated)
+            checkpoint(run.last)
             log(_epoch_line(row, cfg.epochs))
             (stopping,) = _sum_over_ranks((stop.signum is not None,), env, device)
             if stopping and epoch < cfg.epochs:  # arrived during evaluation
@@ -676,6 +685,12 @@ def _interrupted(signum: int, step: int, epoch: int, epoch_step: int, run: RunDi
         f"densenet train --resume {run.path}",
         signum,
     )
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = "; ".join(lines[1:3]) if len(lines) > 1 else (lines[0] if lines else repr(error))
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

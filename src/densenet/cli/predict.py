@@ -6,8 +6,8 @@ import argparse
 import json
 
 from densenet.cli import CLIError
-from densenet.runtime import resolve_device
 from densenet.predict import list_images, load_model, predict
+from densenet.runtime import resolve_device
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
