@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 from inference_helpers import shared_data
@@ -154,8 +155,8 @@ def test_int8_on_real_cifar_images() -> None:
     std = torch.tensor((0.2023, 0.1994, 0.2010)).view(3, 1, 1)
     images = []
     for path in sorted(folder.glob("cifar10_*.png")):
-        array = torch.tensor(list(Image.open(path).convert("RGB").getdata()), dtype=torch.float32)
-        images.append((array.T.reshape(3, 32, 32) / 255 - mean) / std)
+        array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)  # (32, 32, 3)
+        images.append((torch.from_numpy(array).permute(2, 0, 1) / 255 - mean) / std)
     x = torch.stack(images)
     assert len(x) == 20
     int8 = quantize_onnx(model, [x[:10]])
