@@ -174,6 +174,9 @@ class _PeakRSS:
         self.thread.join()
 
 
+SETTLE_S = 0.05  # pause between timed calls, not timed
+
+
 @torch.no_grad()
 def measure(
     backends: dict[str, Callable], batch: torch.Tensor, iters: int, warmup: int
@@ -192,6 +195,9 @@ def measure(
             start = time.perf_counter()
             fn(batch)
             times[name].append(time.perf_counter() - start)
+            # onnxruntime's idle workers spin for a while after a run (its default) and would take
+            # the cores from the next backend timed: measured 1.5x slower at batch 1 without this.
+            time.sleep(SETTLE_S)
     n = batch.shape[0]
     results = {}
     for name, values in times.items():
