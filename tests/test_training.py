@@ -21,6 +21,7 @@ from densenet.config import TrainConfig, load_config
 from densenet.io import load_state
 from densenet.models import DenseNet
 from densenet.training import (
+    METRIC_FIELDS,
     Interrupted,
     TrainingError,
     lr_at,
@@ -289,6 +290,17 @@ def test_execution_options_train_and_resume_bit_identical(folder, tmp_path, opti
         train(tiny(folder, tmp_path / "b", **options), progress=False, log=_crash_after_first_epoch)
     train(resume_config(tmp_path / "b"), resume=tmp_path / "b", progress=False, log=quiet)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_tensorboard_gets_every_metric_of_every_epoch(folder, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "r"
+    train(tiny(folder, run, tensorboard=True), progress=False, log=quiet)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(METRIC_FIELDS[1:])
+    assert [e.step for e in events.Scalars("val_top1")] == [1, 2]
 
 
 def test_batch_must_split_into_the_micro_batches(folder, tmp_path):

@@ -568,7 +568,8 @@ def _train(
             save_state(path, state, {**metadata, "epoch": epoch})
         runtime.barrier(env)  # no rank exits before the file is complete
 
-    with StopSignal() as stop:
+    closing = contextlib.closing(writer) if writer is not None else contextlib.nullcontext()
+    with StopSignal() as stop, closing:  # the event file is flushed however the run ends
         while epoch < cfg.epochs:
             start_time = time.perf_counter()
             model.train()
