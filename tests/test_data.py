@@ -242,7 +242,8 @@ def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
     for shard in shards:
         shard.set_epoch(1)
     assert all(len(s) == len(list(s)) == 16 for s in shards)
-    assert [i for batch in zip(*shards, strict=True) for i in batch] == second[:48]  # strided shares
+    strided = [i for batch in zip(*shards, strict=True) for i in batch]
+    assert strided == second[:48]
 
 
 def test_eval_sampler_shares_cover_each_sample_once():

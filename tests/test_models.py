@@ -137,7 +137,8 @@ def test_forward_features_head_and_classifier_interface():
 
 
 @pytest.mark.parametrize(
-    "name, size, strides", [("densenet121", 64, [4, 8, 16, 32]), ("densenet_bc100_k12", 32, [1, 2, 4])]
+    "name, size, strides",
+    [("densenet121", 64, [4, 8, 16, 32]), ("densenet_bc100_k12", 32, [1, 2, 4])],
 )
 def test_features_only_returns_normalized_multiscale_maps(name, size, strides):
     extractor = create_model(name, features_only=True).eval()
@@ -211,7 +212,9 @@ def test_train_mode_memory_efficient_matches_plain_including_bn_stats():
             optimizer.zero_grad()
             model(x).square().mean().backward()
             optimizer.step()
-    for (name, a), b in zip(plain.state_dict().items(), efficient.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        plain.state_dict().items(), efficient.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
