@@ -142,8 +142,7 @@ def load_model(
     if checkpoint is not None:
         path = Path(checkpoint)
         meta = _checkpoint_metadata(path)
-        in_chans = int((meta.get("model_config") or {}).get("in_chans", 3))
-        model = create_model(pretrained=path, in_chans=in_chans)
+        model = create_model(pretrained=path)  # its architecture, in_chans included
         # The zoo's crop describes its ImageNet weights, not how a run evaluated: unless the file
         # says otherwise, use densenet train's default (crop_pct 1, bilinear).
         cfg = {
