@@ -47,6 +47,7 @@ from densenet.config import TrainConfig, load_config, model_kwargs, read_yaml, s
 from densenet.evaluation import evaluate
 from densenet.io import atomic_write, load_state, save_state
 from densenet.runtime import DistEnv
+from densenet.weights import mismatch_report
 
 METRIC_FIELDS = (
     "epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s",
@@ -515,13 +516,13 @@ def _train(
     sums = [0.0, 0, 0]  # train loss sum, correct, images of the current epoch (all ranks)
     if resume is not None:
         state, _ = load_state(run.last)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as error:
+        mismatch = mismatch_report(model, state["model"])
+        if mismatch:
             raise TrainingError(
-                f"{run.last} does not fit the configured model ({_first_line(error)}); resume "
-                "with the run's own model and model_args"
-            ) from None
+                f"{run.last} does not fit the configured model ({mismatch}); resume with the "
+                "run's own model and model_args"
+            )
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
@@ -589,18 +590,14 @@ def _train(
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum, correct = 0.0, 0
                 for micro in range(accum):
-                    x, y = (
-                        (images, targets)
-                        if accum == 1
-                        else (images[micro::accum], targets[micro::accum])
-                    )
+                    x, y = images[micro::accum], targets[micro::accum]
                     # DDP averages the gradients over the ranks in the last micro-batch's backward.
                     last = micro == accum - 1
                     with contextlib.nullcontext() if last or ddp is model else ddp.no_sync():
                         with autocast():
                             logits = forward(x)
                             loss = criterion(logits, y)
-                        scaler.scale(loss / accum if accum > 1 else loss).backward()
+                        scaler.scale(loss / accum).backward()
                     loss_sum += float(loss.detach()) * len(y)
                     correct += int((logits.argmax(1) == y).sum())
                 loss_sum, correct, count, stopping = _sum_over_ranks(
@@ -686,12 +683,6 @@ def _interrupted(signum: int, step: int, epoch: int, epoch_step: int, run: RunDi
         f"densenet train --resume {run.path}",
         signum,
     )
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = "; ".join(lines[1:3]) if len(lines) > 1 else (lines[0] if lines else repr(error))
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

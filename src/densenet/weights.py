@@ -666,7 +666,9 @@ def suggest_architecture(state_dict: dict[str, torch.Tensor]) -> str | None:
     return f"DenseNet({', '.join(f'{k}={v!r}' for k, v in arch.items())})"
 
 
-def _mismatch_report(model: nn.Module, state_dict: dict[str, torch.Tensor], limit: int = 5) -> str:
+def mismatch_report(model: nn.Module, state_dict: dict[str, torch.Tensor], limit: int = 5) -> str:
+    """Missing and unexpected keys and differing shapes of ``state_dict`` for ``model`` ('' if
+    it fits), ``limit`` of each named."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -708,7 +710,7 @@ def load_pretrained(model: nn.Module, source: Source | str | Path) -> nn.Module:
         own = net.state_dict()
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
         state_dict.update({k: v for k, v in own.items() if k.startswith("classifier.")})
-    report = _mismatch_report(net, state_dict)
+    report = mismatch_report(net, state_dict)
     if report:
         guess = suggest_architecture(state_dict)
         hint = f" The weights look like {guess}." if guess else ""
