@@ -4,7 +4,8 @@
 
 1. ``densenet bench`` on densenet121 at 224x224, batch 1 and 16, and densenet_bc100_k12 at batch
    64: torchvision eager, our default (``optimized``), our graph on each backend, onnxruntime and
-   OpenVINO on the plain export, interleaved in one run. Random weights: speed does not depend
+   OpenVINO on the plain export, and onnxruntime on the plain export split into our default
+   micro-batches (how much of the gain that split alone gives), interleaved in one run. Random weights: speed does not depend
    on them.
 2. int8: the third-party CIFAR-10 DenseNet-BC checkpoint in ../shared/data quantized with
    :mod:`densenet.quantization` (calibrated on real CIFAR-10 *train* JPEGs), top-1 on the real
@@ -114,7 +115,10 @@ def main_() -> None:
     torch.set_num_threads(2)
     skip = set(args.skip.split(","))
     results: dict = {"load_start": os.getloadavg()}
-    backends = "torchvision,optimized,optimized-eager,optimized-openvino,onnxruntime,openvino"
+    backends = (
+        "torchvision,optimized,optimized-eager,optimized-openvino,onnxruntime,openvino,"
+        "onnxruntime-microbatch"
+    )
     tmp = Path(args.json).with_suffix(".part.json")
     if "densenet121" not in skip:
         results["densenet121"] = bench("densenet121", "1,16", args.iters, backends, tmp)

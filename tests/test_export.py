@@ -66,7 +66,9 @@ def test_export_command_rejects_wrong_suffix(tmp_path: Path, capsys) -> None:
 
 def test_bench_command_json(tmp_path: Path, capsys) -> None:
     checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
-    backends = "torchvision,channels_last,optimized,optimized-eager,onnxruntime"
+    backends = (
+        "torchvision,channels_last,optimized,optimized-eager,onnxruntime,onnxruntime-microbatch"
+    )
     argv = ["bench", "--checkpoint", str(checkpoint), "--batch", "1,2", "--backends", backends]
     assert main(argv + ["--iters", "3", "--warmup", "1", "--threads", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -74,6 +76,7 @@ def test_bench_command_json(tmp_path: Path, capsys) -> None:
     for rows in report["results"].values():
         assert list(rows) == backends.split(",")
         assert rows["onnxruntime"]["vs_onnxruntime"] == pytest.approx(1.0)
+        assert rows["onnxruntime"]["vs_onnxruntime_round_median"] == pytest.approx(1.0)
         for row in rows.values():
             assert row["img_per_s"] > 0 and row["p90_ms"] >= row["p50_ms"] > 0
             assert {"vs_torchvision", "extra_memory_mb"} <= set(row)
@@ -84,5 +87,7 @@ def test_bench_command_errors(tmp_path: Path, capsys) -> None:
     base = ["bench", "--checkpoint", str(checkpoint), "--iters", "1"]
     assert main(base + ["--backends", "tensorrt"]) == 2
     assert "unknown backend" in capsys.readouterr().err
+    assert main(base + ["--micro-batch", "-1"]) == 2
+    assert "--micro-batch must be >= 0" in capsys.readouterr().err
     assert main(base + ["--backends", "int8", "--batch", "1"]) == 2
     assert "--calibration" in capsys.readouterr().err

@@ -11,10 +11,14 @@ from inference_helpers import shared_data
 
 from densenet import DenseNet, create_model
 from densenet.inference import (
+    CACHE_BUDGET_BYTES,
     InferenceTransition,
+    MicroBatched,
     OnnxRuntimeModel,
     OpenVinoModel,
+    feature_bytes_per_pixel,
     fuse_for_inference,
+    micro_batch_size,
     optimize_for_inference,
 )
 
@@ -105,6 +109,59 @@ def test_backends_match(backend: str) -> None:
     fast = optimize_for_inference(model, backend, input_size=(16, 16))
     for batch in (1, 3):
         assert_same(model, fast, torch.randn(batch, 3, 16, 16))
+    # Batches split into micro-batches (5 = 2 + 2 + 1) give the same outputs.
+    split = optimize_for_inference(model, backend, input_size=(16, 16), micro_batch=2)
+    assert_same(model, split, torch.randn(5, 3, 16, 16))
+    if isinstance(split.module, OpenVinoModel):
+        assert sorted(s[0] for s in split.module.compiled) == [1, 2]  # one compile per shape
+
+
+class Recorder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return x.flatten(1).sum(1, keepdim=True)
+
+
+def test_micro_batched_splits_evenly_and_keeps_order() -> None:
+    recorder = Recorder()
+    x = torch.randn(17, 3, 4, 4)
+    out = MicroBatched(recorder, 4)(x)
+    assert recorder.batches == [4, 4, 3, 3, 3]  # ceil(17 / 4) = 5 chunks, as even as possible
+    torch.testing.assert_close(out, x.flatten(1).sum(1, keepdim=True))
+    recorder.batches.clear()
+    MicroBatched(recorder, lambda h, w: 8 if (h, w) == (4, 4) else 1)(torch.randn(16, 3, 4, 4))
+    assert recorder.batches == [8, 8]
+    recorder.batches.clear()
+    MicroBatched(recorder, 4)(torch.randn(3, 3, 4, 4))
+    assert recorder.batches == [3]
+
+
+def test_micro_batch_size_fits_the_cache_budget() -> None:
+    model = create_model("densenet121")
+    # Largest block buffer: block 1, 256 channels at stride 4.
+    assert feature_bytes_per_pixel(model) == 4 * 256 / 16
+    per_image = 4 * 256 * 56 * 56
+    size = micro_batch_size(model, 224, 224)
+    assert size * per_image <= CACHE_BUDGET_BYTES < 2 * size * per_image
+    assert size & (size - 1) == 0  # a power of two
+    assert micro_batch_size(model, 2048, 2048) == 1  # one image over the budget still runs
+    bc = create_model("densenet_bc100_k12")
+    assert micro_batch_size(bc, 32, 32) > size  # smaller maps, more images per chunk
+
+
+def test_micro_batch_option() -> None:
+    model = tiny(stem="cifar")
+    assert isinstance(optimize_for_inference(model, "eager"), MicroBatched)
+    unsplit = optimize_for_inference(model, "eager", micro_batch=0)
+    assert not isinstance(unsplit, MicroBatched)
+    assert_same(model, unsplit, torch.randn(3, 3, 16, 16))
+    for bad in (-1, True):
+        with pytest.raises(ValueError, match="micro_batch must be an int >= 0"):
+            optimize_for_inference(model, "eager", micro_batch=bad)
 
 
 def test_channels_last_input_and_option() -> None:

@@ -15,7 +15,15 @@
 
 The ``norm1`` of each layer cannot be folded (a ReLU separates it from the previous conv) or shared
 between layers (every layer has its own statistics for the same prefix channels), so it stays a
-per-layer BN-ReLU; it is a cheap elementwise op beside the 1x1 conv it feeds.
+per-layer BN-ReLU; it is a cheap elementwise op beside the 1x1 conv it feeds, as long as the
+features it reads are in cache.
+
+That is the last rewrite: every layer of a dense block re-reads all the block's features so far,
+and a runtime runs a whole batch through one layer before the next, so at batch 16 a 224x224
+block's features (256 channels x 56 x 56 x 16 images = 51 MB) are re-read from main memory by every
+layer. :class:`MicroBatched` runs a batch as chunks whose largest block buffer fits
+:data:`CACHE_BUDGET_BYTES` (densenet121 at 224x224: 2 images), so the block stays in cache. The
+images of a batch are independent in eval mode, so the outputs are the same.
 
 :func:`optimize_for_inference` then runs the rewritten model on a backend: ``"eager"`` PyTorch,
 ``"compile"`` (``torch.compile``, minutes of compile for densenet121 on a small CPU),
@@ -27,9 +35,11 @@ then onnxruntime, then eager; it never starts a long compile.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.util
 import io
+import math
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -51,6 +61,10 @@ from densenet.models import (
 )
 
 BACKENDS = ("auto", "eager", "compile", "onnxruntime", "openvino")
+# Feature bytes of a micro-batch's largest dense-block buffer. Measured (docs/benchmarks.md): with
+# 8 MiB densenet121 at 224x224 runs 2 images per chunk, densenet_bc100_k12 at 32x32 8 images, the
+# best or within noise of the best chunk for OpenVINO; a quarter of the 32 MiB L3 of the machine.
+CACHE_BUDGET_BYTES = 8 * 2**20
 # What 'auto' picks, fastest first as measured in docs/benchmarks.md (eager when neither is there).
 AUTO_ORDER = ("openvino", "onnxruntime")
 
@@ -212,6 +226,56 @@ class InferenceDenseNet(nn.Module):
         return self.classifier(x)
 
 
+def feature_bytes_per_pixel(model: DenseNet) -> float:
+    """Bytes of the largest dense-block output per input pixel of one image (float32)."""
+    return 4 * max(info["num_chs"] / info["reduction"] ** 2 for info in model.feature_info)
+
+
+def micro_batch_size(model: DenseNet, height: int, width: int) -> int:
+    """Images per chunk for ``(H, W)`` inputs: the largest power of two whose largest dense-block
+    buffer fits :data:`CACHE_BUDGET_BYTES` (at least 1)."""
+    return _chunk_size(feature_bytes_per_pixel(model), height, width)
+
+
+def _chunk_size(bytes_per_pixel: float, height: int, width: int) -> int:
+    fits = CACHE_BUDGET_BYTES / (bytes_per_pixel * max(1, height * width))
+    return 1 << math.floor(math.log2(fits)) if fits >= 1 else 1
+
+
+class MicroBatched(nn.Module):
+    """Runs ``module`` on chunks of the batch and concatenates the outputs (same outputs: eval-mode
+    images are independent). Chunks are as even as possible, so a batch of 16 in chunks of at most
+    2 is 8 calls of 2 (runtimes that compile per shape see at most two shapes per batch size).
+
+    ``size``: images per chunk, or a function of the input's ``(H, W)`` that returns it.
+    """
+
+    def __init__(self, module: nn.Module, size: int | Callable[[int, int], int]) -> None:
+        super().__init__()
+        self.module = module
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return self.module(x)  # the module's own input check names the problem
+        size = self.size if isinstance(self.size, int) else self.size(x.shape[2], x.shape[3])
+        if x.shape[0] <= size:
+            return self.module(x)
+        chunks = x.tensor_split(math.ceil(x.shape[0] / size))
+        return torch.cat([self.module(chunk) for chunk in chunks])
+
+
+def micro_batched(module: nn.Module, model: DenseNet, micro_batch: int | None = None) -> nn.Module:
+    """``module`` (any callable computing ``model``) run in :class:`MicroBatched` chunks of
+    ``micro_batch`` images, or by default of :func:`micro_batch_size` for each input size; ``0``
+    returns ``module`` itself."""
+    if micro_batch == 0:
+        return module
+    return MicroBatched(
+        module, micro_batch or functools.partial(_chunk_size, feature_bytes_per_pixel(model))
+    )
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
@@ -350,6 +414,7 @@ def optimize_for_inference(
     channels_last: bool | None = None,
     input_size: tuple[int, int] | None = None,
     threads: int | None = None,
+    micro_batch: int | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A fast float32 callable with the outputs of ``model`` in eval mode (rel. error <= 1e-4).
 
@@ -363,22 +428,29 @@ def optimize_for_inference(
             slower here at batch 1 and about even at batch 16).
         input_size: (H, W) traced for onnxruntime/openvino (default: the model's; batch dynamic).
         threads: runtime intra-op threads (default ``torch.get_num_threads()``).
+        micro_batch: run larger batches as chunks of at most this many images; default: the
+            largest power of two whose dense-block features fit :data:`CACHE_BUDGET_BYTES`, for
+            the size of each input (:func:`micro_batch_size`); ``0``: never split.
 
     Returns an ``nn.Module``: call it on ``(N, in_chans, H, W)`` float tensors.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if micro_batch is not None and (isinstance(micro_batch, bool) or micro_batch < 0):
+        raise ValueError(f"micro_batch must be an int >= 0 (0: never split), got {micro_batch!r}")
     model = _as_densenet(model)
     if backend == "auto":
         backend = next((b for b in AUTO_ORDER if importlib.util.find_spec(b)), "eager")
+    fused: nn.Module
     if backend in ("onnxruntime", "openvino"):
         runtime = OnnxRuntimeModel if backend == "onnxruntime" else OpenVinoModel
         graph = fuse_for_inference(model, preallocate=False)
         example = _example_input(model, input_size)
-        return runtime(onnx_bytes(graph, example), threads, graph.check_input)
-    fused: nn.Module = fuse_for_inference(model)
-    if channels_last:
-        fused = ChannelsLast(fused)
-    if backend == "compile":
-        fused = torch.compile(fused)
-    return fused
+        fused = runtime(onnx_bytes(graph, example), threads, graph.check_input)
+    else:
+        fused = fuse_for_inference(model)
+        if channels_last:
+            fused = ChannelsLast(fused)
+        if backend == "compile":
+            fused = torch.compile(fused)
+    return micro_batched(fused, model, micro_batch)

@@ -4,7 +4,8 @@ Backends run interleaved (one call of each per round), so load from other proces
 alike and the ratios stay meaningful on a busy machine. Reported per backend and batch size:
 img/s (batch x rounds / total time), latency p50/p90 (ms), the extra resident memory while it ran
 (MB, sampled from /proc), and the speed ratio to the torchvision eager model and to onnxruntime on
-the plain export.
+the plain export: the ratio of the img/s (``vs_*``) and the median over rounds of each round's
+ratio (``vs_*_round_median``, the one least moved by load that comes and goes).
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from densenet.inference import (
     ChannelsLast,
     OnnxRuntimeModel,
     OpenVinoModel,
+    micro_batched,
     onnx_bytes,
     optimize_for_inference,
 )
 
 BACKENDS = (
     "torchvision", "eager", "channels_last", "optimized", "optimized-eager", "optimized-compile",
-    "optimized-onnxruntime", "optimized-openvino", "onnxruntime", "openvino", "int8",
+    "optimized-onnxruntime", "optimized-openvino", "onnxruntime", "openvino",
+    "onnxruntime-microbatch", "openvino-microbatch", "int8",
 )  # fmt: skip
 DEFAULT_BACKENDS = (
     "torchvision,optimized,optimized-eager,optimized-onnxruntime,onnxruntime,openvino"
@@ -59,6 +62,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed rounds per batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--size", type=int, help="input height=width (default: the model's)")
+    parser.add_argument(
+        "--micro-batch", type=int, metavar="N",
+        help="images per call for the optimized-* and *-microbatch backends (default: sized to "
+        "the cache, see optimize_for_inference; 0: never split)",
+    )  # fmt: skip
     parser.add_argument(
         "--calibration", nargs="+", metavar="IMAGE_OR_FOLDER",
         help="real images to calibrate the int8 backend on (required for int8)",
@@ -103,11 +111,13 @@ def build_backends(
     example: torch.Tensor,
     threads: int,
     calibration: Callable[[], list[torch.Tensor]] | None = None,
+    micro_batch: int | None = None,
 ) -> tuple[dict[str, Callable], dict[str, str]]:
     """Callables for the requested backends, and a note for each one skipped (and why).
 
     ``example`` is a ``(1, C, H, W)`` input for tracing; ``calibration`` returns the int8
-    calibration batches (called only when int8 is requested).
+    calibration batches (called only when int8 is requested); ``micro_batch`` as in
+    :func:`~densenet.inference.optimize_for_inference`.
     """
     made: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
@@ -120,20 +130,23 @@ def build_backends(
             made[name] = model
         elif name == "channels_last":
             made[name] = ChannelsLast(copy.deepcopy(model))
-        elif name == "optimized":
-            made[name] = optimize_for_inference(model, input_size=size, threads=threads)
-        elif name.startswith("optimized-"):
-            backend = name.removeprefix("optimized-")
-            made[name] = optimize_for_inference(model, backend, input_size=size, threads=threads)
-        elif name in ("onnxruntime", "openvino"):
+        elif name == "optimized" or name.startswith("optimized-"):
+            backend = name.removeprefix("optimized").removeprefix("-") or "auto"
+            made[name] = optimize_for_inference(
+                model, backend, input_size=size, threads=threads, micro_batch=micro_batch
+            )
+        elif name.removesuffix("-microbatch") in ("onnxruntime", "openvino"):
             plain_onnx = plain_onnx or onnx_bytes(model, example[:1])
-            if name == "onnxruntime":
-                made[name] = OnnxRuntimeModel(plain_onnx, threads)
-                continue
+            runtime = OnnxRuntimeModel if name.startswith("onnxruntime") else OpenVinoModel
             try:
-                made[name] = OpenVinoModel(plain_onnx, threads)
+                made[name] = runtime(plain_onnx, threads)
             except ValueError as error:
                 skipped[name] = str(error)
+                continue
+            if name.endswith("-microbatch"):
+                # The plain export run in our default micro-batches: how much of our gain a
+                # user of the runtime alone would get by splitting the batch the same way.
+                made[name] = micro_batched(made[name], model, micro_batch)
         elif name == "int8":
             from densenet.quantization import quantize_model
 
@@ -174,6 +187,7 @@ class _PeakRSS:
         self.thread.join()
 
 
+ROUND_MEDIAN = "vs_onnxruntime_round_median"
 SETTLE_S = 0.05  # pause between timed calls, not timed
 
 
@@ -208,10 +222,14 @@ def measure(
             p90_ms=1000 * q[8],
             extra_memory_mb=round(extra_mb[name], 1),
         )
-    for row in results.values():
+    for name, row in results.items():
         for ref in ("torchvision", "onnxruntime"):
             if ref in results:
                 row[f"vs_{ref}"] = row["img_per_s"] / results[ref]["img_per_s"]
+                # Calls of one round run seconds apart, so their ratio is the least disturbed
+                # by load that comes and goes (on shared VMs: memory contention for seconds).
+                per_round = [t_ref / t for t_ref, t in zip(times[ref], times[name], strict=True)]
+                row[f"vs_{ref}_round_median"] = statistics.median(per_round)
     return results
 
 
@@ -229,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--batch must list integers like 1,16, got {args.batch!r}") from None
     if min(batches) < 1 or args.iters < 1 or args.threads < 1 or args.warmup < 0:
         raise CLIError("--batch, --iters and --threads must be >= 1, --warmup >= 0")
+    if args.micro_batch is not None and args.micro_batch < 0:
+        raise CLIError(f"--micro-batch must be >= 0 (0: never split), got {args.micro_batch}")
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(names) - set(BACKENDS))
     if unknown:
@@ -241,8 +261,9 @@ def run(args: argparse.Namespace) -> int:
     size = args.size or info.input_size[-1]
     example = torch.randn(1, model.in_chans, size, size)
     backends, skipped = build_backends(
-        names, model, example, args.threads, lambda: _calibration_batches(args, info)
-    )
+        names, model, example, args.threads, lambda: _calibration_batches(args, info),
+        args.micro_batch,
+    )  # fmt: skip
     report = dict(
         model=info.name, source=info.source, size=size, threads=args.threads, iters=args.iters,
         load_before=_load(), skipped=skipped, results={},
@@ -255,18 +276,20 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     print(f"{info.source}, {size}x{size}, {args.threads} threads, load {report['load_before']}")
-    header = f"{'batch':>5} {'backend':16} {'img/s':>8} {'p50 ms':>9} {'p90 ms':>9} {'+MB':>7}"
-    print(header + f" {'vs tv':>6} {'vs ort':>6}")
+    header = f"{'batch':>5} {'backend':22} {'img/s':>8} {'p50 ms':>9} {'p90 ms':>9} {'+MB':>7}"
+    print(header + f" {'vs tv':>6} {'vs ort':>6} {'ort rnd':>7}")
     for n, rows in report["results"].items():
         for name, r in rows.items():
             ratios = " ".join(
-                f"{r[k]:6.2f}" if k in r else f"{'-':>6}"
-                for k in ("vs_torchvision", "vs_onnxruntime")
+                f"{r[k]:{w}.2f}" if k in r else f"{'-':>{w}}"
+                for k, w in (("vs_torchvision", 6), ("vs_onnxruntime", 6), (ROUND_MEDIAN, 7))
             )
             print(
-                f"{n:>5} {name:16} {r['img_per_s']:8.2f} {r['p50_ms']:9.1f} {r['p90_ms']:9.1f} "
+                f"{n:>5} {name:22} {r['img_per_s']:8.2f} {r['p50_ms']:9.1f} {r['p90_ms']:9.1f} "
                 f"{r['extra_memory_mb']:7.1f} {ratios}"
             )
+    if any(ROUND_MEDIAN in r for rows in report["results"].values() for r in rows.values()):
+        print("ort rnd: median over the rounds of each round's speed ratio to onnxruntime")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     print(f"load after: {report['load_after']}")
