@@ -103,6 +103,12 @@ def test_yaml_file_errors(tmp_path):
         load_config(tmp_path / "typo.yaml")
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("epochs: 3\nmilestones: [0.5, 0.75\nlr: 0.1\n")
+    with pytest.raises(ValueError) as error:
+        load_config(tmp_path / "broken.yaml")
+    message = str(error.value)
+    assert "broken.yaml: not valid YAML (line 3, column 3: expected ',' or ']'" in message
+    assert "\n" not in message  # one line, not PyYAML's multi-line marker
 
 
 def test_overrides_parse_as_yaml_values():

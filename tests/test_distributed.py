@@ -26,6 +26,7 @@ from densenet.config import load_config
 from densenet.evaluation import evaluate
 from densenet.io import load_state
 from densenet.models import DenseNet
+from densenet.runtime import DistEnv
 from densenet.training import train
 
 TINY_MODEL = {"growth_rate": 4, "block_config": [2, 2], "num_init_features": 8}
@@ -151,3 +152,32 @@ def test_sigterm_to_torchrun_stops_every_rank_and_resume_is_exact(folder, tmp_pa
     assert resumed["step"] == expected["step"] == 160
     for name, value in expected["model"].items():
         assert torch.equal(resumed["model"][name], value), name
+
+
+def _evaluate_on_rank(rank: int, store_file: str, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store_file}", rank=rank, world_size=2
+    )
+    try:
+        torch.manual_seed(0)
+        model = DenseNet(**TINY_MODEL, num_classes=3).eval()
+        images = torch.randn(1, 3, 8, 8)
+        # One image for two ranks: rank 1's share is empty; num_classes is not passed.
+        share = [(images, torch.tensor([2]))] if rank == 0 else []
+        result = evaluate(model, share, env=DistEnv(rank, 2))
+        if rank == 0:
+            torch.save({"result": result.to_dict(), "logits": model(images)}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_evaluate_with_an_empty_share_on_one_rank(tmp_path: Path) -> None:
+    out = tmp_path / "result.pt"
+    torch.multiprocessing.spawn(
+        _evaluate_on_rank, args=(str(tmp_path / "store"), str(out)), nprocs=2
+    )
+    saved = torch.load(out)
+    result = saved["result"]
+    assert result["images"] == 1
+    assert result["top1"] == (100.0 if int(saved["logits"].argmax()) == 2 else 0.0)
+    assert torch.tensor(result["confusion"]).shape == (3, 3)

@@ -148,6 +148,15 @@ def parse_overrides(items: list[str]) -> dict:
     return values
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: 'line L, column C: problem (context)'."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(error, "context", None)
+    return where + problem + (f" ({context})" if context else "")
+
+
 def read_yaml(path: str | Path) -> dict:
     """The mapping in YAML file ``path`` (safe loader: data only, never objects)."""
     path = Path(path)
@@ -156,7 +165,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error})") from None
+        raise ValueError(f"{path}: not valid YAML ({_yaml_problem(error)})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of key: value at the top level")
     return values

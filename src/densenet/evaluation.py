@@ -136,6 +136,18 @@ class EvalResult:
         )
 
 
+def _output_width(model: nn.Module) -> int:
+    """The number of classes of a (DDP-wrapped) model that declares it, for a rank that ran no
+    batch to see its output."""
+    classes = getattr(getattr(model, "module", model), "num_classes", None)
+    if not classes:
+        raise ValueError(
+            "this process got no evaluation images and the model does not declare num_classes; "
+            "pass num_classes to evaluate"
+        )
+    return int(classes)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -195,8 +207,9 @@ def evaluate(
         images += len(targets)
     model.train(was_training)
     if env is not None and env.enabled:
-        if confusion is None:  # this rank's share was empty
-            confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        if confusion is None:  # this rank's share was empty; the others still need its zeros
+            classes = num_classes or _output_width(model)
+            confusion = torch.zeros(classes, classes, dtype=torch.long)
         totals = torch.tensor([total_loss, *counts.tolist(), images], dtype=torch.float64)
         totals = all_reduce_sum(totals.to(device), env).cpu()  # nccl reduces GPU tensors only
         total_loss, counts, images = float(totals[0]), totals[1:3].long(), int(totals[3])
