@@ -229,3 +229,38 @@ def test_int8_on_real_cifar_images() -> None:
         assert not torch.allclose(logits, model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="int8 backend must be"):
         quantize_model(model, [x[:2]], backend="tensorrt")
+
+
+SIGNAL_AFTER_OPENVINO = """
+import gc, os, signal, torch
+from densenet import DenseNet
+from densenet.inference import optimize_for_inference
+model = DenseNet(growth_rate=4, block_config=(2,), num_init_features=8, stem="cifar").eval()
+first = optimize_for_inference(model, "openvino", input_size=(8, 8), micro_batch=0)
+second = optimize_for_inference(model, "openvino", input_size=(8, 8), micro_batch=0)
+with torch.no_grad():
+    first(torch.randn(1, 3, 8, 8)), second(torch.randn(2, 3, 8, 8))
+del first  # freed in creation order, not in reverse
+gc.collect()
+del second
+gc.collect()
+received = []
+signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+os.kill(os.getpid(), signal.SIGTERM)
+assert received == [signal.SIGTERM]
+print("handled")
+"""
+
+
+def test_signal_handled_after_an_openvino_model_is_freed() -> None:
+    """Two OpenVINO models freed in creation order, then a signal with a Python handler (Ctrl-C,
+    SIGTERM): with a Core per model, the second Core's CPU plugin restored the first one's freed
+    alternate signal stack on its way out, and the handler crashed the process (SIGSEGV)."""
+    pytest.importorskip("openvino")
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AFTER_OPENVINO], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "handled" in run.stdout, (run.returncode, run.stderr[-2000:])

@@ -348,6 +348,16 @@ def import_onnxruntime():
     return import_optional("onnxruntime", "onnx")
 
 
+@functools.cache
+def openvino_core():
+    """The process's one ``openvino.Core``. Each Core's CPU plugin installs an alternate signal
+    stack on the thread that creates it and, when freed, frees it and restores the one it found;
+    Cores freed in creation order thus left a freed stack installed, and Python's SIGINT/SIGTERM
+    handlers (which run on it) crashed the process. One shared Core, as OpenVINO recommends,
+    keeps the stack valid."""
+    return import_optional("openvino", "bench").Core()
+
+
 class OpenVinoModel(nn.Module):
     """An ONNX model compiled by OpenVINO for CPU, one static shape per input shape (compiled on
     first use, about a second), behind a module-like call."""
@@ -357,8 +367,7 @@ class OpenVinoModel(nn.Module):
     ) -> None:
         super().__init__()
         self.check_input = check_input
-        openvino = import_optional("openvino", "bench")
-        self.core = openvino.Core()
+        self.core = openvino_core()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp, "model.onnx")
             path.write_bytes(model_bytes)
