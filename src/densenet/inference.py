@@ -394,6 +394,10 @@ class OpenVinoModel(nn.Module):
         return torch.from_numpy(next(iter(result.values())).copy())
 
 
+# The runtimes that run an ONNX graph, by backend name.
+RUNTIMES: dict[str, type[nn.Module]] = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel}
+
+
 def onnx_bytes(module: nn.Module, example: torch.Tensor, opset: int = 18) -> bytes:
     """Serialized ONNX of ``module`` with a dynamic batch dimension (TorchScript exporter)."""
     buffer = io.BytesIO()
@@ -451,11 +455,10 @@ def optimize_for_inference(
     if backend == "auto":
         backend = next((b for b in AUTO_ORDER if importlib.util.find_spec(b)), "eager")
     fused: nn.Module
-    if backend in ("onnxruntime", "openvino"):
-        runtime = OnnxRuntimeModel if backend == "onnxruntime" else OpenVinoModel
+    if backend in RUNTIMES:
         graph = fuse_for_inference(model, preallocate=False)
         example = _example_input(model, input_size)
-        fused = runtime(onnx_bytes(graph, example), threads, graph.check_input)
+        fused = RUNTIMES[backend](onnx_bytes(graph, example), threads, graph.check_input)
     else:
         fused = fuse_for_inference(model)
         if channels_last:

@@ -20,8 +20,7 @@ from torch import nn
 
 from densenet.inference import (
     AUTO_ORDER,
-    OnnxRuntimeModel,
-    OpenVinoModel,
+    RUNTIMES,
     fuse_for_inference,
     import_onnxruntime,
     onnx_bytes,
@@ -80,14 +79,13 @@ def quantize_model(
     """The int8 model as a module run by ``backend``: 'onnxruntime', 'openvino' or 'auto' (the
     first installed of :data:`densenet.inference.AUTO_ORDER`; OpenVINO runs the same QDQ graph
     about 2.5x faster than onnxruntime here). ``kwargs`` go to :func:`quantize_onnx`."""
-    runtimes = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel}
     if backend == "auto":
         backend = next((b for b in AUTO_ORDER if importlib.util.find_spec(b)), "onnxruntime")
-    if backend not in runtimes:
+    if backend not in RUNTIMES:
         raise ValueError(
             f"int8 backend must be 'auto', 'onnxruntime' or 'openvino', got {backend!r}"
         )
-    return runtimes[backend](quantize_onnx(model, calibration, **kwargs), threads)
+    return RUNTIMES[backend](quantize_onnx(model, calibration, **kwargs), threads)
 
 
 def save_quantized(model_bytes: bytes, path: str | Path) -> Path:

@@ -25,9 +25,8 @@ from torch import nn
 from densenet.cli import CLIError
 from densenet.cli.predict import add_model_arguments, model_from_args
 from densenet.inference import (
+    RUNTIMES,
     ChannelsLast,
-    OnnxRuntimeModel,
-    OpenVinoModel,
     micro_batched,
     onnx_bytes,
     optimize_for_inference,
@@ -135,11 +134,10 @@ def build_backends(
             made[name] = optimize_for_inference(
                 model, backend, input_size=size, threads=threads, micro_batch=micro_batch
             )
-        elif name.removesuffix("-microbatch") in ("onnxruntime", "openvino"):
+        elif name.removesuffix("-microbatch") in RUNTIMES:
             plain_onnx = plain_onnx or onnx_bytes(model, example[:1])
-            runtime = OnnxRuntimeModel if name.startswith("onnxruntime") else OpenVinoModel
             try:
-                made[name] = runtime(plain_onnx, threads)
+                made[name] = RUNTIMES[name.removesuffix("-microbatch")](plain_onnx, threads)
             except ValueError as error:
                 skipped[name] = str(error)
                 continue
