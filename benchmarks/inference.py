@@ -4,9 +4,9 @@
 
 1. ``densenet bench`` on densenet121 at 224x224, batch 1 and 16, and densenet_bc100_k12 at batch
    64: torchvision eager, our default (``optimized``), our graph on each backend, onnxruntime and
-   OpenVINO on the plain export, and onnxruntime on the plain export split into our default
-   micro-batches (how much of the gain that split alone gives), interleaved in one run. Random weights: speed does not depend
-   on them.
+   OpenVINO on the plain export, and both runtimes on the plain export scheduled like ours (our
+   default micro-batches; OpenVINO also on our streams): how much of the gain the scheduling
+   alone gives. Interleaved in one run. Random weights: speed does not depend on them.
 2. int8: the third-party CIFAR-10 DenseNet-BC checkpoint in ../shared/data quantized with
    :mod:`densenet.quantization` (calibrated on real CIFAR-10 *train* JPEGs), top-1 on the real
    CIFAR-10 JPEG test images against float32, and its speed against onnxruntime float32 on the
@@ -117,7 +117,7 @@ def main_() -> None:
     results: dict = {"load_start": os.getloadavg()}
     backends = (
         "torchvision,optimized,optimized-eager,optimized-openvino,onnxruntime,openvino,"
-        "onnxruntime-microbatch"
+        "onnxruntime-microbatch,openvino-microbatch"
     )
     tmp = Path(args.json).with_suffix(".part.json")
     if "densenet121" not in skip:

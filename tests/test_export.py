@@ -82,6 +82,17 @@ def test_bench_command_json(tmp_path: Path, capsys) -> None:
             assert {"vs_torchvision", "extra_memory_mb"} <= set(row)
 
 
+def test_bench_openvino_streams(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("openvino")
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
+    argv = ["bench", "--checkpoint", str(checkpoint), "--batch", "3", "--threads", "2"]
+    argv += ["--backends", "optimized-openvino,openvino,openvino-microbatch", "--streams", "2"]
+    assert main(argv + ["--iters", "2", "--warmup", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]["3"]
+    assert list(rows) == ["optimized-openvino", "openvino", "openvino-microbatch"]
+    assert all(row["img_per_s"] > 0 for row in rows.values())
+
+
 def test_bench_command_errors(tmp_path: Path, capsys) -> None:
     checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
     base = ["bench", "--checkpoint", str(checkpoint), "--iters", "1"]
@@ -89,5 +100,7 @@ def test_bench_command_errors(tmp_path: Path, capsys) -> None:
     assert "unknown backend" in capsys.readouterr().err
     assert main(base + ["--micro-batch", "-1"]) == 2
     assert "--micro-batch must be >= 0" in capsys.readouterr().err
+    assert main(base + ["--threads", "2", "--streams", "3"]) == 2
+    assert "--streams must be between 1 and --threads" in capsys.readouterr().err
     assert main(base + ["--backends", "int8", "--batch", "1"]) == 2
     assert "--calibration" in capsys.readouterr().err

@@ -113,7 +113,28 @@ def test_backends_match(backend: str) -> None:
     split = optimize_for_inference(model, backend, input_size=(16, 16), micro_batch=2)
     assert_same(model, split, torch.randn(5, 3, 16, 16))
     if isinstance(split.module, OpenVinoModel):
-        assert sorted(s[0] for s in split.module.compiled) == [1, 2]  # one compile per shape
+        # One compile per chunk shape: the two chunks of 2 on the streams, the last one alone.
+        compiled = {(shape[0], streams) for shape, streams in split.module.compiled}
+        assert compiled == {(2, split.module.streams), (1, 1)}
+
+
+def test_openvino_streams_run_chunks_at_once() -> None:
+    pytest.importorskip("openvino")
+    model = tiny(stem="cifar")
+    fast = optimize_for_inference(
+        model, "openvino", input_size=(16, 16), threads=2, streams=2, micro_batch=1
+    )
+    assert fast.module.streams == 2
+    assert_same(model, fast, torch.randn(7, 3, 16, 16))  # 7 chunks of 1, in order
+    assert set(fast.module.queues) == {(1, 3, 16, 16)}
+    assert set(fast.module.compiled) == {((1, 3, 16, 16), 2)}
+    assert_same(model, fast, torch.randn(1, 3, 16, 16))  # one image: all threads, no streams
+    assert ((1, 3, 16, 16), 1) in fast.module.compiled
+    # By default a batch is spread over the streams even when it fits one chunk.
+    spread = optimize_for_inference(model, "openvino", input_size=(16, 16), threads=2)
+    assert spread.module.streams == 2
+    assert_same(model, spread, torch.randn(4, 3, 16, 16))
+    assert set(spread.module.compiled) == {((2, 3, 16, 16), 2)}
 
 
 class Recorder(torch.nn.Module):
@@ -140,6 +161,30 @@ def test_micro_batched_splits_evenly_and_keeps_order() -> None:
     assert recorder.batches == [3]
 
 
+class StreamsRecorder(Recorder):
+    """A module that runs ``streams`` chunks at once through ``map``."""
+
+    streams = 3
+
+    def map(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.batches.append([len(c) for c in chunks])
+        return [c.flatten(1).sum(1, keepdim=True) for c in chunks]
+
+
+def test_micro_batched_spreads_a_batch_over_the_streams() -> None:
+    recorder = StreamsRecorder()
+    x = torch.randn(8, 3, 4, 4)
+    out = MicroBatched(recorder, 16)(x)  # fits one chunk, but three streams want work
+    assert recorder.batches == [[3, 3, 2]]
+    torch.testing.assert_close(out, x.flatten(1).sum(1, keepdim=True))
+    recorder.batches.clear()
+    MicroBatched(recorder, 2)(x)
+    assert recorder.batches == [[2, 2, 2, 2]]
+    recorder.batches.clear()
+    MicroBatched(recorder, 16)(x[:1])  # one image: one plain call
+    assert recorder.batches == [1]
+
+
 def test_micro_batch_size_fits_the_cache_budget() -> None:
     model = create_model("densenet121")
     # Largest block buffer: block 1, 256 channels at stride 4.
@@ -159,9 +204,17 @@ def test_micro_batch_option() -> None:
     unsplit = optimize_for_inference(model, "eager", micro_batch=0)
     assert not isinstance(unsplit, MicroBatched)
     assert_same(model, unsplit, torch.randn(3, 3, 16, 16))
-    for bad in (-1, True):
+    for bad in (-1, True, 1.5):
         with pytest.raises(ValueError, match="micro_batch must be an int >= 0"):
             optimize_for_inference(model, "eager", micro_batch=bad)
+    for bad in (0, False):
+        with pytest.raises(ValueError, match="streams must be an int >= 1"):
+            optimize_for_inference(model, "eager", streams=bad)
+    with pytest.raises(ValueError, match="streams=2 needs the openvino backend"):
+        optimize_for_inference(model, "onnxruntime", streams=2)
+    if importlib.util.find_spec("openvino"):
+        with pytest.raises(ValueError, match="streams=3 needs at least one thread each"):
+            optimize_for_inference(model, "openvino", threads=2, streams=3)
 
 
 def test_channels_last_input_and_option() -> None:

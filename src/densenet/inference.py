@@ -23,7 +23,8 @@ and a runtime runs a whole batch through one layer before the next, so at batch 
 block's features (256 channels x 56 x 56 x 16 images = 51 MB) are re-read from main memory by every
 layer. :class:`MicroBatched` runs a batch as chunks whose largest block buffer fits
 :data:`CACHE_BUDGET_BYTES` (densenet121 at 224x224: 2 images), so the block stays in cache. The
-images of a batch are independent in eval mode, so the outputs are the same.
+images of a batch are independent in eval mode, so the outputs are the same. On OpenVINO the
+chunks run on parallel streams, one thread each (:class:`OpenVinoModel`), sharing the budget.
 
 :func:`optimize_for_inference` then runs the rewritten model on a backend: ``"eager"`` PyTorch,
 ``"compile"`` (``torch.compile``, minutes of compile for densenet121 on a small CPU),
@@ -247,7 +248,9 @@ class MicroBatched(nn.Module):
     images are independent). Chunks are as even as possible, so a batch of 16 in chunks of at most
     2 is 8 calls of 2 (runtimes that compile per shape see at most two shapes per batch size).
 
-    ``size``: images per chunk, or a function of the input's ``(H, W)`` that returns it.
+    ``size``: images per chunk, or a function of the input's ``(H, W)`` that returns it. A module
+    with ``streams`` > 1 and a ``map(chunks)`` method runs that many chunks at once; the batch is
+    then split into at least ``min(N, streams)`` chunks so that every stream has one.
     """
 
     def __init__(self, module: nn.Module, size: int | Callable[[int, int], int]) -> None:
@@ -259,21 +262,27 @@ class MicroBatched(nn.Module):
         if x.dim() != 4:
             return self.module(x)  # the module's own input check names the problem
         size = self.size if isinstance(self.size, int) else self.size(x.shape[2], x.shape[3])
-        if x.shape[0] <= size:
+        n = x.shape[0]
+        count = max(math.ceil(n / size), min(n, _streams(self.module)))
+        if count == 1:
             return self.module(x)
-        chunks = x.tensor_split(math.ceil(x.shape[0] / size))
-        return torch.cat([self.module(chunk) for chunk in chunks])
+        chunks = list(x.tensor_split(count))
+        run_all = getattr(self.module, "map", None)
+        return torch.cat(run_all(chunks) if run_all else [self.module(c) for c in chunks])
+
+
+def _streams(module: nn.Module) -> int:
+    return getattr(module, "streams", 1)
 
 
 def micro_batched(module: nn.Module, model: DenseNet, micro_batch: int | None = None) -> nn.Module:
     """``module`` (any callable computing ``model``) run in :class:`MicroBatched` chunks of
-    ``micro_batch`` images, or by default of :func:`micro_batch_size` for each input size; ``0``
-    returns ``module`` itself."""
+    ``micro_batch`` images, or by default of :func:`micro_batch_size` for each input size (with
+    ``module.streams`` > 1, chunks that fit the budget together); ``0`` returns ``module``."""
     if micro_batch == 0:
         return module
-    return MicroBatched(
-        module, micro_batch or functools.partial(_chunk_size, feature_bytes_per_pixel(model))
-    )
+    per_pixel = feature_bytes_per_pixel(model) * _streams(module)
+    return MicroBatched(module, micro_batch or functools.partial(_chunk_size, per_pixel))
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -360,10 +369,21 @@ def openvino_core():
 
 class OpenVinoModel(nn.Module):
     """An ONNX model compiled by OpenVINO for CPU, one static shape per input shape (compiled on
-    first use, about a second), behind a module-like call."""
+    first use, about a second), behind a module-like call.
+
+    ``streams`` > 1: :meth:`map` runs that many inputs at once, each on its own OpenVINO stream
+    of ``threads // streams`` threads. Streams share no work, so they never wait for each other;
+    one input on all threads synchronizes them after every layer (a few thousand times per
+    densenet121 image), and on a machine whose cores are shared with others each wait is as long
+    as the slowest core (measured in docs/benchmarks.md).
+    """
 
     def __init__(
-        self, model_bytes: bytes, threads: int | None = None, check_input: InputCheck | None = None
+        self,
+        model_bytes: bytes,
+        threads: int | None = None,
+        check_input: InputCheck | None = None,
+        streams: int = 1,
     ) -> None:
         super().__init__()
         self.check_input = check_input
@@ -373,25 +393,70 @@ class OpenVinoModel(nn.Module):
             path.write_bytes(model_bytes)
             self.model = self.core.read_model(str(path))
         self.threads = threads or torch.get_num_threads()
+        self.streams = streams
+        # Compiled models by (input shape, streams), and each multi-stream model's request queue.
         self.compiled: dict[tuple, object] = {}
+        self.queues: dict[tuple, object] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.check_input is not None:
-            self.check_input(x)
-        shape = tuple(x.shape)
-        if shape not in self.compiled:
+    def _compiled(self, shape: tuple[int, ...], streams: int):
+        key = (shape, streams)
+        if key not in self.compiled:
             model = self.model.clone()
             model.reshape(list(shape))
             # OpenVINO silently computes in bfloat16 on CPUs that have it (rel. error ~1e-2):
             # pin float32 so it is the same arithmetic as the other backends.
-            config = {
-                "INFERENCE_NUM_THREADS": self.threads,
-                "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_PRECISION_HINT": "f32",
-            }
-            self.compiled[shape] = self.core.compile_model(model, "CPU", config)
-        result = self.compiled[shape]([x.detach().to("cpu", torch.float32).contiguous().numpy()])
-        return torch.from_numpy(next(iter(result.values())).copy())
+            config = {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": "f32"}
+            if streams == 1:
+                config["PERFORMANCE_HINT"] = "LATENCY"
+            else:
+                config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams)
+            self.compiled[key] = self.core.compile_model(model, "CPU", config)
+        return self.compiled[key]
+
+    def _queue(self, shape: tuple[int, ...]):
+        if shape not in self.queues:
+            ov = import_optional("openvino", "bench")
+            self.queues[shape] = ov.AsyncInferQueue(
+                self._compiled(shape, self.streams), self.streams
+            )
+        return self.queues[shape]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.map([x])[0]
+
+    def map(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The output for each input; inputs of one shape run ``streams`` at a time."""
+        arrays = []
+        for x in inputs:
+            if self.check_input is not None:
+                self.check_input(x)
+            arrays.append(x.detach().to("cpu", torch.float32).contiguous().numpy())
+        outputs: list[torch.Tensor | None] = [None] * len(arrays)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, array in enumerate(arrays):
+            by_shape.setdefault(array.shape, []).append(i)
+        for shape, indices in by_shape.items():
+            if self.streams == 1 or len(indices) == 1:
+                compiled = self._compiled(shape, 1)
+                for i in indices:
+                    outputs[i] = _first_output(compiled([arrays[i]]).values())
+                continue
+            queue = self._queue(shape)
+            queue.set_callback(functools.partial(_store_output, outputs))
+            for i in indices:
+                queue.start_async([arrays[i]], userdata=i)
+            queue.wait_all()
+        if any(out is None for out in outputs):
+            raise RuntimeError("OpenVINO returned no output for some inputs")  # a lost callback
+        return outputs
+
+
+def _first_output(values) -> torch.Tensor:
+    return torch.from_numpy(next(iter(values)).copy())
+
+
+def _store_output(outputs: list, request, index: int) -> None:
+    outputs[index] = _first_output([request.get_output_tensor(0).data])
 
 
 # The runtimes that run an ONNX graph, by backend name.
@@ -428,6 +493,7 @@ def optimize_for_inference(
     input_size: tuple[int, int] | None = None,
     threads: int | None = None,
     micro_batch: int | None = None,
+    streams: int | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A fast float32 callable with the outputs of ``model`` in eval mode (rel. error <= 1e-4).
 
@@ -443,22 +509,37 @@ def optimize_for_inference(
         threads: runtime intra-op threads (default ``torch.get_num_threads()``).
         micro_batch: run larger batches as chunks of at most this many images; default: the
             largest power of two whose dense-block features fit :data:`CACHE_BUDGET_BYTES`, for
-            the size of each input (:func:`micro_batch_size`); ``0``: never split.
+            the size of each input (:func:`micro_batch_size`), shared by the streams; ``0``:
+            never split.
+        streams: openvino only: how many chunks of a batch run at once, each on
+            ``threads // streams`` threads (default: ``threads``, one thread per stream; a
+            single image always runs on all threads). Measured on 2 cores only; on many cores,
+            fewer streams may serve small batches better.
 
     Returns an ``nn.Module``: call it on ``(N, in_chans, H, W)`` float tensors.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if micro_batch is not None and (isinstance(micro_batch, bool) or micro_batch < 0):
-        raise ValueError(f"micro_batch must be an int >= 0 (0: never split), got {micro_batch!r}")
+    for name, value, least in (("micro_batch", micro_batch, 0), ("streams", streams, 1)):
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if value is not None and not (is_int and value >= least):
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     model = _as_densenet(model)
     if backend == "auto":
         backend = next((b for b in AUTO_ORDER if importlib.util.find_spec(b)), "eager")
+    threads = threads or torch.get_num_threads()
+    if backend != "openvino" and streams not in (None, 1):
+        raise ValueError(f"streams={streams} needs the openvino backend (this one is {backend!r})")
+    if streams is not None and streams > threads:
+        raise ValueError(f"streams={streams} needs at least one thread each; threads={threads}")
     fused: nn.Module
     if backend in RUNTIMES:
         graph = fuse_for_inference(model, preallocate=False)
-        example = _example_input(model, input_size)
-        fused = RUNTIMES[backend](onnx_bytes(graph, example), threads, graph.check_input)
+        onnx = onnx_bytes(graph, _example_input(model, input_size))
+        if backend == "openvino":
+            fused = OpenVinoModel(onnx, threads, graph.check_input, streams or threads)
+        else:
+            fused = RUNTIMES[backend](onnx, threads, graph.check_input)
     else:
         fused = fuse_for_inference(model)
         if channels_last:

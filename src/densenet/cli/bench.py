@@ -67,6 +67,11 @@ def add_parser(subparsers) -> None:
         "the cache, see optimize_for_inference; 0: never split)",
     )  # fmt: skip
     parser.add_argument(
+        "--streams", type=int, metavar="N",
+        help="openvino streams for the optimized and openvino-microbatch backends (default: "
+        "--threads, one thread per stream; see optimize_for_inference)",
+    )  # fmt: skip
+    parser.add_argument(
         "--calibration", nargs="+", metavar="IMAGE_OR_FOLDER",
         help="real images to calibrate the int8 backend on (required for int8)",
     )  # fmt: skip
@@ -111,12 +116,13 @@ def build_backends(
     threads: int,
     calibration: Callable[[], list[torch.Tensor]] | None = None,
     micro_batch: int | None = None,
+    streams: int | None = None,
 ) -> tuple[dict[str, Callable], dict[str, str]]:
     """Callables for the requested backends, and a note for each one skipped (and why).
 
     ``example`` is a ``(1, C, H, W)`` input for tracing; ``calibration`` returns the int8
-    calibration batches (called only when int8 is requested); ``micro_batch`` as in
-    :func:`~densenet.inference.optimize_for_inference`.
+    calibration batches (called only when int8 is requested); ``micro_batch`` and ``streams`` as
+    in :func:`~densenet.inference.optimize_for_inference`.
     """
     made: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
@@ -132,18 +138,22 @@ def build_backends(
         elif name == "optimized" or name.startswith("optimized-"):
             backend = name.removeprefix("optimized").removeprefix("-") or "auto"
             made[name] = optimize_for_inference(
-                model, backend, input_size=size, threads=threads, micro_batch=micro_batch
-            )
+                model, backend, input_size=size, threads=threads, micro_batch=micro_batch,
+                streams=streams if backend in ("auto", "openvino") else None,
+            )  # fmt: skip
         elif name.removesuffix("-microbatch") in RUNTIMES:
             plain_onnx = plain_onnx or onnx_bytes(model, example[:1])
+            # The plain export run in our default micro-batches (and OpenVINO streams): how much
+            # of our gain a user of the runtime alone would get by scheduling the batch the same.
+            options = {"streams": streams or threads} if name == "openvino-microbatch" else {}
             try:
-                made[name] = RUNTIMES[name.removesuffix("-microbatch")](plain_onnx, threads)
+                made[name] = RUNTIMES[name.removesuffix("-microbatch")](
+                    plain_onnx, threads, **options
+                )
             except ValueError as error:
                 skipped[name] = str(error)
                 continue
             if name.endswith("-microbatch"):
-                # The plain export run in our default micro-batches: how much of our gain a
-                # user of the runtime alone would get by splitting the batch the same way.
                 made[name] = micro_batched(made[name], model, micro_batch)
         elif name == "int8":
             from densenet.quantization import quantize_model
@@ -247,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--batch, --iters and --threads must be >= 1, --warmup >= 0")
     if args.micro_batch is not None and args.micro_batch < 0:
         raise CLIError(f"--micro-batch must be >= 0 (0: never split), got {args.micro_batch}")
+    if args.streams is not None and not 1 <= args.streams <= args.threads:
+        raise CLIError(f"--streams must be between 1 and --threads, got {args.streams}")
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(names) - set(BACKENDS))
     if unknown:
@@ -260,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     example = torch.randn(1, model.in_chans, size, size)
     backends, skipped = build_backends(
         names, model, example, args.threads, lambda: _calibration_batches(args, info),
-        args.micro_batch,
+        args.micro_batch, args.streams,
     )  # fmt: skip
     report = dict(
         model=info.name, source=info.source, size=size, threads=args.threads, iters=args.iters,
