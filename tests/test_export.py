@@ -91,6 +91,8 @@ def test_bench_openvino_streams(tmp_path: Path, capsys) -> None:
     rows = json.loads(capsys.readouterr().out)["results"]["3"]
     assert list(rows) == ["optimized-openvino", "openvino", "openvino-microbatch"]
     assert all(row["img_per_s"] > 0 for row in rows.values())
+    assert rows["openvino"]["vs_openvino_round_median"] == pytest.approx(1.0)
+    assert "vs_openvino" in rows["optimized-openvino"]
 
 
 def test_bench_command_errors(tmp_path: Path, capsys) -> None:

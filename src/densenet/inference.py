@@ -373,9 +373,10 @@ class OpenVinoModel(nn.Module):
 
     ``streams`` > 1: :meth:`map` runs that many inputs at once, each on its own OpenVINO stream
     of ``threads // streams`` threads. Streams share no work, so they never wait for each other;
-    one input on all threads synchronizes them after every layer (a few thousand times per
-    densenet121 image), and on a machine whose cores are shared with others each wait is as long
-    as the slowest core (measured in docs/benchmarks.md).
+    one input on all threads synchronizes them after every operation (hundreds per densenet121
+    image), so on a machine whose cores are shared with others each step waits for the slowest
+    core. Measured in docs/benchmarks.md: on this project's 2-core VM, two streams kept their
+    gain when load came and went, one stream on two threads did not.
     """
 
     def __init__(

@@ -3,9 +3,10 @@
 Backends run interleaved (one call of each per round), so load from other processes hits them
 alike and the ratios stay meaningful on a busy machine. Reported per backend and batch size:
 img/s (batch x rounds / total time), latency p50/p90 (ms), the extra resident memory while it ran
-(MB, sampled from /proc), and the speed ratio to the torchvision eager model and to onnxruntime on
-the plain export: the ratio of the img/s (``vs_*``) and the median over rounds of each round's
-ratio (``vs_*_round_median``, the one least moved by load that comes and goes).
+(MB, sampled from /proc), and the speed ratio to the torchvision eager model and to onnxruntime and
+OpenVINO on the plain export (when they run): the ratio of the img/s (``vs_*``) and the median
+over rounds of each round's ratio (``vs_*_round_median``, the one least moved by load that comes
+and goes).
 """
 
 from __future__ import annotations
@@ -195,7 +196,13 @@ class _PeakRSS:
         self.thread.join()
 
 
-ROUND_MEDIAN = "vs_onnxruntime_round_median"
+REFERENCES = ("torchvision", "onnxruntime", "openvino")
+# Table columns: title, report key.
+RATIO_COLUMNS = (
+    ("vs tv", "vs_torchvision"), ("vs ort", "vs_onnxruntime"),
+    ("ort rnd", "vs_onnxruntime_round_median"), ("vs ov", "vs_openvino"),
+    ("ov rnd", "vs_openvino_round_median"),
+)  # fmt: skip
 SETTLE_S = 0.05  # pause between timed calls, not timed
 
 
@@ -231,7 +238,7 @@ def measure(
             extra_memory_mb=round(extra_mb[name], 1),
         )
     for name, row in results.items():
-        for ref in ("torchvision", "onnxruntime"):
+        for ref in REFERENCES:
             if ref in results:
                 row[f"vs_{ref}"] = row["img_per_s"] / results[ref]["img_per_s"]
                 # Calls of one round run seconds apart, so their ratio is the least disturbed
@@ -287,19 +294,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{info.source}, {size}x{size}, {args.threads} threads, load {report['load_before']}")
     header = f"{'batch':>5} {'backend':22} {'img/s':>8} {'p50 ms':>9} {'p90 ms':>9} {'+MB':>7}"
-    print(header + f" {'vs tv':>6} {'vs ort':>6} {'ort rnd':>7}")
+    print(header + "".join(f" {title:>7}" for title, _ in RATIO_COLUMNS))
     for n, rows in report["results"].items():
         for name, r in rows.items():
             ratios = " ".join(
-                f"{r[k]:{w}.2f}" if k in r else f"{'-':>{w}}"
-                for k, w in (("vs_torchvision", 6), ("vs_onnxruntime", 6), (ROUND_MEDIAN, 7))
+                f"{r[key]:7.2f}" if key in r else f"{'-':>7}" for _, key in RATIO_COLUMNS
             )
             print(
                 f"{n:>5} {name:22} {r['img_per_s']:8.2f} {r['p50_ms']:9.1f} {r['p90_ms']:9.1f} "
                 f"{r['extra_memory_mb']:7.1f} {ratios}"
             )
-    if any(ROUND_MEDIAN in r for rows in report["results"].values() for r in rows.values()):
-        print("ort rnd: median over the rounds of each round's speed ratio to onnxruntime")
+    print("vs tv/ort/ov: img/s ratio to torchvision, onnxruntime, openvino (plain export, whole")
+    print("batch); ort rnd, ov rnd: median over the rounds of each round's ratio")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     print(f"load after: {report['load_after']}")
