@@ -87,8 +87,12 @@ def test_bench_openvino_streams(tmp_path: Path, capsys) -> None:
     checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
     argv = ["bench", "--checkpoint", str(checkpoint), "--batch", "3", "--threads", "2"]
     argv += ["--backends", "optimized-openvino,openvino,openvino-microbatch", "--streams", "2"]
-    assert main(argv + ["--iters", "2", "--warmup", "1", "--json"]) == 0
+    assert main(argv + ["--iters", "2", "--warmup", "1", "--min-time", "0.05", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["results"]["3"]
+    # --min-time: rounds go on until every backend has run 0.05 s in timed calls.
+    assert len({row["rounds"] for row in rows.values()}) == 1
+    for row in rows.values():
+        assert 3 * row["rounds"] / row["img_per_s"] >= 0.05  # timed seconds of 3-image calls
     assert list(rows) == ["optimized-openvino", "openvino", "openvino-microbatch"]
     assert all(row["img_per_s"] > 0 for row in rows.values())
     assert rows["openvino"]["vs_openvino_round_median"] == pytest.approx(1.0)
@@ -104,5 +108,7 @@ def test_bench_command_errors(tmp_path: Path, capsys) -> None:
     assert "--micro-batch must be >= 0" in capsys.readouterr().err
     assert main(base + ["--threads", "2", "--streams", "3"]) == 2
     assert "--streams must be between 1 and --threads" in capsys.readouterr().err
+    assert main(base + ["--min-time", "-1"]) == 2
+    assert "--min-time >= 0" in capsys.readouterr().err
     assert main(base + ["--backends", "int8", "--batch", "1"]) == 2
     assert "--calibration" in capsys.readouterr().err

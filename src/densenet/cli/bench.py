@@ -61,6 +61,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--iters", type=int, default=10, help="timed rounds per batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument(
+        "--min-time", type=float, default=0.0, metavar="SECONDS",
+        help="after --iters rounds, more rounds until every backend has run this long in timed "
+        "calls (default 0): small batches then get as many seconds of samples as large ones",
+    )  # fmt: skip
     parser.add_argument("--size", type=int, help="input height=width (default: the model's)")
     parser.add_argument(
         "--micro-batch", type=int, metavar="N",
@@ -208,9 +213,16 @@ SETTLE_S = 0.05  # pause between timed calls, not timed
 
 @torch.no_grad()
 def measure(
-    backends: dict[str, Callable], batch: torch.Tensor, iters: int, warmup: int
+    backends: dict[str, Callable],
+    batch: torch.Tensor,
+    iters: int,
+    warmup: int,
+    min_time: float = 0.0,
 ) -> dict[str, dict]:
-    """Interleaved timing of every backend on ``batch``: img/s, p50/p90 ms, extra memory MB."""
+    """Interleaved timing of every backend on ``batch``: img/s, p50/p90 ms, extra memory MB.
+
+    ``iters`` rounds, then more until every backend's timed calls add up to ``min_time`` seconds.
+    """
     times: dict[str, list[float]] = {name: [] for name in backends}
     extra_mb: dict[str, float] = {}
     for name, fn in backends.items():
@@ -219,7 +231,9 @@ def measure(
             for _ in range(warmup):
                 fn(batch)
         extra_mb[name] = (rss.peak - base) / 2**20
-    for _ in range(iters):
+    rounds = 0
+    while rounds < iters or min(map(sum, times.values())) < min_time:
+        rounds += 1
         for name, fn in backends.items():
             start = time.perf_counter()
             fn(batch)
@@ -232,7 +246,8 @@ def measure(
     for name, values in times.items():
         q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
         results[name] = dict(
-            img_per_s=n * len(values) / sum(values),
+            img_per_s=n * rounds / sum(values),
+            rounds=rounds,
             p50_ms=1000 * statistics.median(values),
             p90_ms=1000 * q[8],
             extra_memory_mb=round(extra_mb[name], 1),
@@ -260,8 +275,13 @@ def run(args: argparse.Namespace) -> int:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise CLIError(f"--batch must list integers like 1,16, got {args.batch!r}") from None
-    if min(batches) < 1 or args.iters < 1 or args.threads < 1 or args.warmup < 0:
-        raise CLIError("--batch, --iters and --threads must be >= 1, --warmup >= 0")
+    if (
+        min(batches) < 1
+        or args.iters < 1
+        or args.threads < 1
+        or min(args.warmup, args.min_time) < 0
+    ):
+        raise CLIError("--batch, --iters and --threads must be >= 1, --warmup and --min-time >= 0")
     if args.micro_batch is not None and args.micro_batch < 0:
         raise CLIError(f"--micro-batch must be >= 0 (0: never split), got {args.micro_batch}")
     if args.streams is not None and not 1 <= args.streams <= args.threads:
@@ -283,11 +303,12 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     report = dict(
         model=info.name, source=info.source, size=size, threads=args.threads, iters=args.iters,
+        min_time=args.min_time,
         load_before=_load(), skipped=skipped, results={},
     )  # fmt: skip
     for n in batches:
         batch = torch.randn(n, model.in_chans, size, size)
-        report["results"][str(n)] = measure(backends, batch, args.iters, args.warmup)
+        report["results"][str(n)] = measure(backends, batch, args.iters, args.warmup, args.min_time)
     report["load_after"] = _load()
     if args.json:
         print(json.dumps(report))
