@@ -218,6 +218,10 @@ class InferenceDenseNet(nn.Module):
         self.num_classes = model.num_classes
         self.in_chans = model.in_chans
         self.check_input = InputCheck(model)
+        # An inference graph: no autograd, so its outputs hold no graph and torch.compile traces
+        # no backward (which the in-place writes into the feature buffer would break) even when
+        # called outside torch.no_grad().
+        self.requires_grad_(False)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,10 @@ import re
 import socket
 import stat
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -231,33 +232,101 @@ def save_state(path: str | Path, state: Any, metadata: dict | None = None) -> Pa
     return atomic_write(path, lambda f: f.write(data))
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local file header: torch.save's format since 1.6
+PICKLE_PROTOCOLS = range(2, 6)  # PROTO opcode 0x80 then the protocol; torch.save's legacy format
+
+
+def _safetensors_header(f: BinaryIO, file_size: int) -> tuple[dict | None, str]:
+    """``(header, "")`` if ``f`` is a whole safetensors file, else ``(None, why not)``.
+
+    The structure decides, not a byte: an 8-byte little-endian header length, that many bytes of
+    a JSON object, and tensors whose ``data_offsets`` tile the rest of the file exactly.
+    """
+    f.seek(0)
+    size_bytes = f.read(8)
+    if len(size_bytes) < 8:
+        return None, f"file is empty or truncated ({file_size} bytes)"
+    size = int.from_bytes(size_bytes, "little")
+    if size > MAX_HEADER_BYTES:
+        return None, f"not a safetensors file (bad header length {size})"
+    if size > file_size - 8:
+        return None, (
+            f"truncated, or not a safetensors file (its header claims {size} bytes, the whole "
+            f"file has {file_size})"
+        )
+    try:
+        header = json.loads(f.read(size))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"not a safetensors file ({error})"
+    if not isinstance(header, dict):
+        return None, "not a safetensors file (header is not a JSON object)"
+    if not isinstance(header.get("__metadata__") or {}, dict):
+        return None, "not a safetensors file (__metadata__ is not an object)"
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            return None, f"not a safetensors file (tensor {name!r} has no valid data_offsets)"
+        spans.append(tuple(offsets))
+    data_bytes, end = file_size - 8 - size, 0
+    for start, stop in sorted(spans):
+        if start != end:
+            return None, f"damaged safetensors file (tensor data has a gap or overlap at {start})"
+        end = stop
+    if end != data_bytes:
+        return None, (
+            f"truncated or damaged safetensors file (its tensors need {end} data bytes, it has "
+            f"{data_bytes})"
+        )
+    return header, ""
+
+
+def file_kind(path: str | Path) -> str:
+    """What ``path`` holds, recognized by its structure: ``'safetensors'`` (a header that parses
+    and covers the file), ``'zip'`` (torch.save since 1.6: local header and central directory),
+    ``'pickle'`` (torch.save's legacy format: a PROTO opcode) or ``'unknown'``.
+
+    The checks run in that order because the first byte alone is ambiguous: a safetensors header
+    length may start with 0x80, pickle's PROTO opcode.
+    """
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        if _safetensors_header(f, file_size)[0] is not None:
+            return "safetensors"
+        f.seek(0)
+        head = f.read(4)
+        if head == ZIP_MAGIC and zipfile.is_zipfile(f):
+            return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS:
+        return "pickle"
+    return "unknown"
+
+
+def unknown_file_reason(path: str | Path) -> str:
+    """Why ``path`` is none of the kinds of :func:`file_kind` (for an error message)."""
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        if f.read(4) == ZIP_MAGIC:
+            return "a damaged or truncated zip (torch.save) file: its central directory is missing"
+        return _safetensors_header(f, file_size)[1]
+
+
 def read_header(path: str | Path) -> dict[str, str]:
     """The safetensors header metadata of ``path`` (raises :class:`CheckpointError` if not one)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size_bytes = f.read(8)
-            if len(size_bytes) < 8:
-                raise CheckpointError(
-                    f"{path}: file is empty or truncated ({len(size_bytes)} bytes)"
-                )
-            size, file_size = int.from_bytes(size_bytes, "little"), os.path.getsize(path)
-            if size > 100_000_000:
-                raise CheckpointError(f"{path}: not a safetensors file (bad header length {size})")
-            if size > file_size - 8:
-                raise CheckpointError(
-                    f"{path}: truncated, or not a safetensors file (its header claims {size} "
-                    f"bytes, the whole file has {file_size})"
-                )
-            header = json.loads(f.read(size))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not a safetensors file ({error})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (__metadata__ is not an object)")
-    return metadata
+    with open(path, "rb") as f:
+        header, problem = _safetensors_header(f, os.fstat(f.fileno()).st_size)
+    if header is None:
+        raise CheckpointError(f"{path}: {problem}")
+    return header.get("__metadata__") or {}
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Any, dict]:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from densenet.io import CheckpointError, load_state, save_state
+from densenet.io import CheckpointError, file_kind, load_state, save_state, unknown_file_reason
 from densenet.models import DenseNet, FeatureExtractor
 from densenet.zoo import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, get_model_spec, list_models
 
@@ -285,18 +285,6 @@ def download_weights(tag: str, progress: bool = True) -> Path:
 # --- reading weights files ----------------------------------------------------------------------
 
 
-def _file_kind(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"  # torch.save's format since 1.6
-    if head[:1] == b"\x80":
-        return "pickle"  # torch.save's legacy format, or a bare pickle
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
-    return "unknown"
-
-
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -314,53 +302,95 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: corrupt or truncated PyTorch file ({reason})") from None
 
 
-# Wrappers that training scripts put around a state dict, tried in order.
-_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net", "module")
+# Where checkpoints keep the weights, tried in this order: the trained model (ours and most
+# scripts: "model"; timm's train script and Lightning: "state_dict"), then an EMA copy (ours:
+# "ema"; timm's: "state_dict_ema" / "model_ema"), used only when the file holds nothing else.
+_WEIGHTS_KEYS = ("model", "state_dict", "model_state_dict", "net", "network", "module")
+_EMA_KEYS = ("ema", "state_dict_ema", "model_ema", "ema_state_dict", "model_ema_state_dict")
+# Prefixes that wrappers add to every key: DataParallel/DDP, a model held as ``self.model``
+# (Lightning modules, our FeatureExtractor), torch.compile.
+_KEY_PREFIXES = ("module.", "model.", "_orig_mod.")
+_NESTING = 3  # how deep state dicts are looked for, e.g. {"model": {"state_dict": ...}}
 
 
-def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:
-    for key in _WRAPPER_KEYS:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if (
-        not isinstance(state, dict)
-        or not state
-        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
-    ):
-        found = list(state)[:8] if isinstance(state, dict) else type(state).__name__
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _find_state_dict(obj: Any, depth: int = 0) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``(state dict, the keys leading to it)`` in a checkpoint; ``LookupError`` if none."""
+    if _is_state_dict(obj):
+        return obj, []
+    if isinstance(obj, dict) and depth < _NESTING:
+        for key in (*_WEIGHTS_KEYS, *_EMA_KEYS):
+            if isinstance(obj.get(key), dict):
+                with contextlib.suppress(LookupError):
+                    found, where = _find_state_dict(obj[key], depth + 1)
+                    return found, [key, *where]
+    raise LookupError
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the wrapper prefixes (:data:`_KEY_PREFIXES`) that all its keys share."""
+    while prefix := next((p for p in _KEY_PREFIXES if all(k.startswith(p) for k in state)), None):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def _unwrap(state: Any, path: Path, announce: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint ``state``, wrapper prefixes removed.
+
+    ``announce``: say on stderr which entry was used when the file also holds EMA weights.
+    """
+    try:
+        found, where = _find_state_dict(state)
+    except LookupError:
+        found_keys = list(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
             f"{path}: no state dict found (expected a dict of tensors, or one under "
-            f"{'/'.join(_WRAPPER_KEYS)}; found {found})"
-        )
-    # nn.DataParallel / DistributedDataParallel prefix every key with "module.".
-    if all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return dict(state)
+            f"{'/'.join(_WEIGHTS_KEYS + _EMA_KEYS)}; found {found_keys})"
+        ) from None
+    if announce and where and where[0] in _WEIGHTS_KEYS:
+        ema = [k for k in _EMA_KEYS if isinstance(state.get(k), dict)]
+        if ema:
+            notice(
+                f"{path}: using the weights under {where[0]!r}; the EMA weights under "
+                f"{ema[0]!r} are not used"
+            )
+    return _strip_prefixes(dict(found))
 
 
 def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """``(state_dict, metadata)`` of a weights or checkpoint file, in our key layout.
 
-    Reads our safetensors files (weights or training checkpoints), plain ``.safetensors``, and
-    ``.pth``/``.pt`` files via ``torch.load(weights_only=True)``; remaps torchvision's legacy keys
-    and the layouts of :data:`KEY_LAYOUTS`. ``metadata`` is our files' JSON metadata (model name
-    and arguments), else empty. Raises :class:`CheckpointError` naming the file.
+    The file's kind is recognized by its structure (:func:`densenet.io.file_kind`), never by its
+    name: our safetensors files (weights or training checkpoints) and plain ``.safetensors``;
+    ``torch.save`` files, zip or legacy, via ``torch.load(weights_only=True)``. The state dict is
+    found inside training checkpoints (``model``/``state_dict``/... entries, an EMA copy when
+    there is nothing else), stripped of ``module.``/``model.``/``_orig_mod.`` prefixes, and
+    torchvision's legacy keys and the layouts of :data:`KEY_LAYOUTS` are renamed. Tensors keep
+    their dtype (fp16 files load into float32 models by ``load_state_dict``'s copy). ``metadata``
+    is our files' JSON metadata (model name and arguments), else empty. Raises
+    :class:`CheckpointError` naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
-    kind = _file_kind(path)
+    kind = file_kind(path)
     if kind == "safetensors":
         state, metadata = load_state(path)
     elif kind in ("zip", "pickle"):
         state, metadata = _torch_load(path), {}
     else:
         raise CheckpointError(
-            f"{path}: not a weights file (neither safetensors nor a torch.save file; "
-            f"{path.stat().st_size} bytes)"
+            f"{path}: not a weights file: neither safetensors nor a torch.save file "
+            f"({unknown_file_reason(path)}); pass a .safetensors or .pth weights file"
         )
-    return remap_state_dict(_unwrap(state, path)), metadata
+    return remap_state_dict(_unwrap(state, path, announce=not metadata)), metadata
 
 
 # --- key layouts --------------------------------------------------------------------------------
@@ -666,11 +696,17 @@ def suggest_architecture(state_dict: dict[str, torch.Tensor]) -> str | None:
     return f"DenseNet({', '.join(f'{k}={v!r}' for k, v in arch.items())})"
 
 
+# BatchNorm's batch counter: absent from files saved before PyTorch 0.4.1 (torchvision's published
+# DenseNets among them); BatchNorm's own loader then starts it at 0, and so does ours.
+BN_COUNTER = "num_batches_tracked"
+
+
 def mismatch_report(model: nn.Module, state_dict: dict[str, torch.Tensor], limit: int = 5) -> str:
     """Missing and unexpected keys and differing shapes of ``state_dict`` for ``model`` ('' if
-    it fits), ``limit`` of each named."""
+    it fits), ``limit`` of each named. A missing BatchNorm ``num_batches_tracked`` fits: it is
+    only a counter, which loading starts at 0 (see :func:`with_bn_counters`)."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
+    missing = [k for k in own if k not in state_dict and not k.endswith("." + BN_COUNTER)]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [
         f"{k}: weights {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -683,6 +719,17 @@ def mismatch_report(model: nn.Module, state_dict: dict[str, torch.Tensor], limit
             more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
             parts.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
     return "; ".join(parts)
+
+
+def with_bn_counters(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:
+    """``state_dict`` with each BatchNorm ``num_batches_tracked`` of ``model`` it lacks set to 0,
+    as torchvision's loader ends for its published files (which predate the counter)."""
+    counters = {
+        k: torch.zeros((), dtype=v.dtype)
+        for k, v in model.state_dict().items()
+        if k.endswith("." + BN_COUNTER) and k not in state_dict
+    }
+    return {**state_dict, **counters}
 
 
 def load_pretrained(model: nn.Module, source: Source | str | Path) -> nn.Module:
@@ -717,7 +764,7 @@ def load_pretrained(model: nn.Module, source: Source | str | Path) -> nn.Module:
         raise CheckpointError(
             f"{source.description}: the weights do not fit the architecture ({report}).{hint}"
         )
-    net.load_state_dict(state_dict)
+    net.load_state_dict(with_bn_counters(net, state_dict))
     return model
 
 
