@@ -20,8 +20,8 @@ Face files) are only checked for being complete, readable weights files, and say
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import difflib
 import fnmatch
 import hashlib
 import os
@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from densenet.io import CheckpointError, file_kind, load_state, save_state, unknown_file_reason
+from densenet.messages import did_you_mean
 from densenet.models import DenseNet, FeatureExtractor
 from densenet.zoo import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, get_model_spec, list_models
 
@@ -164,8 +165,7 @@ def get_weights(tag: str) -> Weights:
     """The registry entry of ``tag``; a ``ValueError`` suggesting the nearest tags otherwise."""
     if tag in WEIGHTS:
         return WEIGHTS[tag]
-    close = difflib.get_close_matches(tag, list(WEIGHTS), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = did_you_mean(tag, WEIGHTS, cutoff=0.5)
     raise ValueError(f"unknown weights {tag!r}{hint} (densenet.list_weights() lists all)")
 
 
@@ -285,9 +285,15 @@ def download_weights(tag: str, progress: bool = True) -> Path:
 # --- reading weights files ----------------------------------------------------------------------
 
 
+# Plain-data classes that real checkpoints pickle besides tensors, safe to rebuild: timm's train
+# script stores its command-line arguments (``"args"``) as an argparse.Namespace.
+_SAFE_CLASSES = [argparse.Namespace]
+
+
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
         if "weights only" not in reason.lower():  # e.g. "pickle data was truncated"
@@ -297,8 +303,9 @@ def _torch_load(path: Path) -> Any:
             f"containers, which could run code when unpickled ({reason}). Only load it with "
             "torch.load(weights_only=False) if you trust its source, then save its state_dict()."
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        reason = str(error).strip().splitlines()[0]
+    except Exception as error:  # damaged data fails anywhere in the unpickler: EOFError,
+        # RuntimeError, IndexError (a truncated legacy file), ...
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"{path}: corrupt or truncated PyTorch file ({reason})") from None
 
 
@@ -516,8 +523,7 @@ def resolve_source(
     else:
         path = Path(text).expanduser()
         if not path.exists():
-            close = difflib.get_close_matches(text, list(WEIGHTS), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            hint = did_you_mean(text, WEIGHTS)
             raise ValueError(
                 f"pretrained={text!r} is no weights tag, URL or existing file{hint} "
                 "(densenet.list_weights() lists the tags)"
