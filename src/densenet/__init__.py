@@ -1,30 +1,40 @@
-"""densenet: the reference DenseNet library and toolkit for PyTorch."""
+"""densenet: the reference DenseNet library and toolkit for PyTorch.
 
-from densenet.inference import optimize_for_inference
-from densenet.models import DenseNet, FeatureExtractor
-from densenet.weights import (
-    WEIGHTS,
-    Weights,
-    get_weights,
-    list_weights,
-    load_pretrained,
-    load_state_dict_file,
-    save_weights,
-    to_torchvision_state_dict,
-)
-from densenet.zoo import (
-    cifar_densenet,
-    count_macs,
-    count_parameters,
-    create_model,
-    get_model_spec,
-    list_models,
-)
+The public names below are imported on first use (PEP 562), so ``import densenet`` and the
+``densenet`` command's ``--help`` stay instant: torch is loaded by the first name that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "optimize_for_inference": "densenet.inference",
+    "DenseNet": "densenet.models",
+    "FeatureExtractor": "densenet.models",
+    "WEIGHTS": "densenet.weights",
+    "Weights": "densenet.weights",
+    "get_weights": "densenet.weights",
+    "list_weights": "densenet.weights",
+    "load_pretrained": "densenet.weights",
+    "load_state_dict_file": "densenet.weights",
+    "save_weights": "densenet.weights",
+    "to_torchvision_state_dict": "densenet.weights",
+    "cifar_densenet": "densenet.zoo",
+    "count_macs": "densenet.zoo",
+    "count_parameters": "densenet.zoo",
+    "create_model": "densenet.zoo",
+    "get_model_spec": "densenet.zoo",
+    "list_models": "densenet.zoo",
+    "model_complexity": "densenet.complexity",
+}
 
 __all__ = [
-    "WEIGHTS",
     "DenseNet",
     "FeatureExtractor",
+    "WEIGHTS",
     "Weights",
     "cifar_densenet",
     "count_macs",
@@ -36,8 +46,45 @@ __all__ = [
     "list_weights",
     "load_pretrained",
     "load_state_dict_file",
+    "model_complexity",
     "optimize_for_inference",
     "save_weights",
     "to_torchvision_state_dict",
-]
+]  # = sorted(_EXPORTS), spelled out for linters and IDEs
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
+    from densenet.complexity import model_complexity
+    from densenet.inference import optimize_for_inference
+    from densenet.models import DenseNet, FeatureExtractor
+    from densenet.weights import (
+        WEIGHTS,
+        Weights,
+        get_weights,
+        list_weights,
+        load_pretrained,
+        load_state_dict_file,
+        save_weights,
+        to_torchvision_state_dict,
+    )
+    from densenet.zoo import (
+        cifar_densenet,
+        count_macs,
+        count_parameters,
+        create_model,
+        get_model_spec,
+        list_models,
+    )
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'densenet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,7 +8,6 @@ wrong types and impossible values raise ``ValueError`` naming the key and what i
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import types
 import typing
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 import yaml
+
+from densenet.messages import did_you_mean
 
 SCHEDULES = ("step", "multistep", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -29,10 +30,11 @@ RECIPES = ("none", "standard", "imagenet", "randaugment")
 class TrainConfig:
     """Everything a training run depends on (saved as ``config.yaml`` in the run directory)."""
 
-    # Model: a registered name (``densenet models``) plus DenseNet argument overrides; for the
-    # CIFAR family ``depth`` in ``model_args`` sets the three blocks by the paper's rule.
-    model: str = "densenet_bc100_k12"
-    model_args: dict = field(default_factory=lambda: {"depth": 16, "growth_rate": 12})
+    # Model: a registered name (``densenet models``), built as published unless ``model_args``
+    # (DenseNet argument overrides) say otherwise; for the CIFAR family ``depth`` in
+    # ``model_args`` sets the three blocks by the paper's rule.
+    model: str = "densenet_bc16_k12"
+    model_args: dict = field(default_factory=dict)
     pretrained: str | None = None  # a weight tag or a checkpoint path, for fine-tuning
     num_classes: int | None = None  # default: the dataset's
     drop_rate: float | None = None  # default: the model's (the paper: 0.2 without augmentation)
@@ -69,6 +71,9 @@ class TrainConfig:
     step_size: int = 30  # step: epochs between decays
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+    # Epochs the multistep milestones and the cosine anneal span; null = epochs. A resume with
+    # more epochs keeps the run's own (past it, the lr stays at the schedule's final value).
+    schedule_epochs: int | None = None
     min_lr: float = 0.0  # cosine floor
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # weight EMA per step; 0 = off
@@ -117,8 +122,7 @@ def _check_type(key: str, value: Any) -> Any:
 
 
 def _unknown(key: str) -> ValueError:
-    close = difflib.get_close_matches(key, FIELDS, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = did_you_mean(key, FIELDS)
     return ValueError(f"unknown config key {key!r}{hint} (valid keys: {', '.join(FIELDS)})")
 
 
@@ -171,24 +175,30 @@ def read_yaml(path: str | Path) -> dict:
     return values
 
 
+# A run's config.yaml may end with this key: the run's resumes and the settings each changed
+# (see densenet.training). It describes the run; as input (``--config``) it is ignored.
+HISTORY_KEY = "history"
+
+
 def load_config(
     path: str | Path | None = None, overrides: dict | None = None, check_data: bool = True
 ) -> TrainConfig:
     """Defaults, then YAML ``path``, then ``overrides``; validated (see :func:`validate`)."""
-    config = TrainConfig()
     values = read_yaml(path) if path is not None else {}
-    config = merge(merge(config, values), overrides or {})
-    if "model_args" not in {**values, **(overrides or {})} and config.model != TrainConfig.model:
-        # The default model_args shape the default model; another model starts from its own.
-        config = dataclasses.replace(config, model_args={})
+    values.pop(HISTORY_KEY, None)
+    config = merge(merge(TrainConfig(), values), overrides or {})
     validate(config, check_data=check_data)
     return config
 
 
-def save_config(config: TrainConfig, path: str | Path) -> None:
+def save_config(config: TrainConfig, path: str | Path, history: list | None = None) -> None:
+    """Write ``config`` as YAML, with ``history`` (a run's resumes) under :data:`HISTORY_KEY`."""
     from densenet.io import atomic_write
 
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    values = config.to_dict()
+    if history:
+        values[HISTORY_KEY] = history
+    text = yaml.safe_dump(values, sort_keys=False)
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 
@@ -216,7 +226,8 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
         "grad_accum_steps": c.grad_accum_steps,
     }  # fmt: skip
     problems += [f"{k} must be >= 1, got {v}" for k, v in positive.items() if v < 1]
-    for key in ("num_classes", "input_size", "train_subset", "val_subset", "threads"):
+    for key in ("num_classes", "input_size", "train_subset", "val_subset", "threads",
+                "schedule_epochs"):  # fmt: skip
         value = getattr(c, key)
         if value is not None and value < 1:
             problems.append(f"{key} must be >= 1 (or null for the default), got {value}")
@@ -240,8 +251,16 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
         problems.append(f"crop_pct must be in (0, 1], got {c.crop_pct}")
     if not 0 <= c.backbone_lr_scale <= 1:
         problems.append(f"backbone_lr_scale must be in [0, 1], got {c.backbone_lr_scale}")
-    if c.warmup_epochs >= c.epochs > 0:
-        problems.append(f"warmup_epochs ({c.warmup_epochs}) must be < epochs ({c.epochs})")
+    horizon = c.schedule_epochs or c.epochs
+    if c.warmup_epochs >= horizon > 0:
+        span = "schedule_epochs" if c.schedule_epochs else "epochs"
+        problems.append(f"warmup_epochs ({c.warmup_epochs}) must be < {span} ({horizon})")
+    if c.schedule_epochs and c.epochs > c.schedule_epochs and final_lr(c) == 0:
+        problems.append(
+            f"epochs ({c.epochs}) go past schedule_epochs ({c.schedule_epochs}), where the "
+            f"{c.schedule} schedule has reached lr 0: those epochs would not train; set "
+            "schedule_epochs to epochs, or give the schedule a floor (min_lr, gamma)"
+        )
     if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in c.milestones):
         problems.append(f"milestones must be epoch fractions in (0, 1), got {c.milestones}")
     if c.amp == "fp16" and c.device == "cpu":
@@ -258,6 +277,16 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
     problems = [p for p in problems if p]
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def final_lr(config: TrainConfig) -> float | None:
+    """The lr where ``config``'s schedule ends (and stays past ``schedule_epochs``); None for
+    ``step``, which has no end (it decays every ``step_size`` epochs)."""
+    if config.schedule == "cosine":
+        return config.min_lr
+    if config.schedule == "multistep":
+        return config.lr * config.gamma ** len(config.milestones)
+    return None if config.schedule == "step" else config.lr
 
 
 def _model_problems(c: TrainConfig, zoo, DenseNet) -> list[str]:
@@ -295,3 +324,63 @@ def model_kwargs(config: TrainConfig) -> dict:
     if config.drop_rate is not None:
         kwargs["drop_rate"] = config.drop_rate
     return kwargs
+
+
+# Constructor arguments that do not change the architecture's identity (its weights' shapes and
+# wiring): the class count follows the dataset, dropout and recomputation are training options.
+_NOT_ARCHITECTURE = ("num_classes", "in_chans", "drop_rate", "head_drop_rate", "memory_efficient")
+
+
+def _architecture(kwargs: dict) -> dict:
+    """``kwargs`` completed with DenseNet's defaults, sequences as lists, options dropped."""
+    from densenet.models import DenseNet
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(DenseNet).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    full = {**defaults, **kwargs}
+    return {
+        k: list(v) if isinstance(v, (tuple, list)) else v
+        for k, v in full.items()
+        if k not in _NOT_ARCHITECTURE
+    }
+
+
+def model_label(config: TrainConfig) -> str:
+    """The name of the network ``config`` builds, for run names and checkpoint metadata.
+
+    ``model`` itself when ``model_args`` leave it as published; else the registered model the
+    result equals (``densenet_bc100_k12`` with ``depth: 16`` is ``densenet_bc16_k12``); else the
+    paper's name of a CIFAR DenseNet of that depth and growth rate (``densenet_bc40_k12``); else
+    ``<model>-custom`` (config.yaml's ``model_args`` say what it is).
+    """
+    from densenet import zoo
+
+    built = _architecture(model_kwargs(config))
+    if built == _architecture(zoo.get_model_spec(config.model).kwargs):
+        return config.model
+    for name in zoo.list_models():
+        if built == _architecture(zoo.get_model_spec(name).kwargs):
+            return name
+    return _cifar_name(built) or f"{config.model}-custom"
+
+
+def _cifar_name(built: dict) -> str | None:
+    """``densenet_bc{L}_k{k}`` / ``densenet{L}_k{k}`` if ``built`` follows the paper's CIFAR rules."""
+    from densenet import zoo
+
+    blocks, k = built["block_config"], built["growth_rate"]
+    if built["stem"] != "cifar" or len(blocks) != 3 or len(set(blocks)) != 1:
+        return None
+    bottleneck = bool(built["bn_size"])
+    depth = blocks[0] * (6 if bottleneck else 3) + 4
+    compression = 0.5 if bottleneck else 1.0
+    try:
+        paper = _architecture(zoo.cifar_densenet_kwargs(depth, k, bottleneck, compression))
+    except ValueError:
+        return None
+    if built != paper:
+        return None
+    return f"densenet_bc{depth}_k{k}" if bottleneck else f"densenet{depth}_k{k}"

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import copy
 import gzip
+import hashlib
 import io
 import math
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -111,13 +114,15 @@ DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion_mnist", "imagenet",
 def dataset_info(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
     """Classes, normalization and input size of dataset ``name``.
 
-    ``folder`` needs ``data_dir`` (its classes are its sub-folders); without it the class list is
-    empty and the other fields are ImageNet's defaults.
+    ``folder`` needs ``data_dir`` (its classes: the class folders of its ``train`` split, else of
+    its first split, else its top-level folders); without it the class list is empty and the other
+    fields are ImageNet's defaults.
     """
     name = _check_name(name)
     if name in _INFOS:
         return _INFOS[name]
     if name == "cifar100":
+        _check_data_dir(name, Path(data_dir) if data_dir else None, False)
         classes = _cifar100_classes(data_dir) if data_dir else tuple(str(i) for i in range(100))
         return _info("cifar100", classes, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
                      (3, 32, 32), ("train", "test"))  # fmt: skip
@@ -126,8 +131,9 @@ def dataset_info(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
         return _info(
             name, classes, IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224), ("train", "val"), False
         )
-    root = Path(data_dir) if data_dir else None
-    classes = tuple(FolderImages.scan(root, _split_subdir(root, "train"))[0]) if root else ()
+    root = Path(data_dir).expanduser() if data_dir else None
+    _check_data_dir(name, root, False)
+    classes = tuple(_folder_classes(root)) if root else ()
     return _info(
         name, classes, IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224), ("train", "val", "test"), False
     )
@@ -253,15 +259,17 @@ def _mnist_like(name: str, data_dir: Path | None, split: str, download: bool) ->
     root = data_dir or DOWNLOAD_DIR
     local = [root, root / name, root / name.replace("_", "-"), root / tv_name / "raw"]
     system = list(FASHION_MNIST_DIRS) if name == "fashion_mnist" else []
-    # --data-dir first, then the system-wide copy, then an earlier download.
-    places = local + system if data_dir is not None else system + local[-1:]
+    # A given --data-dir is the only place looked in; without one, the system-wide copy, then an
+    # earlier download.
+    places = local if data_dir is not None else system + local[-1:]
     found = _find_idx(files, places)
     if found is None and fetch:
         train = split == "train"
         _download(name, root, lambda r: getattr(datasets, tv_name)(r, train=train, download=True))
         found = _find_idx(files, places)
     if found is None:
-        hint = " or install Debian's dataset-fashion-mnist" if name == "fashion_mnist" else ""
+        system_copy = name == "fashion_mnist" and data_dir is None
+        hint = " or install Debian's dataset-fashion-mnist" if system_copy else ""
         raise _missing(name, [f + ".gz" for f in files], places, hint + ", or pass --download")
     images, labels = (_read_idx(path) for path in found)
     return InMemoryImages(images[:, None], labels, _INFOS[name].class_names)
@@ -350,7 +358,17 @@ def _svhn(data_dir: Path | None, split: str, download: bool) -> InMemoryImages:
     )
 
 
-# --- file datasets ------------------------------------------------------------------------------
+# --- image files --------------------------------------------------------------------------------
+# Transparent pixels are composited onto white: the background browsers, viewers and documents show
+# them on, so a cut-out photo or a logo reaches the model as it looks to the person who made it. The
+# color stored under alpha 0 is arbitrary (encoders keep anything there), so it is never used.
+ALPHA_BACKGROUND = (255, 255, 255)
+# Float images hold [0, 1] (torchvision's range for float images); half an 8-bit step of rounding
+# slack outside it is clipped, anything further is an error.
+FLOAT_SLACK = 0.5 / 255
+SKIP_HINT = "remove it or pass --skip-bad-images"
+
+
 class BadImageError(ValueError):
     """An unreadable image file; its message is one line, also when a loader worker raised it."""
 
@@ -362,12 +380,121 @@ class BadImageError(ValueError):
         super().__init__(message)
 
 
+def to_channels(image: Image.Image, channels: int | None = None) -> Image.Image:
+    """``image`` converted by the one rule every path uses: 8-bit ``'L'`` or ``'RGB'``.
+
+    The rule, for every PIL mode:
+
+    - EXIF orientation is applied (``ImageOps.exif_transpose``): pixels stand as a viewer shows them.
+    - Transparency (an alpha band: ``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``; or a PNG ``tRNS``
+      color or palette alpha: ``P``, ``L``, ``RGB`` with ``info["transparency"]``) is composited
+      onto white, :data:`ALPHA_BACKGROUND`.
+    - Integer gray (``I;16``, ``I;16B``, ``I``) is read as 16-bit: ``[0, 65535]`` maps to
+      ``[0, 255]`` as ``round(v / 257)``; a value outside ``[0, 65535]`` is an error.
+    - Float gray (``F``) must hold ``[0, 1]``: it maps to ``round(255 v)``; NaN, infinity or a value
+      further than :data:`FLOAT_SLACK` outside ``[0, 1]`` is an error.
+    - ``1`` becomes 0/255 gray; ``P``, ``CMYK``, ``YCbCr``, ``RGBX`` become RGB by PIL's conversion.
+    - ``channels`` 1 takes PIL's luma of RGB (ITU-R 601-2), 3 repeats gray; None keeps gray
+      sources ``'L'`` and color sources ``'RGB'``.
+
+    Raises ``ValueError`` for an out-of-range image or a mode PIL cannot convert to RGB.
+    """
+    if channels not in (None, 1, 3):
+        raise ValueError(f"images can be converted to 1 or 3 channels, not {channels}")
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode.startswith("I"):  # 'I' and the 16-bit 'I;16', 'I;16B', 'I;16L', 'I;16N'
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(
+                f"integer image (mode {mode}) with values from {pixels.min()} to {pixels.max()}; "
+                "integer images are read as 16-bit, 0 to 65535 (save it as 8- or 16-bit)"
+            )
+        image = Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))
+    elif mode == "F":
+        pixels = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(pixels).all():
+            raise ValueError("floating-point image holds NaN or infinite values")
+        low, high = float(pixels.min()), float(pixels.max())
+        if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
+            raise ValueError(
+                f"floating-point image with values from {low:g} to {high:g}; float images must "
+                "hold 0 to 1 (scale it, or save it as 8- or 16-bit)"
+            )
+        image = Image.fromarray(np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+    elif "A" in mode or "a" in mode or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, (*ALPHA_BACKGROUND, 255))
+        flat = Image.alpha_composite(background, image.convert("RGBA"))
+        image = flat.convert("L" if mode in ("L", "LA", "La") else "RGB")
+    elif mode not in ("L", "RGB"):
+        image = image.convert("L" if mode == "1" else "RGB")
+    wanted = {1: "L", 3: "RGB"}.get(channels, image.mode)
+    return image if image.mode == wanted else image.convert(wanted)
+
+
+def load_image(source: str | Path | bytes, name: str | None = None, hint: str = "") -> Image.Image:
+    """Decode one image file as training, evaluation, prediction and visualization all do.
+
+    ``source`` is a path or the file's bytes. Returns an 8-bit ``'L'`` or ``'RGB'`` image made by
+    :func:`to_channels`'s rule. A file that does not decode, is larger than PIL's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``; PIL itself only warns up to twice
+    it) or breaks the rule raises :class:`BadImageError`, one line naming the file (``name``,
+    default the path) and ending with ``hint``.
+    """
+    label = name or str(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                image.load()
+                return to_channels(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
+        limit = f"{Image.MAX_IMAGE_PIXELS:,}" if Image.MAX_IMAGE_PIXELS else "set"
+        problem = (
+            f"{size}, over PIL's decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS);"
+            " shrink the image, or raise that limit if you trust the file"
+        )
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as error:
+        problem = f"not a readable image ({error})"
+    except ValueError as error:  # the conversion rule's range checks, or an unconvertible mode
+        problem = str(error)
+    raise BadImageError(f"{label}: {problem}" + (f"; {hint}" if hint else ""))
+
+
+class ToChannels:
+    """Transform form of :func:`to_channels` (a class, so DataLoader workers can pickle it).
+
+    Non-PIL inputs (uint8 tensors of the in-memory datasets, already converted) pass through.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, image: Any) -> Any:
+        return to_channels(image, self.channels) if isinstance(image, Image.Image) else image
+
+
+# --- file datasets ------------------------------------------------------------------------------
+SPLIT_FOLDERS = ("train", "val", "test")
+# A folder without split sub-folders holds out this share of each class for validation, chosen by
+# a hash of "<class>/<file name>" (not by --seed): the same files whatever the run's seed, and a
+# file keeps its side when others are added or removed.
+HOLDOUT_PERCENT = 10
+HOLDOUT_SALT = "densenet-holdout-0"
+
+
 class FolderImages(Dataset):
     """A class-per-folder image tree ``root/<class>/<image>``, a directory or inside a .zip.
 
-    Images in a zip are read straight from the archive (each worker opens its own handle).
-    A file that does not decode raises ``ValueError`` naming it; with ``skip_bad_images`` the
-    bad files are found up front (one decode each), dropped and counted in ``skipped``.
+    Images in a zip are read straight from the archive (each worker opens its own handle) and
+    decoded by :func:`load_image`. ``classes`` given: each class folder is matched BY NAME to its
+    index in ``classes`` (a subset is fine; an unknown folder name is a ``ValueError`` naming it,
+    described as not one of ``classes_from``); otherwise the classes are the folder names,
+    sorted. A file that does not decode raises ``ValueError`` naming it; with ``skip_bad_images``
+    the bad files are found up front (one decode each), dropped, counted in ``skipped`` and
+    listed (with the reason) in ``bad_images``.
     """
 
     def __init__(
@@ -376,18 +503,24 @@ class FolderImages(Dataset):
         subdir: str | None = None,
         transform: Callable | None = None,
         skip_bad_images: bool = False,
+        classes: Sequence[str] | None = None,
+        classes_from: str = "the given classes",
     ) -> None:
         self.root = Path(root)
         self.transform = transform
-        self.classes, self.samples = self.scan(self.root, subdir)
+        found, self.samples = self.scan(self.root, subdir)
+        self.classes = found
+        if classes is not None:
+            where = f"{self.root}/{subdir}" if subdir else str(self.root)
+            self.classes = list(classes)
+            self.samples = _match_classes(found, self.samples, self.classes, where, classes_from)
         self.targets = [t for _, t in self.samples]
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid = 0
         self.skipped = 0
+        self.bad_images: list[str] = []
         if skip_bad_images:
-            good = [(p, t) for p, t in self.samples if self._decodes(p)]
-            self.skipped = len(self.samples) - len(good)
-            self.samples, self.targets = good, [t for _, t in good]
+            self.drop_unreadable()
 
     @staticmethod
     def scan(root: str | Path, subdir: str | None) -> tuple[list[str], list[tuple[str, int]]]:
@@ -441,6 +574,21 @@ class FolderImages(Dataset):
         part._zip = None
         return part
 
+    def drop_unreadable(self) -> None:
+        """Decode every image once and drop those :func:`load_image` refuses (``bad_images``)."""
+        from densenet.progress import progress
+
+        good = []
+        for member, target in progress(self.samples, desc=f"checking images in {self.root}"):
+            try:
+                self.load(member)
+            except BadImageError as error:
+                self.bad_images.append(str(error).removesuffix(f"; {SKIP_HINT}"))
+            else:
+                good.append((member, target))
+        self.skipped += len(self.samples) - len(good)
+        self.samples, self.targets = good, [t for _, t in good]
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_zip": None}  # zip handles do not cross process boundaries
 
@@ -453,23 +601,13 @@ class FolderImages(Dataset):
         return self._zip.read(member)
 
     def load(self, member: str) -> Image.Image:
-        """Decode one image; ``ValueError`` naming the file if it is not one."""
+        """Decode one image with :func:`load_image`; ``BadImageError`` naming the file."""
+        label = member if self.root.is_dir() else f"{self.root}: {member}"
         try:
-            image = Image.open(io.BytesIO(self._read(member)))
-            image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, zipfile.BadZipFile) as error:
-            raise BadImageError(
-                f"{self.root}: {member} is not a readable image ({error}); remove it or pass "
-                "--skip-bad-images"
-            ) from None
-        return image
-
-    def _decodes(self, member: str) -> bool:
-        try:
-            self.load(member)
-        except ValueError:
-            return False
-        return True
+            raw = self._read(member)
+        except (OSError, zipfile.BadZipFile) as error:
+            raise BadImageError(f"{label}: cannot be read ({error}); {SKIP_HINT}") from None
+        return load_image(raw, label, SKIP_HINT)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         member, target = self.samples[index]
@@ -478,8 +616,7 @@ class FolderImages(Dataset):
 
     def to_memory(self, channels: int = 3) -> InMemoryImages:
         """Decode everything once into a uint8 tensor (all images must share one size)."""
-        mode = "L" if channels == 1 else "RGB"
-        arrays = [np.asarray(self.load(m).convert(mode)) for m, _ in self.samples]
+        arrays = [np.asarray(to_channels(self.load(m), channels)) for m, _ in self.samples]
         sizes = {a.shape[:2] for a in arrays}
         if len(sizes) != 1:
             raise ValueError(f"{self.root}: images differ in size ({sorted(sizes)[:3]}...)")
@@ -488,22 +625,127 @@ class FolderImages(Dataset):
         return InMemoryImages(stacked.contiguous(), torch.tensor(self.targets), self.classes)
 
 
-def _split_subdir(root: Path, split: str) -> str | None:
-    """The sub-folder holding ``split`` (``val`` and ``test`` stand in for each other)."""
-    candidates = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}.get(
-        split, [split]
-    )
+def _match_classes(
+    found: list[str],
+    samples: list[tuple[str, int]],
+    classes: list[str],
+    where: str,
+    classes_from: str,
+) -> list[tuple[str, int]]:
+    """``samples`` (indices into ``found``) relabelled to the index of the same name in
+    ``classes``; a ``ValueError`` naming the folders that are not among ``classes``."""
+    from densenet.messages import did_you_mean
+
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in found if name not in index]
+    if unknown:
+        shown = ", ".join(classes[:12]) + (
+            f", ... ({len(classes)} in all)" if len(classes) > 12 else ""
+        )
+        others = (
+            f" (and {len(unknown) - 1} more: {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""
+        )
+        raise ValueError(
+            f"{where}: class folder {unknown[0]!r}{others} is not one of {classes_from} "
+            f"({shown}){did_you_mean(unknown[0], classes)}"
+        )
+    return [(member, index[found[target]]) for member, target in samples]
+
+
+def folder_splits(root: str | Path) -> list[str]:
+    """The split sub-folders (``train``, ``val``, ``test``) of an image folder or .zip.
+
+    Empty for a flat ``<class>/<image>`` tree; ``FileNotFoundError`` if ``root`` does not exist.
+    """
+    root = Path(root)
     if zipfile.is_zipfile(root):
         with zipfile.ZipFile(root) as archive:
             tops = {PurePosixPath(n).parts[0] for n in archive.namelist() if "/" in n}
     elif root.is_dir():
         tops = {d.name for d in root.iterdir() if d.is_dir()}
     else:
-        raise FileNotFoundError(f"{root}: no such image folder or .zip (give --data-dir)")
-    for c in candidates:
-        if c in tops:
-            return c
-    return None  # the tree itself is the split
+        raise FileNotFoundError(f"--data-dir {root}: no such image folder or .zip")
+    return [s for s in SPLIT_FOLDERS if s in tops]
+
+
+def _folder_classes(root: Path) -> list[str]:
+    """The class names of a folder dataset: its train split's (else its first split's), or the
+    top-level class folders of a flat tree."""
+    splits = folder_splits(root)
+    return FolderImages.scan(root, splits[0] if splits else None)[0]
+
+
+def _holdout(dataset: FolderImages) -> list[bool]:
+    """For each sample: is it held out for validation? Per class, the ``HOLDOUT_PERCENT``%
+    (rounded, at least one of a class of two or more) whose "<class>/<file>" hashes lowest."""
+    by_class: dict[int, list[tuple[bytes, int]]] = {}
+    for i, (member, target) in enumerate(dataset.samples):
+        key = f"{HOLDOUT_SALT}/{Path(member).parent.name}/{Path(member).name}".encode()
+        by_class.setdefault(target, []).append((hashlib.sha256(key).digest(), i))
+    held = [False] * len(dataset.samples)
+    for members in by_class.values():
+        count = max(1, round(len(members) * HOLDOUT_PERCENT / 100)) if len(members) > 1 else 0
+        for _, i in sorted(members)[:count]:
+            held[i] = True
+    return held
+
+
+def _notice(message: str) -> None:
+    from densenet.weights import notice
+
+    notice(message)
+
+
+def _folder_dataset(
+    root: Path,
+    split: str,
+    transform: Callable | None,
+    classes: Sequence[str] | None,
+    classes_from: str,
+) -> FolderImages:
+    """Split ``split`` of a folder dataset (see :func:`build_dataset`), not yet checked for bad
+    images."""
+    splits = folder_splits(root)
+    if not splits:
+        dataset = FolderImages(root, None, transform, classes=classes, classes_from=classes_from)
+        if split == "all":
+            return dataset
+        held = _holdout(dataset)
+        chosen = [i for i, h in enumerate(held) if h == (split != "train")]
+        total, validation = len(held), sum(held)
+        _notice(
+            f"{root} has no train/, val/ or test/ sub-folders: {HOLDOUT_PERCENT}% of each class "
+            f"({validation} of its {total} images, chosen by file name) is held out for validation"
+            f"; this is the {'training' if split == 'train' else 'held-out'} part "
+            f"({len(chosen)} images). Make train/ and val/ sub-folders to choose them yourself"
+        )
+        return dataset.subset(chosen)
+    if split == "all":
+        raise ValueError(
+            f"{root} has split sub-folders ({', '.join(splits)}); choose one with --split"
+        )
+    candidates = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}[split]
+    subdir = next((c for c in candidates if c in splits), None)
+    if subdir is None:
+        raise FileNotFoundError(
+            f"{root} has no {' or '.join(c + '/' for c in candidates)} sub-folder (it has "
+            f"{', '.join(s + '/' for s in splits)}); add one, or give a folder without split "
+            "sub-folders to hold out part of it"
+        )
+    if classes is None and subdir != splits[0]:
+        # Every split is labelled by the training classes, matched by name.
+        classes = FolderImages.scan(root, splits[0])[0]
+        classes_from = f"the {len(classes)} classes of {root}/{splits[0]}"
+    return FolderImages(root, subdir, transform, classes=classes, classes_from=classes_from)
+
+
+def _check_data_dir(name: str, data_dir: Path | None, download: bool) -> None:
+    """A --data-dir that does not exist is an error (a download creates it)."""
+    if data_dir is not None and not data_dir.exists() and not (download and name != "folder"):
+        raise FileNotFoundError(
+            f"--data-dir {data_dir} does not exist (dataset {name}); give the folder that holds "
+            "the data" + ("" if name in ("folder", "imagenet") else ", or add --download")
+        )
 
 
 def build_dataset(
@@ -513,21 +755,30 @@ def build_dataset(
     transform: Callable | None = None,
     download: bool = False,
     skip_bad_images: bool = False,
+    classes: Sequence[str] | None = None,
+    classes_from: str = "the given classes",
 ) -> Dataset:
     """Dataset ``name``'s ``split`` ('train', 'test'/'val'; SVHN also 'train+extra', 'extra').
 
     Items are ``(transform(image), target)``; see :class:`InMemoryImages` and
-    :class:`FolderImages` for what ``transform`` receives. Missing files raise
-    ``FileNotFoundError`` saying which files to put where.
+    :class:`FolderImages` for what ``transform`` receives. A ``data_dir`` that does not exist or
+    lacks the files raises ``FileNotFoundError`` saying which files to put where.
+
+    ``folder`` datasets: with ``train``/``val``/``test`` sub-folders, every split is labelled by
+    the class names of the first of them (``classes`` given: by those), matched by name. Without
+    split sub-folders, ``HOLDOUT_PERCENT``% of each class (chosen by a hash of the file name, so
+    the same files every run) is held out: ``train`` is the rest, ``val``/``test`` the held-out
+    part, ``all`` the whole tree; a notice on stderr says so.
     """
     name = _check_name(name)
     data_dir = Path(data_dir).expanduser() if data_dir else None
+    _check_data_dir(name, data_dir, download)
     splits = dataset_info(name).splits
     if split == "val" and "val" not in splits:
         split = "test"
     if split == "test" and "test" not in splits:
         split = "val"
-    if split not in splits:
+    if split not in splits and not (name == "folder" and split == "all"):
         raise ValueError(
             f"dataset {name} has no split {split!r}; choose one of {', '.join(splits)}"
         )
@@ -541,17 +792,20 @@ def build_dataset(
         raise ValueError(
             f"dataset {name} needs --data-dir (a folder or .zip of <split>/<class>/ images)"
         )
-    elif name == "imagenet":
-        if not (data_dir / split).is_dir():
-            raise _missing("imagenet", [f"{split}/<wnid>/*.JPEG"], [data_dir])
-        dataset = FolderImages(data_dir, split, transform, skip_bad_images)
-        if len(dataset.classes) != 1000:
-            raise ValueError(
-                f"{data_dir / split}: expected 1000 class folders, found {len(dataset.classes)}"
-            )
-        return dataset
     else:
-        return FolderImages(data_dir, _split_subdir(data_dir, split), transform, skip_bad_images)
+        if name == "imagenet":
+            if not (data_dir / split).is_dir():
+                raise _missing("imagenet", [f"{split}/<wnid>/*.JPEG"], [data_dir])
+            dataset = FolderImages(data_dir, split, transform)
+            if len(dataset.classes) != 1000:
+                raise ValueError(
+                    f"{data_dir / split}: expected 1000 class folders, found {len(dataset.classes)}"
+                )
+        else:
+            dataset = _folder_dataset(data_dir, split, transform, classes, classes_from)
+        if skip_bad_images:
+            dataset.drop_unreadable()
+        return dataset
     dataset.transform = transform
     return dataset
 
@@ -574,16 +828,6 @@ class Lighting:
         alpha = torch.randn(3) * self.alphastd
         rgb = self.EIGVEC @ (alpha * self.EIGVAL)
         return image + rgb.view(3, 1, 1).to(image)
-
-
-class _ToChannels:
-    def __init__(self, channels: int) -> None:
-        self.channels = channels
-
-    def __call__(self, image: Any) -> Any:
-        if isinstance(image, Image.Image):
-            return image.convert("L" if self.channels == 1 else "RGB")
-        return image
 
 
 def build_transforms(
@@ -615,7 +859,7 @@ def build_transforms(
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     size = int(input_size[-1]) if isinstance(input_size, Sequence) else int(input_size)
     mode = INTERPOLATIONS[interpolation]
-    steps: list = [_ToChannels(len(mean)), v2.ToImage()]
+    steps: list = [ToChannels(len(mean)), v2.ToImage()]
     if train and recipe in ("imagenet", "randaugment"):
         steps += [
             v2.RandomResizedCrop(size, interpolation=mode, antialias=True),
@@ -660,7 +904,7 @@ class BatchTransform:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             return images  # already preprocessed per image
-        x = images.float().div_(255)
+        x = images.float().mul_(1 / 255)  # as v2.ToDtype(scale=True): the per-image path's values
         if self.augment:
             x = self._crop_flip(x)
         mean, std = self.mean.to(x.device), self.std.to(x.device)

@@ -31,6 +31,7 @@ Inference (no grad) never takes this path.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -319,7 +320,27 @@ def _stage_backward(
     return grad_features
 
 
-@torch.compiler.disable
+def _compiler_disabled_when_compiling(fn):
+    """``fn``, run eagerly under ``torch.compile`` as ``torch.compiler.disable(fn)`` would be.
+
+    The decorator itself imports ``torch._dynamo`` (about 1.6 s of ``import densenet`` on a small
+    CPU), so it is applied on the first call made while compiling, when dynamo is loaded anyway.
+    """
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
+
+
+@_compiler_disabled_when_compiling
 def dense_block_memory_efficient(block: DenseBlock, x: torch.Tensor) -> torch.Tensor:
     """Same result as ``DenseBlock.forward`` with memory linear in the number of layers."""
     params = list(block.parameters())

@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
 from densenet.data import build_transforms
+from densenet.progress import progress as report_progress
 from densenet.runtime import DistEnv, all_reduce_sum
 
 
@@ -32,43 +32,19 @@ def eval_transform(
 ) -> v2.Compose:
     """PIL image -> normalized float tensor ``(C, S, S)`` (or ``(10, C, S, S)`` with ``ten_crop``).
 
-    Converts the image to ``len(mean)`` channels (gray, RGBA, CMYK and palette images all work),
-    resizes the short side to ``S / crop_pct`` and takes the center crop of side ``S`` (timm's
-    convention; 224 at 0.875 gives the usual resize 256), or the four corners, the center and their
-    horizontal flips with ``ten_crop`` (fb.resnet.torch's TenCrop).
+    Converts the image to ``len(mean)`` channels by :func:`densenet.data.to_channels`'s rule (the
+    one training uses: every PIL mode, alpha on white, 16-bit and float scaled), resizes the short
+    side to ``S / crop_pct`` and takes the center crop of side ``S`` (timm's convention; 224 at
+    0.875 gives the usual resize 256), or the four corners, the center and their horizontal flips
+    with ``ten_crop`` (fb.resnet.torch's TenCrop).
     """
-    channels = ToChannels(len(mean))
     single = build_transforms("none", False, mean, std, input_size, crop_pct, interpolation)
     if not ten_crop:
-        return v2.Compose([channels, single])
+        return single
     size = int(input_size[-1]) if isinstance(input_size, Sequence) else int(input_size)
     # The single-crop pipeline with TenCrop in place of CenterCrop; later steps map over crops.
-    steps = [
-        channels,
-        *(v2.TenCrop(size) if isinstance(t, v2.CenterCrop) else t for t in single.transforms),
-    ]
+    steps = [v2.TenCrop(size) if isinstance(t, v2.CenterCrop) else t for t in single.transforms]
     return v2.Compose([*steps, _StackCrops()])
-
-
-def to_channels(image: Image.Image, channels: int) -> Image.Image:
-    """``image`` as 1-channel gray ('L') or 3-channel 'RGB'; transparency is put on white."""
-    if channels not in (1, 3):
-        raise ValueError(f"images can be converted to 1 or 3 channels, not {channels}")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image.alpha_composite(rgba)
-    return image.convert("L" if channels == 1 else "RGB")
-
-
-class ToChannels:
-    """Transform form of :func:`to_channels` (a class, so DataLoader workers can pickle it)."""
-
-    def __init__(self, channels: int) -> None:
-        self.channels = channels
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return to_channels(image, self.channels) if isinstance(image, Image.Image) else image
 
 
 class _StackCrops:
@@ -148,6 +124,14 @@ def _output_width(model: nn.Module) -> int:
     return int(classes)
 
 
+def _sample_count(loader: Iterable) -> int | None:
+    """Images a loader yields (this rank's share under DDP), when it can tell."""
+    try:
+        return len(loader.sampler)
+    except (AttributeError, TypeError):
+        return None
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -174,11 +158,10 @@ def evaluate(
     device = torch.device(device)
     counts = torch.zeros(2, dtype=torch.long)
     total_loss, images, crops, confusion = 0.0, 0, 1, None
-    batches = loader
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(loader, desc="eval", unit="batch", leave=False, disable=None)
+    batches = report_progress(
+        loader, total=_sample_count(loader), desc="eval", size=lambda batch: len(batch[1]),
+        enabled=progress,
+    )  # fmt: skip
     for inputs, targets in batches:
         inputs = inputs.to(device, non_blocking=True)
         targets = torch.as_tensor(targets).to(device).long()

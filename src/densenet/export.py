@@ -93,6 +93,12 @@ def verify_export(
     inputs: dict[str, torch.Tensor],
 ) -> dict[str, dict[str, float]]:
     """Errors of the exported file against ``model`` for each named input batch."""
+    from densenet.progress import progress
+
     exported = load_exported(path)
     model = model.eval()
-    return {name: compare_outputs(model, exported, batch) for name, batch in inputs.items()}
+    checks = progress(
+        inputs.items(), total=sum(len(batch) for batch in inputs.values()),
+        desc="verifying export", size=lambda item: len(item[1]),
+    )  # fmt: skip
+    return {name: compare_outputs(model, exported, batch) for name, batch in checks}

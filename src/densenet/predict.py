@@ -15,13 +15,19 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from densenet.data import IMAGE_EXTENSIONS, dataset_info
+from densenet.data import (
+    IMAGE_EXTENSIONS,
+    SKIP_HINT,
+    BadImageError,
+    dataset_info,
+    load_image,
+)
 from densenet.evaluation import eval_transform
 from densenet.io import META_KEY, CheckpointError, read_header
 from densenet.models import DenseNet
+from densenet.progress import progress as report_progress
 from densenet.zoo import create_model
 
 
@@ -178,16 +184,6 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file fully; a ``ValueError`` naming the file if it is not a readable image."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{path}: not a readable image file ({error})") from None
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -195,30 +191,44 @@ def predict(
     paths: Sequence[str | Path],
     topk: int = 5,
     batch_size: int = 32,
+    skip_bad_images: bool = False,
 ) -> list[dict]:
     """Top-``topk`` classes per image: ``[{"file", "top": [{"index", "label", "probability"}]}]``.
 
-    Probabilities are softmax outputs in [0, 1], best first.
+    Probabilities are softmax outputs in [0, 1], best first. Images are decoded by
+    :func:`densenet.data.load_image` (the rule training uses). A file it refuses raises its
+    one-line ``ValueError``; with ``skip_bad_images`` its entry is ``{"file", "skipped": reason}``
+    instead.
     """
     transform = info.transform()
     device = next(model.parameters()).device
     k = min(topk, len(info.class_names))
-    results = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        batch = torch.stack([transform(load_image(p)) for p in chunk]).to(device)
-        probs = model(batch).float().softmax(dim=1)
+    results: list[dict] = []
+    starts = report_progress(
+        range(0, len(paths), batch_size), total=len(paths), desc="predict",
+        size=lambda start: min(batch_size, len(paths) - start),
+    )  # fmt: skip
+    for start in starts:
+        chunk = [dict(file=str(path)) for path in paths[start : start + batch_size]]
+        inputs = []
+        for entry in chunk:
+            try:
+                inputs.append(transform(load_image(entry["file"], hint=SKIP_HINT)))
+            except BadImageError as error:
+                if not skip_bad_images:
+                    raise
+                entry["skipped"] = str(error).removesuffix(f"; {SKIP_HINT}")
+        results += chunk
+        if not inputs:
+            continue
+        probs = model(torch.stack(inputs).to(device)).float().softmax(dim=1)
         top = probs.topk(k, dim=1)
-        for path, values, indices in zip(
-            chunk, top.values.tolist(), top.indices.tolist(), strict=True
+        readable = [entry for entry in chunk if "skipped" not in entry]
+        for entry, values, indices in zip(
+            readable, top.values.tolist(), top.indices.tolist(), strict=True
         ):
-            results.append(
-                dict(
-                    file=str(path),
-                    top=[
-                        dict(index=i, label=info.class_names[i], probability=p)
-                        for p, i in zip(values, indices, strict=True)
-                    ],
-                )
-            )
+            entry["top"] = [
+                dict(index=i, label=info.class_names[i], probability=p)
+                for p, i in zip(values, indices, strict=True)
+            ]
     return results

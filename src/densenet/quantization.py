@@ -10,7 +10,9 @@ Each layer's ``norm1`` stays in float32 between the quantized convs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,13 +36,17 @@ def quantize_onnx(
     *,
     per_channel: bool = True,
     reduce_range: bool = False,
+    verbose: bool = False,
 ) -> bytes:
     """Serialized int8 ONNX of ``model``, activation ranges from ``calibration`` batches.
 
     ``calibration`` yields float ``(N, C, H, W)`` batches, normalized like the model's inputs
     (a few hundred real images are enough). ``reduce_range`` uses 7-bit weights, which avoids
-    int16 overflow on CPUs without VNNI at some accuracy cost.
+    int16 overflow on CPUs without VNNI at some accuracy cost. onnxruntime's own warnings
+    (root-logger advice, per-node notes) are shown only when ``verbose``.
     """
+    from densenet.progress import progress
+
     import_onnxruntime()
     from onnxruntime import quantization as q
 
@@ -50,7 +56,10 @@ def quantize_onnx(
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
-            self.items = iter(batches)
+            self.items = iter(
+                progress(batches, total=sum(len(b) for b in batches), desc="int8 calibration",
+                         size=len)
+            )  # fmt: skip
 
         def get_next(self) -> dict | None:
             batch = next(self.items, None)
@@ -60,13 +69,32 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
         fp32.write_bytes(onnx_bytes(graph, batches[0][:1]))
-        q.quantize_static(
-            str(fp32), str(int8), Reader(), quant_format=q.QuantFormat.QDQ,
-            per_channel=per_channel, reduce_range=reduce_range,
-            activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-            calibrate_method=q.CalibrationMethod.MinMax, op_types_to_quantize=["Conv", "Gemm"],
-        )  # fmt: skip
+        quiet = contextlib.nullcontext() if verbose else _onnxruntime_quiet()
+        with quiet:
+            q.quantize_static(
+                str(fp32), str(int8), Reader(), quant_format=q.QuantFormat.QDQ,
+                per_channel=per_channel, reduce_range=reduce_range,
+                activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                calibrate_method=q.CalibrationMethod.MinMax, op_types_to_quantize=["Conv", "Gemm"],
+            )  # fmt: skip
         return int8.read_bytes()
+
+
+@contextlib.contextmanager
+def _onnxruntime_quiet():
+    """Hide onnxruntime's warnings for the duration: quantize_static logs its advice through the
+    root logger and its sessions log per-node warnings through onnxruntime's own logger."""
+    import onnxruntime
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    onnxruntime.set_default_logger_severity(3)  # errors only
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        onnxruntime.set_default_logger_severity(2)  # onnxruntime's default: warnings
 
 
 def quantize_model(

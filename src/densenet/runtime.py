@@ -16,6 +16,11 @@ import torch.distributed as dist
 from torch import nn
 
 
+def is_main_process() -> bool:
+    """True unless this is a ``torchrun`` worker of rank above 0 (the one that reports)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def resolve_device(name: str | None) -> torch.device:
     """``auto``/None: CUDA, else MPS, else the CPU; otherwise ``name``, checked to exist here."""
     if name in (None, "auto"):

@@ -30,7 +30,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +42,17 @@ from torch import nn
 
 import densenet
 from densenet import data, runtime
-from densenet.config import TrainConfig, load_config, model_kwargs, read_yaml, save_config
+from densenet.config import (
+    HISTORY_KEY,
+    TrainConfig,
+    final_lr,
+    load_config,
+    model_kwargs,
+    model_label,
+    read_yaml,
+    save_config,
+    validate,
+)
 from densenet.evaluation import evaluate
 from densenet.io import atomic_write, load_state, save_state
 from densenet.runtime import DistEnv
@@ -228,6 +237,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
         memory_efficient=cfg.memory_efficient,
         **kwargs,
     )
+    model.model_name = model_label(cfg)  # what was built, not only what it was built from
     if cfg.freeze_backbone:
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("classifier.")
@@ -257,8 +267,10 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based): linear warmup, then the schedule.
 
     step and multistep decay at epoch boundaries (the paper: /10 at 50% and 75% of the epochs);
-    cosine anneals per step from ``lr`` to ``min_lr`` over the epochs after warmup.
+    cosine anneals per step from ``lr`` to ``min_lr`` over the epochs after warmup. The epochs
+    are ``schedule_epochs`` (default ``epochs``); past them the lr stays at its final value.
     """
+    horizon = cfg.schedule_epochs or cfg.epochs
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup_steps:
         return cfg.lr * (step + 1) / warmup_steps
@@ -266,9 +278,9 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     if cfg.schedule == "step":
         return cfg.lr * cfg.gamma ** (epoch // cfg.step_size)
     if cfg.schedule == "multistep":
-        return cfg.lr * cfg.gamma ** sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+        return cfg.lr * cfg.gamma ** sum(epoch >= round(m * horizon) for m in cfg.milestones)
     if cfg.schedule == "cosine":
-        total = cfg.epochs * steps_per_epoch - warmup_steps
+        total = horizon * steps_per_epoch - warmup_steps
         progress = min((step - warmup_steps) / max(total, 1), 1.0)
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr
@@ -277,6 +289,23 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """``cfg``'s momentum, weight decay and backbone lr scale on ``optimizer``'s groups (as
+    :func:`build_optimizer` sets them); a loaded optimizer state brings its own, which a
+    resume with changed settings must replace."""
+    for index, group in enumerate(optimizer.param_groups):
+        group["momentum"] = cfg.momentum
+        group["nesterov"] = cfg.nesterov and cfg.momentum > 0
+        group["weight_decay"] = cfg.weight_decay
+        group["lr_scale"] = 1.0 if index == 0 else cfg.backbone_lr_scale  # 0 is the classifier
+
+
+def build_criterion(cfg: TrainConfig) -> nn.Module:
+    """Cross-entropy with ``label_smoothing`` eps: the target puts 1 - eps on the true class and
+    eps spread evenly over all K classes, so loss = (1 - eps) * NLL(true) + eps * mean_k NLL(k)."""
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
 
 class ModelEma:
@@ -370,7 +399,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{model_label(cfg)}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 # --- signals ------------------------------------------------------------------------------------
@@ -426,11 +455,10 @@ def _autocast_factory(cfg: TrainConfig, device: torch.device):
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
+    """A bar in a terminal, a line every few seconds elsewhere (see densenet.progress)."""
+    from densenet.progress import progress
 
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    return progress(iterable, total=total, desc=desc, unit="batch", enabled=enabled)
 
 
 def train(
@@ -448,7 +476,7 @@ def train(
     try:
         return _train(
             cfg, env, device, resume, overwrite,
-            (sys.stderr.isatty() if progress is None else progress) and env.is_main,
+            (progress is None or progress) and env.is_main,
             log if env.is_main else _quiet,
         )  # fmt: skip
     finally:
@@ -483,6 +511,10 @@ def _train(
             f"{run.path}: no checkpoint to resume ({run.last} is missing; the run stopped before "
             f"its first one); start it again with --out {run.path} --overwrite"
         )
+    state, previous, history = None, None, []
+    if resume is not None:
+        state, _ = load_state(run.last)
+        cfg, previous, history = continue_run(run, cfg, state["epoch"], state["step"])
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)  # fewer than the cores helps on a shared machine
@@ -501,11 +533,11 @@ def _train(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     autocast = _autocast_factory(cfg, device)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = build_criterion(cfg)
     steps_per_epoch = len(d.train_loader)
     accum = cfg.grad_accum_steps
     metadata = {
-        "model": cfg.model, "model_config": model.config, "dataset": d.info.name,
+        "model": model.model_name, "model_config": model.config, "dataset": d.info.name,
         "num_classes": num_classes, "class_names": list(d.info.class_names),
         "mean": list(d.info.mean), "std": list(d.info.std), "input_size": list(d.input_size),
         "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation,
@@ -514,8 +546,7 @@ def _train(
 
     epoch, step, epoch_step, best_top1 = 0, 0, 0, -1.0
     sums = [0.0, 0, 0]  # train loss sum, correct, images of the current epoch (all ranks)
-    if resume is not None:
-        state, _ = load_state(run.last)
+    if state is not None:
         mismatch = mismatch_report(model, state["model"])
         if mismatch:
             raise TrainingError(
@@ -524,7 +555,9 @@ def _train(
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        set_hyperparameters(optimizer, cfg)  # the settings in force now, not the saved ones
+        if state["scaler"] and scaler.is_enabled():  # amp: fp16 may be new in this part
+            scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
         epoch, step, epoch_step = state["epoch"], state["step"], state["epoch_step"]
@@ -538,11 +571,12 @@ def _train(
                 f"{env.world_size}; the data order continues exactly, the random streams restart"
             )
             seed_everything(cfg.seed + env.rank + 1_000_003 * step, cfg.deterministic)
-        if epoch >= cfg.epochs:
-            raise TrainingError(
-                f"{run.path} already finished {epoch} epochs; raise --epochs to train further"
-            )
         log(f"resuming {run.path} at epoch {epoch + 1}, step {step}")
+        for line in _change_notices(previous, cfg, step, steps_per_epoch):
+            log(line)
+        runtime.barrier(env)  # every rank has read config.yaml before rank 0 rewrites it
+        if env.is_main:
+            save_config(cfg, run.config, history)
     elif env.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
@@ -709,4 +743,108 @@ def resume_config(run_dir: str | Path, overrides: dict | None = None) -> TrainCo
     run = RunDir(run_dir)
     if not run.config.exists():
         raise TrainingError(f"{run.path} is not a run directory (no config.yaml); check --resume")
-    return load_config(None, {**read_yaml(run.config), **(overrides or {})})
+    saved = read_yaml(run.config)
+    saved.pop(HISTORY_KEY, None)
+    return load_config(None, {**saved, **(overrides or {})})
+
+
+# --- resuming with changed settings -------------------------------------------------------------
+_MODEL = "the checkpoint holds this run's model, which does not fit another one"
+_TRAIN_DATA = "it chooses the training images and their order"
+_VAL_DATA = "it chooses the validation images that best_top1 compares"
+# Settings a resumed run cannot change, and why; every other change applies with a notice.
+FIXED_ON_RESUME = {
+    "model": _MODEL, "model_args": _MODEL, "num_classes": _MODEL, "freeze_backbone": _MODEL,
+    "pretrained": "it chose the starting weights, which the checkpoint has replaced",
+    "dataset": _TRAIN_DATA, "train_split": _TRAIN_DATA, "train_subset": _TRAIN_DATA,
+    "seed": _TRAIN_DATA, "val_split": _VAL_DATA, "val_subset": _VAL_DATA,
+    "input_size": "the run trained and validated at its own input size",
+    "batch_size": "it sets the steps of an epoch, by which the checkpoint counts its place",
+}  # fmt: skip
+SPANNING_SCHEDULES = ("multistep", "cosine")  # those whose shape depends on the epochs they span
+
+
+def continue_run(
+    run: RunDir, cfg: TrainConfig, epoch: int, step: int
+) -> tuple[TrainConfig, TrainConfig, list[dict]]:
+    """Check ``cfg`` for continuing ``run`` from its checkpoint at ``epoch`` (done) and ``step``.
+
+    Returns ``(config, previous, history)``: the config to continue with, the one the run used
+    until now (its config.yaml), and the run's history with this part appended. A changed
+    ``epochs`` keeps the run's schedule: ``schedule_epochs`` is pinned to the epochs it was
+    planned over. A changed setting of :data:`FIXED_ON_RESUME` raises :class:`TrainingError`
+    with the reason, as do more epochs past a schedule that has reached lr 0.
+    """
+    values = read_yaml(run.config)
+    history = list(values.pop(HISTORY_KEY, None) or [])
+    previous = load_config(None, values, check_data=False)
+    if epoch >= cfg.epochs:
+        raise TrainingError(
+            f"{run.path} already finished {epoch} epochs; raise --epochs to train further"
+        )
+    if (
+        cfg.epochs != previous.epochs
+        and cfg.schedule in SPANNING_SCHEDULES
+        and cfg.schedule_epochs is None
+        and previous.schedule_epochs is None
+    ):
+        cfg = dataclasses.replace(cfg, schedule_epochs=previous.epochs)
+    before, after = previous.to_dict(), cfg.to_dict()
+    changed = {k: [before[k], after[k]] for k in after if k != "out" and before[k] != after[k]}
+    refused = [k for k in changed if k in FIXED_ON_RESUME]
+    if refused:
+        reasons = "; ".join(
+            f"{k} ({changed[k][0]!r} -> {changed[k][1]!r}): {FIXED_ON_RESUME[k]}" for k in refused
+        )
+        raise TrainingError(
+            f"cannot resume {run.path} with another {reasons}. Resume with the run's own "
+            f"settings, or start a new run from its weights: densenet train --pretrained "
+            f"{run.last} --out NEW_DIR ..."
+        )
+    horizon = cfg.schedule_epochs or cfg.epochs
+    if cfg.epochs > horizon and final_lr(cfg) == 0:
+        raise TrainingError(
+            f"{run.path}: its {cfg.schedule} schedule reaches lr 0 at the end of epoch "
+            f"{horizon}, so epochs {horizon + 1}-{cfg.epochs} would not train; re-plan the schedule "
+            f"over all {cfg.epochs} epochs with --set schedule_epochs={cfg.epochs} (the lr goes "
+            "up again), or give it a floor with --set min_lr=LR (cosine) / gamma (multistep)"
+        )
+    validate(cfg)
+    part = {"from_epoch": epoch + 1, "from_step": step, "changed": changed}
+    if history and history[-1]["from_step"] == step:  # that part saved no checkpoint: one part
+        merged = history.pop()["changed"]
+        for key, (old, new) in changed.items():
+            merged[key] = [merged.get(key, [old])[0], new]
+        part["changed"] = {k: v for k, v in merged.items() if v[0] != v[1]}
+    return cfg, previous, [*history, part]
+
+
+def _change_notices(
+    previous: TrainConfig, cfg: TrainConfig, step: int, steps_per_epoch: int
+) -> list[str]:
+    """What a resume changes, in the user's keys, and the lr it gives the resumed step."""
+    before, after = previous.to_dict(), cfg.to_dict()
+    changed = [k for k in after if k != "out" and before[k] != after[k]]
+    if not changed:
+        return []
+    lines = [
+        "changed settings from here on (recorded in config.yaml): "
+        + ", ".join(f"{k} {before[k]!r} -> {after[k]!r}" for k in changed)
+    ]
+    horizon = cfg.schedule_epochs or cfg.epochs
+    if "epochs" in changed and cfg.schedule in SPANNING_SCHEDULES:
+        if cfg.epochs > horizon:
+            where = f"epochs {horizon + 1}-{cfg.epochs} run at its final lr {final_lr(cfg):.4g}"
+        else:
+            where = f"the run stops at epoch {cfg.epochs}"
+        lines.append(
+            f"the {cfg.schedule} lr schedule keeps its span (schedule_epochs: {horizon}): "
+            f"{where}; --set schedule_epochs={cfg.epochs} re-plans it over "
+            f"{cfg.epochs} epochs instead"
+        )
+    old_lr, new_lr = lr_at(previous, step, steps_per_epoch), lr_at(cfg, step, steps_per_epoch)
+    if old_lr != new_lr:
+        lines.append(
+            f"the lr of step {step} is {new_lr:.4g} (the run's settings gave {old_lr:.4g})"
+        )
+    return lines

@@ -187,17 +187,15 @@ def parameter_efficiency_points(pattern: str = "*") -> list[dict]:
     """Parameter count and published top-1 errors (ImageNet, CIFAR-10+) of each registered model
     matching ``pattern``.
 
-    Parameters are counted on the meta device, so no weights are allocated.
+    Parameters come in closed form from the architecture (no model is built).
     """
-    from densenet.zoo import count_parameters, create_model, get_model_spec, list_models
+    from densenet.zoo import get_model_spec, list_models, spec_complexity
 
     points = []
     for name in list_models(pattern):
         spec = get_model_spec(name)
-        with torch.device("meta"):
-            model = create_model(name)
-        params = count_parameters(model)
-        bc = bool(model.config["bn_size"]) and model.config["compression"] < 1
+        params = spec_complexity(name).params
+        bc = bool(spec.kwargs.get("bn_size", 4)) and spec.kwargs.get("compression", 0.5) < 1
         for result in spec.published:
             if result.dataset in ("imagenet", "cifar10+"):
                 points.append(

@@ -7,16 +7,17 @@ and the parameter-efficiency plot are generated from one table.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from densenet.complexity import Complexity, model_complexity
+from densenet.messages import did_you_mean
 
-from densenet.models import DenseNet, FeatureExtractor
+if TYPE_CHECKING:  # torch is imported where a model is built: listing the zoo needs none
+    from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -173,6 +174,8 @@ _cifar("densenet100_k24", 100, 24, False, _cifar_results(5.83, 3.74, 23.42, 19.2
 _cifar("densenet_bc100_k12", 100, 12, True, _cifar_results(5.92, 4.51, 24.15, 22.27, 1.76), "0.8M")
 _cifar("densenet_bc250_k24", 250, 24, True, _cifar_results(5.19, 3.62, 19.64, 17.60, 1.74), "15.3M")
 _cifar("densenet_bc190_k40", 190, 40, True, _cifar_results(None, 3.46, None, 17.18, None), "25.6M")
+# `densenet train`'s default model: a small DenseNet-BC (no published result).
+_cifar("densenet_bc16_k12", 16, 12, True, {}, "")
 # Wide-DenseNet-BC (liuzhuang13 README): C10+ / C100+ errors.
 _cifar("densenet_bc40_k36", 40, 36, True, _cifar_results(None, 4.58, None, 22.30, None), "1.5M")
 _cifar("densenet_bc40_k48", 40, 48, True, _cifar_results(None, 3.99, None, 20.29, None), "2.7M")
@@ -189,9 +192,16 @@ def get_model_spec(name: str) -> ModelSpec:
     base = name.split(".", 1)[0]
     if base in _REGISTRY:
         return _REGISTRY[base]
-    close = difflib.get_close_matches(base, list(_REGISTRY), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown model {name!r}{hint} (densenet.list_models() lists all)")
+    hint = did_you_mean(base, _REGISTRY, cutoff=0.5)
+    raise ValueError(
+        f"unknown model {name!r}{hint} (list them with `densenet models` or densenet.list_models())"
+    )
+
+
+def spec_complexity(name: str) -> Complexity:
+    """Parameters and MACs of a registered model at its native input size, without building it."""
+    spec = get_model_spec(name)
+    return model_complexity(spec.kwargs, spec.input_size)
 
 
 def cifar_densenet(
@@ -242,6 +252,7 @@ def create_model(
             the arguments it saved are the defaults.
     """
     from densenet import weights  # weights imports this module
+    from densenet.models import FeatureExtractor
 
     if num_classes is not None and num_classes < 0:
         raise ValueError(f"num_classes must be >= 1 (or 0 for no classifier), got {num_classes}")
@@ -294,6 +305,8 @@ def _build(
     out_indices: Sequence[int] | None = None,
     **overrides,
 ) -> nn.Module:
+    from densenet.models import DenseNet, FeatureExtractor
+
     kwargs = {**arch, **overrides, "in_chans": in_chans, "memory_efficient": memory_efficient}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -313,6 +326,7 @@ def count_parameters(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
     """Multiply-accumulates of one forward pass on a ``(1, *input_size)`` input (conv + linear)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training

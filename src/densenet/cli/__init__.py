@@ -1,4 +1,8 @@
-"""The ``densenet`` command: one sub-command per module in this package."""
+"""The ``densenet`` command: one sub-command per module in this package.
+
+Building the argument parser imports no torch (each command imports what it needs when it runs),
+so ``densenet --help`` and ``densenet COMMAND --help`` answer at once.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ import argparse
 import importlib
 import sys
 
+from densenet.messages import did_you_mean
+
 # Each module defines ``add_parser(subparsers)``, which registers its sub-command and sets
-# ``func(args) -> int`` as the handler.
+# ``func(args) -> int`` as the handler. Their imports must stay light (no torch at module level).
 COMMAND_MODULES = ("models", "eval", "predict", "visualize", "train", "export", "bench")
 
 
@@ -15,23 +21,91 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
 
 
+def random_weights_notice(args: argparse.Namespace) -> None:
+    """Say on stderr that ``--model NAME`` without ``--pretrained`` means random weights (as
+    ``densenet predict`` shows in its ``model:`` line): exports and timings of an untrained model
+    are rarely what was meant."""
+    if getattr(args, "model", None) and not getattr(args, "pretrained", None):
+        print(
+            f"densenet {args.command}: note: {args.model} has random weights (no --pretrained); "
+            "add --pretrained default for the published ones",
+            file=sys.stderr,
+        )
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help when it has a default worth showing and its
+    help does not state it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or default == []
+            or not action.option_strings
+            and action.nargs not in ("?", "*")
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: help with defaults, and the options every command shares."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    """Options every sub-command takes, after its own."""
+    common = parser.add_argument_group("common options")
+    common.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars or periodic progress lines on stderr (they never go to stdout)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="densenet",
         description="DenseNet models, training, evaluation and deployment.",
+        epilog="'densenet COMMAND --help' describes each command's options.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=CommandParser
+    )
     for module_name in COMMAND_MODULES:
         importlib.import_module(f"densenet.cli.{module_name}").add_parser(subparsers)
+    for command_parser in subparsers.choices.values():
+        _add_common_options(command_parser)
     return parser
 
 
+def _unknown_command(word: str) -> str | None:
+    """The error for a first word that names no command (with the closest ones), else None."""
+    if word.startswith("-") or word in COMMAND_MODULES:
+        return None
+    hint = did_you_mean(word, COMMAND_MODULES, cutoff=0.5)
+    return f"unknown command {word!r}{hint} (commands: {', '.join(COMMAND_MODULES)})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    if argv and (error := _unknown_command(argv[0])):
+        parser.error(error)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    if args.no_progress:
+        from densenet.progress import set_enabled
+
+        set_enabled(False)
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as error:

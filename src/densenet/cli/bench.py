@@ -19,19 +19,14 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from densenet.cli import CLIError
+from densenet.cli import CLIError, random_weights_notice
 from densenet.cli.predict import add_model_arguments, model_from_args
-from densenet.inference import (
-    RUNTIMES,
-    ChannelsLast,
-    micro_batched,
-    onnx_bytes,
-    optimize_for_inference,
-)
+
+if TYPE_CHECKING:  # torch is imported when the command runs, not for --help
+    import torch
+    from torch import nn
 
 BACKENDS = (
     "torchvision", "eager", "channels_last", "optimized", "optimized-eager", "optimized-compile",
@@ -81,6 +76,10 @@ def add_parser(subparsers) -> None:
         "--calibration", nargs="+", metavar="IMAGE_OR_FOLDER",
         help="real images to calibrate the int8 backend on (required for int8)",
     )  # fmt: skip
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show onnxruntime's own warnings (int8 calibration prints dozens)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -106,6 +105,8 @@ def torchvision_model(model: nn.Module) -> nn.Module:
 
 
 def _calibration_batches(args: argparse.Namespace, info) -> list[torch.Tensor]:
+    import torch
+
     from densenet.predict import list_images, load_image
 
     if not args.calibration:
@@ -123,13 +124,23 @@ def build_backends(
     calibration: Callable[[], list[torch.Tensor]] | None = None,
     micro_batch: int | None = None,
     streams: int | None = None,
+    verbose: bool = False,
 ) -> tuple[dict[str, Callable], dict[str, str]]:
     """Callables for the requested backends, and a note for each one skipped (and why).
 
     ``example`` is a ``(1, C, H, W)`` input for tracing; ``calibration`` returns the int8
     calibration batches (called only when int8 is requested); ``micro_batch`` and ``streams`` as
-    in :func:`~densenet.inference.optimize_for_inference`.
+    in :func:`~densenet.inference.optimize_for_inference`; ``verbose`` shows onnxruntime's
+    warnings during int8 calibration.
     """
+    from densenet.inference import (
+        RUNTIMES,
+        ChannelsLast,
+        micro_batched,
+        onnx_bytes,
+        optimize_for_inference,
+    )
+
     made: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
     plain_onnx = None
@@ -166,7 +177,7 @@ def build_backends(
 
             if calibration is None:
                 raise ValueError("the int8 backend needs calibration batches of real images")
-            made[name] = quantize_model(model, calibration(), threads=threads)
+            made[name] = quantize_model(model, calibration(), threads=threads, verbose=verbose)
         else:
             raise CLIError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     return made, skipped
@@ -211,7 +222,6 @@ RATIO_COLUMNS = (
 SETTLE_S = 0.05  # pause between timed calls, not timed
 
 
-@torch.no_grad()
 def measure(
     backends: dict[str, Callable],
     batch: torch.Tensor,
@@ -223,6 +233,19 @@ def measure(
 
     ``iters`` rounds, then more until every backend's timed calls add up to ``min_time`` seconds.
     """
+    import torch
+
+    with torch.no_grad():
+        times, extra_mb, rounds = _time_rounds(backends, batch, iters, warmup, min_time)
+    return _summarize(times, extra_mb, rounds, batch.shape[0])
+
+
+def _time_rounds(
+    backends: dict[str, Callable], batch: torch.Tensor, iters: int, warmup: int, min_time: float
+) -> tuple[dict[str, list[float]], dict[str, float], int]:
+    """Per-backend call times (s), extra memory (MB) while warming up, and the rounds run."""
+    from densenet.progress import progress
+
     times: dict[str, list[float]] = {name: [] for name in backends}
     extra_mb: dict[str, float] = {}
     for name, fn in backends.items():
@@ -232,16 +255,25 @@ def measure(
                 fn(batch)
         extra_mb[name] = (rss.peak - base) / 2**20
     rounds = 0
-    while rounds < iters or min(map(sum, times.values())) < min_time:
-        rounds += 1
-        for name, fn in backends.items():
-            start = time.perf_counter()
-            fn(batch)
-            times[name].append(time.perf_counter() - start)
-            # onnxruntime's idle workers spin for a while after a run (its default) and would take
-            # the cores from the next backend timed: measured 1.5x slower at batch 1 without this.
-            time.sleep(SETTLE_S)
-    n = batch.shape[0]
+    # With --min-time the number of rounds is open-ended: no total, no ETA.
+    total = None if min_time else iters
+    with progress(total=total, desc=f"bench batch {len(batch)}", unit="round") as bar:
+        while rounds < iters or min(map(sum, times.values())) < min_time:
+            rounds += 1
+            for name, fn in backends.items():
+                start = time.perf_counter()
+                fn(batch)
+                times[name].append(time.perf_counter() - start)
+                # onnxruntime's idle workers spin for a while after a run (its default) and would
+                # take the cores from the next backend timed: measured 1.5x slower at batch 1
+                # without this.
+                time.sleep(SETTLE_S)
+            bar.update()
+    return times, extra_mb, rounds
+
+
+def _summarize(times: dict[str, list[float]], extra_mb: dict[str, float], rounds: int, n: int):
+    """Each backend's img/s, p50/p90 ms, extra memory and ratios to the references."""
     results = {}
     for name, values in times.items():
         q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
@@ -292,14 +324,17 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}"
         )
+    import torch
+
     torch.set_num_threads(args.threads)
+    random_weights_notice(args)
     model, info = model_from_args(args)
     model = model.cpu().eval()
     size = args.size or info.input_size[-1]
     example = torch.randn(1, model.in_chans, size, size)
     backends, skipped = build_backends(
         names, model, example, args.threads, lambda: _calibration_batches(args, info),
-        args.micro_batch, args.streams,
+        args.micro_batch, args.streams, args.verbose,
     )  # fmt: skip
     report = dict(
         model=info.name, source=info.source, size=size, threads=args.threads, iters=args.iters,

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
-
-import torch
-from torch.utils.data import Subset
+from typing import TYPE_CHECKING
 
 from densenet.cli import CLIError
 from densenet.cli.predict import add_model_arguments, model_from_args
-from densenet.data import build_dataset, build_loader, dataset_info
-from densenet.evaluation import EvalResult, evaluate
-from densenet.io import atomic_write
-from densenet.predict import ModelInfo, default_class_names
-from densenet.visualize import confusion_matrix_figure
+
+if TYPE_CHECKING:  # the heavy modules are imported when the command runs, not for --help
+    import torch
+
+    from densenet.evaluation import EvalResult
+    from densenet.predict import ModelInfo
 
 
 def add_parser(subparsers) -> None:
@@ -30,7 +30,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--data-dir", help="the dataset's folder, or a .zip of <split>/<class>/ images (folder)"
     )
-    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    parser.add_argument(
+        "--split",
+        help="split to evaluate (default test; a folder without train/ val/ test/ sub-folders: "
+        "all of it; 'val' there is the part training held out)",
+    )
     parser.add_argument(
         "--ten-crop",
         action="store_true",
@@ -49,6 +53,11 @@ def add_parser(subparsers) -> None:
         metavar="DIR",
         help="where the PNG and JSON go (default: beside the checkpoint, or .)",
     )
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip files of a folder dataset that are not readable images (named on stderr)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -65,9 +74,20 @@ def _check(args: argparse.Namespace) -> None:
 def _load_data(args: argparse.Namespace, dataset_name: str, info: ModelInfo, device: torch.device):
     """A loader over the (possibly truncated) split with the model's eval transform, and the
     dataset's class names."""
+    import torch
+    from torch.utils.data import Subset
+
+    from densenet.data import build_dataset, build_loader, dataset_info
+
     stats = dataset_info(dataset_name)
     transform = info.transform(args.ten_crop, stats.mean, stats.std)
-    dataset = build_dataset(dataset_name, args.data_dir, args.split, transform)
+    matching = _class_matching(args, info) if dataset_name == "folder" else {}
+    dataset = build_dataset(
+        dataset_name, args.data_dir, args.split, transform,
+        skip_bad_images=args.skip_bad_images, **matching,
+    )  # fmt: skip
+    for problem in getattr(dataset, "bad_images", []):
+        print(f"densenet eval: skipped {problem}", file=sys.stderr)
     classes = getattr(dataset, "classes", None) or stats.class_names
     if len(classes) > len(info.class_names):
         raise CLIError(
@@ -81,6 +101,51 @@ def _load_data(args: argparse.Namespace, dataset_name: str, info: ModelInfo, dev
         dataset, args.batch_size, train=False, workers=args.workers, device=device
     )
     return loader, list(classes)
+
+
+def _class_matching(args: argparse.Namespace, info: ModelInfo) -> dict:
+    """How a folder's class folders map to the model's outputs: by name to its class names
+    (a subset is fine), or, for a model without names of its own, by sorted position when the
+    folder holds exactly as many classes."""
+    from densenet.data import dataset_info
+    from densenet.predict import default_class_names
+
+    names = list(info.class_names)
+    folders = dataset_info("folder", args.data_dir).class_names
+    by_name = dict(classes=names, classes_from=f"the model's {len(names)} classes")
+    if names != default_class_names(len(names)) or set(folders) <= set(names):
+        return by_name
+    if len(folders) == len(names):
+        print(
+            f"densenet eval: the model has no class names of its own; its {len(names)} outputs "
+            f"are taken to be the class folders of {args.data_dir} in sorted order",
+            file=sys.stderr,
+        )
+        return {}
+    raise CLIError(
+        f"{args.data_dir} has {len(folders)} class folders but the model predicts {len(names)} "
+        "classes and has no class names to match them by; give a folder with all its classes "
+        "(matched in sorted order) or a checkpoint that records class_names"
+    )
+
+
+def _resolve_split(args: argparse.Namespace, dataset_name: str) -> str:
+    """``--split``, defaulting to test; a folder without split sub-folders is evaluated whole."""
+    if args.split is not None:
+        return args.split
+    if dataset_name != "folder" or not args.data_dir:
+        return "test"
+    from densenet.data import folder_splits
+
+    if folder_splits(args.data_dir):
+        return "test"
+    print(
+        f"densenet eval: {args.data_dir} has no train/, val/ or test/ sub-folders: evaluating all "
+        "of it; if the model was trained on this folder, --split val evaluates only the images "
+        "training held out",
+        file=sys.stderr,
+    )
+    return "all"
 
 
 def _print_report(result: EvalResult, title: str) -> None:
@@ -102,17 +167,23 @@ def _print_report(result: EvalResult, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densenet.evaluation import evaluate
+    from densenet.io import atomic_write
+    from densenet.predict import default_class_names
+    from densenet.visualize import confusion_matrix_figure
+
     _check(args)
     model, info = model_from_args(args)
     dataset_name = args.dataset or info.dataset
     if not dataset_name:
         raise CLIError("which data? give --dataset NAME (the checkpoint does not name its dataset)")
     device = next(model.parameters()).device
+    args.split = _resolve_split(args, dataset_name)
     loader, classes = _load_data(args, dataset_name, info, device)
     names = info.class_names
     if names == default_class_names(len(names)) and len(classes) == len(names):
         names = classes  # the model has no names of its own: use the dataset's
-    result = evaluate(model, loader, device, class_names=names, progress=not args.json)
+    result = evaluate(model, loader, device, class_names=names, progress=True)
     out = Path(args.out or (Path(args.checkpoint).parent if args.checkpoint else "."))
     stem = f"eval_{dataset_name}_{args.split}" + ("_10crop" if args.ten_crop else "")
     title = f"{info.source} on {dataset_name} {args.split}" + (

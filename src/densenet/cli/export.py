@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-import torch
-
-from densenet.cli import CLIError
+from densenet.cli import CLIError, random_weights_notice
 from densenet.cli.predict import add_model_arguments, model_from_args
-from densenet.export import FORMATS, SUFFIXES, export_model, verify_export
-from densenet.predict import list_images, load_image
 
 MAX_REL_ERROR = 1e-4
 MAX_IMAGES = 16
+# densenet.export.SUFFIXES, written out so that --help needs no torch (a test keeps them equal).
+SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
 
 
 def add_parser(subparsers) -> None:
@@ -28,7 +27,11 @@ def add_parser(subparsers) -> None:
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
     add_model_arguments(parser)
-    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument(
+        "--format", choices=tuple(SUFFIXES),
+        help="default: from --out's extension (" + ", ".join(
+            f"{suffix}: {name}" for name, suffix in SUFFIXES.items()) + ")",
+    )  # fmt: skip
     parser.add_argument("--out", required=True, metavar="FILE", help="output .onnx or .pt2 file")
     parser.add_argument(
         "--optimize", action="store_true",
@@ -43,11 +46,34 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def output_format(out: str, fmt: str | None) -> str:
+    """The format to write: ``fmt``, or the one ``out``'s extension names; a ``CLIError`` when
+    they disagree or neither says."""
+    suffix = Path(out).suffix
+    if fmt is None:
+        by_suffix = {value: name for name, value in SUFFIXES.items()}
+        if suffix not in by_suffix:
+            raise CLIError(
+                f"--out {out}: name the file .onnx or .pt2 (or give --format "
+                f"{' or '.join(SUFFIXES)})"
+            )
+        return by_suffix[suffix]
+    if suffix != SUFFIXES[fmt]:
+        raise CLIError(
+            f"--format {fmt} writes a {SUFFIXES[fmt]} file; name --out FILE{SUFFIXES[fmt]}"
+        )
+    return fmt
+
+
 def run(args: argparse.Namespace) -> int:
-    suffix = SUFFIXES[args.format]
-    if not args.out.endswith(suffix):
-        raise CLIError(f"--format {args.format} writes a {suffix} file; name --out FILE{suffix}")
+    import torch
+
+    from densenet.export import export_model, verify_export
+    from densenet.predict import list_images, load_image
+
+    args.format = output_format(args.out, args.format)
     args.device = "cpu"
+    random_weights_notice(args)
     model, info = model_from_args(args)
     size = args.size or info.input_size[-1]
     path = export_model(

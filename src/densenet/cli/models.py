@@ -7,11 +7,12 @@ import argparse
 import fnmatch
 import json
 import urllib.parse
+from typing import TYPE_CHECKING
 
-import torch
+from densenet.zoo import get_model_spec, list_models, spec_complexity
 
-from densenet.weights import WEIGHTS, Weights
-from densenet.zoo import count_macs, count_parameters, create_model, get_model_spec, list_models
+if TYPE_CHECKING:
+    from densenet.weights import Weights
 
 
 def add_parser(subparsers) -> None:
@@ -44,6 +45,8 @@ def _origin(weights: Weights) -> str:
 
 def weights_rows(pattern: str = "*") -> list[dict]:
     """One dict per registered weights whose tag or model name matches ``pattern``."""
+    from densenet.weights import WEIGHTS  # torch: only for --weights
+
     rows = []
     for tag in sorted(WEIGHTS):
         w = WEIGHTS[tag]
@@ -97,21 +100,22 @@ def _print_weights(rows: list[dict]) -> None:
 
 
 def zoo_rows(pattern: str = "*") -> list[dict]:
-    """One dict per registered model: name, params, GMACs at native resolution, published result."""
+    """One dict per registered model: name, params, GMACs at native resolution, published result.
+
+    Parameters and MACs come in closed form from the architecture: no model is built.
+    """
     rows = []
     for name in list_models(pattern):
         spec = get_model_spec(name)
-        with torch.device("meta"):
-            model = create_model(name)
-        params = count_parameters(model)
-        macs = count_macs(model.to_empty(device="cpu"), spec.input_size)
+        complexity = spec_complexity(name)
         best = spec.published[0] if spec.published else None
         rows.append(
             dict(
                 name=name,
                 family=spec.family,
-                params=params,
-                gmacs=round(macs / 1e9, 3),
+                params=complexity.params,
+                macs=complexity.macs,
+                gmacs=round(complexity.macs / 1e9, 3),
                 resolution=spec.input_size[-1],
                 published_dataset=best.dataset if best else None,
                 published_top1_error=best.top1_error if best else None,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from densenet.cli import CLIError
-from densenet.predict import list_images, load_model, predict
-from densenet.runtime import resolve_device
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +26,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_from_args(args: argparse.Namespace):
     """``(model, ModelInfo)`` for the model the command line names, on ``args.device``."""
+    from densenet.predict import load_model
+    from densenet.runtime import resolve_device
+
     if args.pretrained and not args.model:
         raise CLIError(
             "--pretrained goes with --model NAME; a --checkpoint already has its weights"
@@ -45,18 +47,37 @@ def add_parser(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip files that are not readable images (each one named on stderr)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from densenet.predict import list_images, predict
+
     if args.topk < 1 or args.batch_size < 1:
         raise CLIError("--topk and --batch-size must be at least 1")
     paths = list_images(args.inputs)
     model, info = model_from_args(args)
-    results = predict(model, info, paths, topk=args.topk, batch_size=args.batch_size)
+    results = predict(
+        model, info, paths, args.topk, args.batch_size, skip_bad_images=args.skip_bad_images
+    )
+    skipped = [r for r in results if "skipped" in r]
+    results = [r for r in results if "skipped" not in r]
+    for entry in skipped:
+        print(f"densenet predict: skipped {entry['skipped']}", file=sys.stderr)
+    if skipped:
+        print(
+            f"densenet predict: skipped {len(skipped)} of {len(paths)} files (--skip-bad-images)",
+            file=sys.stderr,
+        )
     if args.json:
-        print(json.dumps(dict(model=info.name, source=info.source, predictions=results)))
+        summary = dict(model=info.name, source=info.source, predictions=results, skipped=skipped)
+        print(json.dumps(summary))
         return 0
     print(f"model: {info.source}")
     for result in results:

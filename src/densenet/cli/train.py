@@ -39,8 +39,15 @@ def add_parser(subparsers) -> None:
         help="train a model (no flags: a small DenseNet-BC on Fashion-MNIST in a few minutes)",
         description="Train a DenseNet. Keys come from the defaults, then --config, then flags and "
         "--set key=value (any config key; values are YAML, e.g. --set milestones=[0.5,0.75]).",
+        epilog="Every config key, with its resolved value: densenet train --print-config "
+        "(add --config/flags to see their effect; the output is a recipe to start from). "
+        "Their meaning: the TrainConfig class in densenet/config.py.",
     )
-    parser.add_argument("--config", help="a recipe YAML (see configs/)")
+    parser.add_argument(
+        "--config", metavar="RECIPE",
+        help="a recipe: a YAML file, or the name of one in configs/ "
+        "(e.g. cifar10plus_densenet_bc100_k12)",
+    )  # fmt: skip
     for flag, key, type_, help_ in FLAGS:
         parser.add_argument(flag, dest=key, type=type_, help=help_)
     for flag, key, help_ in SWITCHES:
@@ -51,12 +58,18 @@ def add_parser(subparsers) -> None:
     )  # fmt: skip
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    parser.add_argument("--no-progress", action="store_true", help="one line per epoch, no bars")
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved config as YAML (every key) and exit without training",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from densenet.cli import CLIError
     from densenet.config import load_config, parse_overrides
+    from densenet.recipes import find_recipe
+    from densenet.runtime import is_main_process
     from densenet.training import Interrupted, resume_config, train
 
     overrides = {key: getattr(args, key) for _, key, *_ in FLAGS + SWITCHES}
@@ -67,7 +80,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--resume uses the run's own config.yaml; drop --config")
         cfg = resume_config(args.resume, overrides)
     else:
-        cfg = load_config(args.config, overrides)
+        try:
+            recipe = find_recipe(args.config) if args.config else None
+        except FileNotFoundError as error:
+            raise CLIError(f"--config {error}") from None
+        cfg = load_config(recipe, overrides, check_data=not args.print_config)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     try:
         result = train(
             cfg, resume=args.resume, overwrite=args.overwrite,
@@ -76,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     except Interrupted as stop:
         print(f"densenet train: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for death by a signal
+    if not is_main_process():
+        return 0  # under torchrun, rank 0 reports
     final = result.final
     print(
         f"done: {cfg.dataset} {cfg.val_split} top-1 {final['val_top1']:.2f}% "

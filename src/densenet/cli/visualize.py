@@ -7,8 +7,6 @@ import argparse
 
 from densenet.cli import CLIError
 from densenet.cli.predict import add_model_arguments, model_from_args
-from densenet.predict import load_image
-from densenet.visualize import feature_map_figure
 
 
 def add_parser(subparsers) -> None:
@@ -28,6 +26,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densenet.predict import load_image
+    from densenet.visualize import feature_map_figure
+
     if args.channels < 1:
         raise CLIError("--channels must be at least 1")
     image = load_image(args.image)
