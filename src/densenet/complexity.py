@@ -56,9 +56,8 @@ class _Tally:
         self.width = (self.width - 1) // stride + 1
 
     def blur_pool(self, channels: int) -> None:
-        """BlurPool2d: reflect padding 1, then a fixed 3x3 depthwise filter with stride 2."""
-        self.height += 2
-        self.width += 2
+        """BlurPool2d: a fixed 3x3 depthwise filter, stride 2, after reflect padding 1 (the same
+        output size as the zero padding of :meth:`conv`)."""
         self.conv(channels, channels, 3, stride=2, groups=channels)
 
     def avg_pool(self) -> None:

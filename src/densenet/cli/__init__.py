@@ -33,30 +33,22 @@ def random_weights_notice(args: argparse.Namespace) -> None:
         )
 
 
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Appends ``(default: X)`` to an option's help when it has a default worth showing and its
-    help does not state it already."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default: X)`` to the help of each option that has a default worth showing and
+    does not state it already (argparse's ArgumentDefaultsHelpFormatter would also print
+    ``default: None`` and skip options without help)."""
+    for action in parser._actions:
         text = action.help or ""
         default = action.default
         if (
-            "default" in text
+            not action.option_strings
+            or text == argparse.SUPPRESS
+            or "default" in text
             or default in (None, False, argparse.SUPPRESS)
             or default == []
-            or not action.option_strings
-            and action.nargs not in ("?", "*")
         ):
-            return text
-        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
-
-
-class CommandParser(argparse.ArgumentParser):
-    """A sub-command's parser: help with defaults, and the options every command shares."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
+            continue
+        action.help = f"{text} (default: %(default)s)".lstrip()
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -75,13 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="DenseNet models, training, evaluation and deployment.",
         epilog="'densenet COMMAND --help' describes each command's options.",
     )
-    subparsers = parser.add_subparsers(
-        dest="command", metavar="COMMAND", parser_class=CommandParser
-    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(f"densenet.cli.{module_name}").add_parser(subparsers)
     for command_parser in subparsers.choices.values():
         _add_common_options(command_parser)
+        _show_defaults(command_parser)
     return parser
 
 

@@ -1,0 +1,124 @@
+"""The command line in the user's terms: errors name flags, one did-you-mean, defaults in --help,
+recipes by name, export format from the file name, notices for random weights, quiet int8."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import densenet
+from densenet.cli import CLIError, main
+from densenet.cli.export import output_format
+from densenet.recipes import find_recipe
+
+SRC = Path(densenet.__file__).parent
+REPO = SRC.parents[1]
+
+
+def test_unknown_command_suggests_the_closest(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["trian", "--epochs", "1"])
+    assert stop.value.code == 2
+    assert "unknown command 'trian'; did you mean train?" in capsys.readouterr().err
+
+
+def test_every_did_you_mean_comes_from_one_helper():
+    users = [p.relative_to(SRC) for p in SRC.rglob("*.py") if "difflib" in p.read_text()]
+    assert users == [Path("messages.py")]
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--batch-size BATCH_SIZE (default: 64)" in text
+    assert "--no-progress" in text
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 2)" in text and "(default: None)" not in text
+
+
+def test_export_format_from_the_file_name():
+    assert output_format("model.pt2", None) == "exported-program"
+    assert output_format("model.onnx", None) == "onnx"
+    assert output_format("model.onnx", "onnx") == "onnx"
+    with pytest.raises(CLIError, match=r"--out model.bin: name the file .onnx or .pt2"):
+        output_format("model.bin", None)
+    with pytest.raises(CLIError, match=r"--format onnx writes a .onnx file"):
+        output_format("model.pt2", "onnx")
+
+
+def test_export_pt2_by_extension_with_random_weights_notice(tmp_path, capsys):
+    out = tmp_path / "tiny.pt2"
+    assert main(["export", "--model", "densenet_bc16_k12", "--out", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["format"] == "exported-program" and report["ok"] and out.is_file()
+    assert "densenet_bc16_k12 has random weights (no --pretrained)" in captured.err
+
+
+def test_train_print_config_resolves_a_recipe_by_name(capsys):
+    argv = ["train", "--config", "cifar10plus_densenet_bc100_k12", "--set", "epochs=3"]
+    assert main([*argv, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    recipe = yaml.safe_load((REPO / "configs/cifar10plus_densenet_bc100_k12.yaml").read_text())
+    assert printed["model"] == recipe["model"] == "densenet_bc100_k12"
+    assert printed["epochs"] == 3 and printed["lr"] == recipe["lr"]
+    assert "model_args" in printed and "seed" in printed  # every key, not only the recipe's
+
+
+def test_unknown_recipe_names_the_flag_and_the_closest(capsys):
+    assert main(["train", "--config", "cifar10plus_densenet_bc10_k12", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "--config 'cifar10plus_densenet_bc10_k12' is neither a file nor a recipe name" in err
+    assert "did you mean cifar10plus_densenet_bc100_k12" in err
+
+
+def test_recipe_paths_still_work(tmp_path):
+    own = tmp_path / "mine.yaml"
+    own.write_text("epochs: 1\n")
+    assert find_recipe(own) == own
+    assert find_recipe("svhn_densenet40_k12.yaml") == REPO / "configs/svhn_densenet40_k12.yaml"
+
+
+@pytest.mark.slow
+def test_recipes_ship_in_the_wheel_and_are_found_there(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), str(REPO)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("densenet-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    shipped = {p.name for p in (site / "densenet" / "configs").glob("*.yaml")}
+    assert shipped == {p.name for p in (REPO / "configs").glob("*.yaml")}
+    found = subprocess.run(
+        [sys.executable, "-c", "from densenet.recipes import find_recipe; "
+         "print(find_recipe('imagenet_densenet121_cosine'))"],
+        capture_output=True, text=True, env={"PYTHONPATH": str(site)}, timeout=120, check=True,
+    )  # fmt: skip
+    assert Path(found.stdout.strip()) == site / "densenet/configs/imagenet_densenet121_cosine.yaml"
+
+
+def test_int8_calibration_quiet_unless_verbose(caplog):
+    from densenet.quantization import quantize_onnx
+    from densenet.zoo import create_model
+
+    model = create_model("densenet_bc16_k12").eval()
+    batches = [torch.randn(2, 3, 32, 32)]
+    with caplog.at_level(logging.WARNING):
+        quantize_onnx(model, batches)
+        assert not caplog.records
+        quantize_onnx(model, batches, verbose=True)
+    # onnxruntime's advice and one note per quantized conv
+    assert sum("Expected bias" in r.getMessage() for r in caplog.records) > 3
