@@ -12,7 +12,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 PAPER_OPTIM = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
-FULL_DATA = {"train_subset": None, "val_subset": None, "model_args": {}}
+FULL_DATA = {"train_subset": None, "val_subset": None}
 CIFAR_MODELS = (
     "densenet40_k12", "densenet100_k12", "densenet100_k24",
     "densenet_bc100_k12", "densenet_bc250_k24", "densenet_bc190_k40",

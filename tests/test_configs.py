@@ -85,6 +85,15 @@ def test_every_recipe_runs_one_step(path, tiny_folder, tmp_path, monkeypatch):
         ({"model_args": {"depth": 17}}, "depth L=17 does not fit"),
         ({"model_args": {"grwth_rate": 4}}, "model_args has unknown keys ['grwth_rate']"),
         ({"milestones": [50, 75]}, "milestones must be epoch fractions"),
+        ({"schedule_epochs": 0}, "schedule_epochs must be >= 1 (or null"),
+        (
+            {"schedule_epochs": 2, "warmup_epochs": 2},
+            "warmup_epochs (2.0) must be < schedule_epochs",
+        ),
+        (
+            {"epochs": 3, "schedule_epochs": 2},
+            "epochs (3) go past schedule_epochs (2), where the cosine schedule has reached lr 0",
+        ),
         ({"amp": "fp16", "device": "cpu"}, "amp fp16 needs a CUDA device"),
     ],
 )
@@ -120,9 +129,25 @@ def test_overrides_parse_as_yaml_values():
     assert TrainConfig().dataset == "fashion_mnist"
 
 
-def test_another_model_does_not_inherit_the_default_model_args():
-    assert load_config(None, {"model": "densenet121"}).model_args == {}
-    assert load_config(None, {"model": "densenet40_k12"}).model_args == {}
+def test_model_args_apply_only_when_given(tmp_path):
+    from densenet.config import model_kwargs
+    from densenet.zoo import get_model_spec
+
+    for name in ("densenet121", "densenet40_k12", "densenet_bc100_k12", "densenet_bc16_k12"):
+        cfg = load_config(None, {"model": name})
+        assert cfg.model_args == {} and model_kwargs(cfg) == get_model_spec(name).kwargs
     kept = load_config(None, {"model": "densenet40_k12", "model_args": {"growth_rate": 6}})
-    assert kept.model_args == {"growth_rate": 6}
-    assert load_config().model_args == TrainConfig().model_args  # the default run's small model
+    assert kept.model_args == {"growth_rate": 6} and model_kwargs(kept)["growth_rate"] == 6
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: densenet_bc100_k12\nmodel_args: {depth: 40}\n")
+    assert model_kwargs(load_config(recipe))["block_config"] == (6, 6, 6)
+    assert model_kwargs(load_config(recipe, {"model_args": {}}))["block_config"] == (16, 16, 16)
+
+
+def test_a_runs_config_yaml_starts_a_new_run_without_its_history(tmp_path):
+    from densenet.config import save_config
+
+    cfg = load_config(None, {"lr": 0.05, "epochs": 4, "schedule_epochs": 2, "min_lr": 0.001})
+    save_config(cfg, tmp_path / "config.yaml", [{"from_epoch": 2, "from_step": 9, "changed": {}}])
+    assert "history:" in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml") == cfg

@@ -45,11 +45,13 @@ def folder(tmp_path_factory) -> Path:
 
 
 def tiny_args(folder: Path, out: Path, epochs: int = 1) -> list[str]:
-    """CLI arguments of a 2-class 8x8 run of 4 steps per epoch on a ~100-parameter DenseNet."""
+    """CLI arguments of a 2-class 8x8 run of 4 steps per epoch on a ~100-parameter DenseNet, at
+    a constant lr (so that a resume may add epochs: a cosine schedule ends at lr 0)."""
     return [
         "train", "--dataset", "folder", "--data-dir", str(folder), "--out", str(out),
         "--epochs", str(epochs), "--batch-size", "8", "--workers", "0", "--device", "cpu",
-        "--deterministic", "--set", f"model_args={TINY_MODEL}", "--no-progress",
+        "--deterministic", "--set", f"model_args={TINY_MODEL}", "--set", "schedule=constant",
+        "--no-progress",
     ]  # fmt: skip
 
 
@@ -383,15 +385,18 @@ class DiskFull:
 
 
 class DiskFullIn(DiskFull):
-    """A full disk for the files written in ``folder`` only (Linux: the path of an open fd)."""
+    """A full disk for the files written in ``folder`` only (Linux: the path of an open fd),
+    or only for those whose name starts with ``name``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, name: str = "") -> None:
         super().__init__(room=0)
         self.folder = str(folder)
+        self.name = name
 
     def fdopen(self, fd, *args, **kwargs):
         file = os.fdopen(fd, *args, **kwargs)
-        inside = os.readlink(f"/proc/self/fd/{fd}").startswith(self.folder)
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        inside = str(path).startswith(self.folder) and path.name.startswith(f".{self.name}")
         return _FullFile(file, self) if inside else file
 
 
@@ -419,29 +424,38 @@ def test_atomic_write_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypat
     assert path.read_bytes() == b"old contents" and os.listdir(tmp_path) == ["data.bin"]
 
 
-@pytest.mark.parametrize("full", ["everywhere", "checkpoints"])
+@pytest.mark.parametrize("full", ["everywhere", "metrics", "checkpoints"])
 def test_full_disk_at_the_end_of_an_epoch(folder, tmp_path, monkeypatch, capsys, full):
-    """The epoch's files are written metrics.csv, curves.png, then the checkpoints: the disk
-    fills at the first (everywhere) or only for the checkpoints."""
+    """A resume writes config.yaml (its history), then each epoch metrics.csv, curves.png and
+    the checkpoints: the disk fills at the first (everywhere), for metrics.csv, or only for the
+    checkpoints."""
     run = tmp_path / "r"
     assert main(tiny_args(folder, run, epochs=1)) == 0
     before = checkpoint_files(run)
     metrics = (run / "metrics.csv").read_bytes()
     capsys.readouterr()
-    disk = DiskFull(room=0) if full == "everywhere" else DiskFullIn(run / "checkpoints")
+    disk = {
+        "everywhere": DiskFull(room=0),
+        "metrics": DiskFullIn(run, "metrics.csv"),
+        "checkpoints": DiskFullIn(run / "checkpoints"),
+    }[full]
     monkeypatch.setattr(dio, "os", disk)
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 2
     error = capsys.readouterr().err
-    failed = r"metrics\.csv" if full == "everywhere" else r"checkpoints/(best|last)\.safetensors"
+    failed = {
+        "everywhere": r"config\.yaml",
+        "metrics": r"metrics\.csv",
+        "checkpoints": r"checkpoints/(best|last)\.safetensors",
+    }[full]
     assert re.search(
         rf"densenet train: error: could not write {re.escape(str(run))}/{failed}: the disk is "
         r"full \(No space left on device\); free some space or write elsewhere; the previous "
-        r"(metrics\.csv|best\.safetensors|last\.safetensors) is intact",
+        r"(config\.yaml|metrics\.csv|best\.safetensors|last\.safetensors) is intact",
         error,
     ), error
     assert "Traceback" not in error
     assert checkpoint_files(run) == before  # both checkpoints intact, no temporary file
-    if full == "everywhere":
+    if full != "checkpoints":
         assert (run / "metrics.csv").read_bytes() == metrics
     monkeypatch.undo()  # space is back: the run continues from the last checkpoint
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
@@ -706,7 +720,9 @@ def test_resume_with_another_architecture_is_a_clear_error(folder, tmp_path, cap
     assert main(tiny_args(folder, run, epochs=1)) == 0
     other = "model_args={growth_rate: 4, block_config: [1, 1], num_init_features: 4}"
     assert main(["train", "--resume", str(run), "--epochs", "2", "--set", other]) == 2
-    assert "does not fit" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"cannot resume {run} with another model_args (" in error
+    assert "the checkpoint holds this run's model, which does not fit another one" in error
 
 
 @pytest.mark.parametrize(

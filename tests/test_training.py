@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_data import CIFAR_ZIP, SHARED, make_image_folder
 
 from densenet import training
@@ -57,6 +58,11 @@ def quiet(_: str) -> None:
 
 def weights(run: Path, which: str = "last") -> dict:
     return load_state(run / "checkpoints" / f"{which}.safetensors")[0]["model"]
+
+
+def metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -126,6 +132,7 @@ def test_run_directory_contents(folder, tmp_path):
     assert meta["class_names"] == ["c0", "c1"] and meta["num_classes"] == 2
     assert meta["input_size"] == [3, 8, 8] and meta["dataset"] == "folder" and meta["epoch"] == 2
     assert len(meta["mean"]) == 3 and meta["densenet_version"]
+    assert meta["model"] == "densenet_bc16_k12-custom"  # TINY_MODEL: not the registered network
     model = DenseNet(**meta["model_config"])  # the metadata rebuilds the architecture
     model.load_state_dict(weights(run, "best"))
 
@@ -167,7 +174,8 @@ def test_resume_after_epoch_one_is_bit_identical(folder, tmp_path):
 
 
 def test_sigterm_mid_epoch_saves_the_step_and_resumes_bit_identical(folder, tmp_path, monkeypatch):
-    train(tiny(folder, tmp_path / "a", schedule="multistep"), progress=False, log=quiet)
+    # Seed 2: epoch 1 validates better than epoch 2, so best_top1 must come from before the stop.
+    train(tiny(folder, tmp_path / "a", schedule="multistep", seed=2), progress=False, log=quiet)
 
     def lr_with_sigterm_at_step_5(cfg, step, steps_per_epoch):
         if step == 5:
@@ -175,7 +183,7 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_bit_identical(folder, tmp_
         return lr_at(cfg, step, steps_per_epoch)
 
     monkeypatch.setattr(training, "lr_at", lr_with_sigterm_at_step_5)
-    cfg = tiny(folder, tmp_path / "b", schedule="multistep")
+    cfg = tiny(folder, tmp_path / "b", schedule="multistep", seed=2)
     with pytest.raises(
         Interrupted, match=r"SIGTERM received.*step 6 \(epoch 2, batch 2\).*--resume"
     ):
@@ -185,6 +193,15 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_bit_identical(folder, tmp_
     assert (state["epoch"], state["step"], state["epoch_step"]) == (1, 6, 2)
     train(resume_config(tmp_path / "b"), resume=tmp_path / "b", progress=False, log=quiet)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    # The resumed epoch's numbers count its batches from before and after the signal.
+    timing = ("img_per_s", "time_s")
+    straight, resumed = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in timing} for r in straight
+    ]
+    assert straight[0]["val_top1"] > straight[1]["val_top1"]  # the case this test is for
+    best = [load_state(tmp_path / r / "checkpoints" / "last.safetensors")[0] for r in "ab"]
+    assert best[0]["best_top1"] == best[1]["best_top1"] == straight[0]["val_top1"]
 
 
 def test_signal_during_evaluation_stops_at_the_epoch_boundary(folder, tmp_path):
@@ -210,7 +227,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(folder, tmp_pat
     run = tmp_path / "r"
     train(tiny(folder, run, epochs=1, ema_decay=0.0), progress=False, log=quiet)
     good = (run / "checkpoints" / "last.safetensors").read_bytes()
-    exploding = resume_config(run, {"epochs": 2, "lr": 1e30, "warmup_epochs": 0.0})
+    exploding = resume_config(
+        run, {"epochs": 2, "lr": 1e30, "warmup_epochs": 0.0, "schedule": "constant"}
+    )
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+ \(epoch 2.*last good"):
         train(exploding, resume=run, progress=False, log=quiet)
     assert (run / "checkpoints" / "last.safetensors").read_bytes() == good
@@ -399,3 +418,254 @@ def test_real_cifar10_jpeg_small_densenet_bc(tmp_path, restore_threads):
     )  # fmt: skip
     result = train(cfg, progress=False, log=print)
     assert result.final["val_top1"] >= CIFAR_FLOOR  # chance is 10%
+
+
+# --- the model a run builds and the name it gives it -----------------------------------------
+def test_model_flag_builds_the_published_model(tmp_path, capsys):
+    """--model NAME alone builds NAME as published, not the default run's model_args."""
+    import densenet
+    from densenet.cli import main
+    from densenet.training import build_model
+
+    cfg = load_config(None, {"model": "densenet_bc100_k12"})
+    assert cfg.model_args == {}
+    built = build_model(cfg, 10, 3)
+    assert densenet.count_parameters(built) == 769_162  # the published 0.8M (README's table)
+    assert built.config == densenet.create_model("densenet_bc100_k12").config
+    # The same through the CLI: the run's checkpoint rebuilds the published architecture.
+    run = tmp_path / "r"
+    folder = make_image_folder(tmp_path / "images", size=8, per_class=4, classes=2)
+    args = [
+        "train", "--model", "densenet_bc100_k12", "--dataset", "folder", "--data-dir",
+        str(folder), "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+        "--out", str(run), "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    _, meta = load_state(run / "checkpoints" / "last.safetensors")
+    assert meta["model"] == "densenet_bc100_k12"
+    assert meta["model_config"]["block_config"] == [16, 16, 16]
+
+
+def test_default_run_trains_the_small_model_under_its_own_name():
+    import densenet
+    from densenet.training import build_model, default_run_dir
+
+    cfg = load_config()
+    assert (cfg.model, cfg.model_args) == ("densenet_bc16_k12", {})
+    built = build_model(cfg, 10, 1)
+    small = densenet.cifar_densenet(16, 12, num_classes=10, in_chans=1)
+    assert built.config == small.config and densenet.count_parameters(built) == 43_978
+    assert default_run_dir(cfg).name.startswith("densenet_bc16_k12-fashion_mnist-")
+
+
+@pytest.mark.parametrize(
+    ("model", "model_args", "label"),
+    [
+        ("densenet_bc100_k12", {}, "densenet_bc100_k12"),
+        ("densenet_bc100_k12", {"depth": 16}, "densenet_bc16_k12"),  # a registered model
+        ("densenet_bc100_k12", {"depth": 40}, "densenet_bc40_k12"),  # the paper's naming
+        ("densenet40_k12", {"depth": 70, "growth_rate": 6}, "densenet70_k6"),
+        ("densenet121", {"block_config": [6, 12, 32, 32]}, "densenet169"),
+        ("densenet121", {"growth_rate": 16}, "densenet121-custom"),
+        ("densenet_bc100_k12", {"stem": "imagenet"}, "densenet_bc100_k12-custom"),
+        ("densenet_bc100_k12", {"growth_rate": 12, "stem": "cifar"}, "densenet_bc100_k12"),
+    ],
+)
+def test_labels_say_what_was_built(model, model_args, label):
+    from densenet.config import model_label
+    from densenet.training import default_run_dir
+
+    cfg = load_config(None, {"model": model, "model_args": model_args, "drop_rate": 0.1})
+    assert model_label(cfg) == label
+    assert default_run_dir(cfg).name.startswith(f"{label}-fashion_mnist-")
+
+
+# --- resuming with more epochs or changed settings -------------------------------------------
+def _first_epoch_of(cfg: TrainConfig) -> None:
+    """Run ``cfg``'s first epoch, as if the run stopped right after its checkpoint."""
+    with pytest.raises(_Crash):
+        train(cfg, progress=False, log=_crash_after_first_epoch)
+
+
+@pytest.mark.parametrize(
+    "schedule", [{"schedule": "cosine", "min_lr": 0.01}, {"schedule": "multistep"}]
+)
+def test_more_epochs_on_resume_keep_the_runs_schedule(folder, tmp_path, schedule):
+    """``--resume RUN --epochs 3`` of a 1-epoch run: the same schedule, then its final lr; the
+    result is that of one uninterrupted run of the config.yaml it records."""
+    run = tmp_path / "resumed"
+    train(tiny(folder, run, epochs=1, **schedule), progress=False, log=quiet)
+    lines: list[str] = []
+    train(resume_config(run, {"epochs": 3}), resume=run, progress=False, log=lines.append)
+    recorded = load_config(run / "config.yaml")
+    assert (recorded.epochs, recorded.schedule_epochs) == (3, 1)
+    final = schedule.get("min_lr", 0.1 * 0.1**2)
+    assert [r["lr"] for r in metrics(run)[1:]] == pytest.approx([final, final])
+    assert any("keeps its span (schedule_epochs: 1)" in line for line in lines), lines
+    assert any(f"epochs 2-3 run at its final lr {final:.4g}" in line for line in lines), lines
+    straight = tmp_path / "straight"
+    train(
+        tiny(folder, straight, epochs=3, schedule_epochs=1, **schedule), progress=False, log=quiet
+    )
+    assert_same_weights(weights(straight), weights(run))
+    history = yaml.safe_load((run / "config.yaml").read_text())["history"]
+    assert history == [
+        {
+            "from_epoch": 2,
+            "from_step": 4,
+            "changed": {"epochs": [1, 3], "schedule_epochs": [None, 1]},
+        }
+    ]
+
+
+def test_more_epochs_past_a_schedule_at_lr_0_are_refused_naming_the_fix(folder, tmp_path, capsys):
+    from densenet.cli import main
+
+    run = tmp_path / "r"
+    train(tiny(folder, run, epochs=1), progress=False, log=quiet)  # cosine to min_lr 0
+    before = (run / "config.yaml").read_text(), (run / "checkpoints" / "last.safetensors").stat()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "reaches lr 0 at the end of epoch 1, so epochs 2-2 would not train" in error
+    assert "--set schedule_epochs=2" in error and error.count("\n") == 1
+    after = (run / "config.yaml").read_text(), (run / "checkpoints" / "last.safetensors").stat()
+    assert after == before
+    # The named fix: the schedule re-planned over 2 epochs, announced with the lr it gives.
+    args = ["train", "--resume", str(run), "--epochs", "2", "--set", "schedule_epochs=2"]
+    assert main([*args, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    expected = lr_at(load_config(run / "config.yaml"), 4, 4)
+    assert f"the lr of step 4 is {expected:.4g}" in out and expected > 0.01
+    assert metrics(run)[1]["lr"] > 0
+
+
+def test_changed_settings_apply_with_a_notice_and_config_yaml_records_them(folder, tmp_path):
+    run = tmp_path / "r"
+    _first_epoch_of(tiny(folder, run, epochs=2, schedule="constant"))
+    lines: list[str] = []
+    changed = {"lr": 0.05, "weight_decay": 0.01, "momentum": 0.5}
+    train(resume_config(run, changed), resume=run, progress=False, log=lines.append)
+    notice = next(line for line in lines if line.startswith("changed settings"))
+    for text in ("lr 0.1 -> 0.05", "weight_decay 0.0001 -> 0.01", "momentum 0.9 -> 0.5"):
+        assert text in notice
+    assert any("the lr of step 4 is 0.05 (the run's settings gave 0.1)" in x for x in lines)
+    # Applied, not overwritten by the checkpoint's optimizer state.
+    groups = load_state(run / "checkpoints" / "last.safetensors")[0]["optimizer"]["param_groups"]
+    assert all((g["weight_decay"], g["momentum"]) == (0.01, 0.5) for g in groups)
+    assert metrics(run)[1]["lr"] == 0.05
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["lr"], saved["weight_decay"], saved["momentum"]) == (0.05, 0.01, 0.5)
+    assert saved["history"] == [
+        {
+            "from_epoch": 2, "from_step": 4,
+            "changed": {"lr": [0.1, 0.05], "weight_decay": [0.0001, 0.01], "momentum": [0.9, 0.5]},
+        }
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("setting", "reason"),
+    [
+        ("batch_size=4", "batch_size (8 -> 4): it sets the steps of an epoch"),
+        ("seed=2", "seed (1 -> 2): it chooses the training images and their order"),
+        ("model_args={growth_rate: 4}", "model_args ("),
+        ("val_subset=2", "val_subset (None -> 2): it chooses the validation images"),
+    ],
+)
+def test_settings_a_resume_cannot_change_are_refused_with_the_reason(
+    folder, tmp_path, capsys, setting, reason
+):
+    from densenet.cli import main
+
+    run = tmp_path / "r"
+    _first_epoch_of(tiny(folder, run))
+    before = (run / "config.yaml").read_text()
+    assert main(["train", "--resume", str(run), "--set", setting]) == 2
+    error = capsys.readouterr().err
+    assert f"cannot resume {run} with another {reason}" in error, error
+    assert f"--pretrained {run / 'checkpoints' / 'last.safetensors'}" in error
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_a_resume_that_stopped_before_its_first_checkpoint_is_one_part(
+    folder, tmp_path, monkeypatch
+):
+    run = tmp_path / "r"
+    _first_epoch_of(tiny(folder, run, epochs=3, schedule="constant"))
+
+    def crash_at_step_5(cfg, step, steps_per_epoch):
+        if step == 5:
+            raise _Crash  # in the resumed epoch, before its checkpoint
+        return lr_at(cfg, step, steps_per_epoch)
+
+    monkeypatch.setattr(training, "lr_at", crash_at_step_5)
+    with pytest.raises(_Crash):
+        train(resume_config(run, {"lr": 0.05}), resume=run, progress=False, log=quiet)
+    monkeypatch.undo()
+    assert load_config(run / "config.yaml").lr == 0.05  # the part started, then stopped
+    train(resume_config(run, {"momentum": 0.5}), resume=run, progress=False, log=quiet)
+    history = yaml.safe_load((run / "config.yaml").read_text())["history"]
+    assert history == [
+        {"from_epoch": 2, "from_step": 4, "changed": {"lr": [0.1, 0.05], "momentum": [0.9, 0.5]}}
+    ]
+
+
+# --- what one step does: EMA, gradient clipping, label smoothing ------------------------------
+def test_ema_update_is_decay_times_ema_plus_the_rest_times_the_weights():
+    from densenet.training import ModelEma
+
+    torch.manual_seed(0)
+    model = DenseNet(**TINY_MODEL, num_classes=2)
+    ema = ModelEma(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param))
+    model.train()(torch.randn(4, 3, 8, 8))  # moves the BN running statistics and counters
+    ema.update(model)
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            expected = 0.9 * before[key] + 0.1 * value
+            torch.testing.assert_close(ema.module.state_dict()[key], expected, rtol=0, atol=1e-6)
+            assert not torch.allclose(expected, 0.1 * before[key] + 0.9 * value)
+        else:
+            assert torch.equal(ema.module.state_dict()[key], value), key  # num_batches_tracked
+
+
+def test_grad_clip_scales_the_step_to_the_max_norm(folder, tmp_path):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    norms: list[float] = []
+
+    def record_norm(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    hook = register_optimizer_step_pre_hook(record_norm)
+    try:
+        clipped = train(tiny(folder, tmp_path / "c", epochs=1, grad_clip=0.01), log=quiet)
+        clipped_norms, norms[:] = list(norms), []
+        free = train(tiny(folder, tmp_path / "f", epochs=1), log=quiet)
+    finally:
+        hook.remove()
+    assert len(clipped_norms) == 4 and clipped_norms == pytest.approx([0.01] * 4, rel=1e-5)
+    assert all(n > 0.05 for n in norms)  # unclipped, the gradients are much larger
+    assert clipped.final["train_loss"] != free.final["train_loss"]
+    assert not torch.equal(weights(tmp_path / "c")["features.conv0.weight"],
+                           weights(tmp_path / "f")["features.conv0.weight"])  # fmt: skip
+
+
+def test_label_smoothing_is_the_formula():
+    from densenet.training import build_criterion
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 0])
+    eps, classes = 0.3, 5
+    log_p = torch.log_softmax(logits, 1)
+    smoothed = torch.full_like(log_p, eps / classes)
+    smoothed[torch.arange(6), target] += 1 - eps  # 1 - eps + eps / K on the true class
+    expected = -(smoothed * log_p).sum(1).mean()
+    loss = build_criterion(TrainConfig(label_smoothing=eps))(logits, target)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    plain = build_criterion(TrainConfig())(logits, target)
+    torch.testing.assert_close(plain, -log_p[torch.arange(6), target].mean(), rtol=1e-12, atol=0)
