@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import densenet
 from densenet.cli import CLIError, main
 from densenet.cli.export import output_format
 from densenet.recipes import find_recipe
+from densenet.zoo import create_model
 
 SRC = Path(densenet.__file__).parent
 REPO = SRC.parents[1]
@@ -112,7 +114,6 @@ def test_recipes_ship_in_the_wheel_and_are_found_there(tmp_path):
 
 def test_int8_calibration_quiet_unless_verbose(caplog):
     from densenet.quantization import quantize_onnx
-    from densenet.zoo import create_model
 
     model = create_model("densenet_bc16_k12").eval()
     batches = [torch.randn(2, 3, 32, 32)]
@@ -122,3 +123,31 @@ def test_int8_calibration_quiet_unless_verbose(caplog):
         quantize_onnx(model, batches, verbose=True)
     # onnxruntime's advice and one note per quantized conv
     assert sum("Expected bias" in r.getMessage() for r in caplog.records) > 3
+
+
+def test_errors_name_flags_not_python_calls(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 40)).save(image)
+    state_dict_only = tmp_path / "plain.pth"
+    torch.save(create_model("densenet_bc16_k12").state_dict(), state_dict_only)
+    cases = {
+        ("--model", "densenet121", "--pretrained", "densnet121.tv_in1k"): (
+            "--pretrained 'densnet121.tv_in1k' is no weights tag, URL or existing file; did you "
+            "mean densenet121.tv_in1k",
+            "`densenet models --weights` lists the tags",
+        ),
+        ("--model", "densenet264", "--pretrained", "default"): (
+            "densenet264 has no published weights; pass --pretrained a file or URL",
+        ),
+        ("--model", "densenet121", "--pretrained", "densenet169.tv_in1k"): (
+            "use --model densenet169.tv_in1k --pretrained default",
+        ),
+        ("--checkpoint", str(state_dict_only)): (
+            "--model NAME with --pretrained FILE; the weights look like densenet_bc16_k12",
+        ),
+    }
+    for argv, expected in cases.items():
+        assert main(["predict", str(image), *argv]) == 2
+        err = capsys.readouterr().err
+        assert all(text in err for text in expected), err
+        assert "pretrained=" not in err and "create_model(" not in err and "()" not in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from densenet.messages import did_you_mean
@@ -76,6 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The library's messages speak Python (create_model(...), pretrained=...); the command line's
+# user typed flags. Each rule rewrites one such phrase into the flags that do the same.
+_CLI_TERMS = (
+    (r"create_model\('([^']+)', pretrained=True\)", r"--model \1 --pretrained default"),
+    (r"create_model\(NAME, pretrained=\.\.\.\)", "--model NAME with --pretrained FILE"),
+    (r"`densenet models` or densenet\.list_models\(\)", "`densenet models`"),
+    (r"densenet\.list_models\(\)", "`densenet models`"),
+    (r"densenet\.list_weights\(\)", "`densenet models --weights`"),
+    (r"\bpretrained=True\b", "--pretrained default"),
+    (r"\bpretrained=(?=')", "--pretrained "),
+    (r"\bpretrained= ", "--pretrained "),
+)
+
+
+def in_cli_terms(message: str) -> str:
+    """``message`` with the Python calls it suggests rewritten as the command line's flags."""
+    for pattern, replacement in _CLI_TERMS:
+        message = re.sub(pattern, replacement, message)
+    return message
+
+
 def _unknown_command(word: str) -> str | None:
     """The error for a first word that names no command (with the closest ones), else None."""
     if word.startswith("-") or word in COMMAND_MODULES:
@@ -100,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as error:
-        print(f"densenet {args.command}: error: {error}", file=sys.stderr)
+        print(f"densenet {args.command}: error: {in_cli_terms(str(error))}", file=sys.stderr)
         return 2
 
 
