@@ -15,12 +15,15 @@ generated image folder; the model has a few hundred parameters.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from inference_helpers import FLOAT32_REL_TOL
 from PIL import Image
 from test_data import SHARED, make_image_folder
 
@@ -28,7 +31,7 @@ import densenet
 from densenet import DenseNet
 from densenet.cli import main
 from densenet.export import load_exported
-from densenet.io import file_kind, load_state, save_state
+from densenet.io import atomic_write, file_kind, load_state, save_state
 from densenet.quantization import quantize_onnx, save_quantized
 
 TINY_MODEL = "{growth_rate: 2, block_config: [1, 1], num_init_features: 4}"
@@ -168,7 +171,7 @@ def test_cli_readers(artifacts, name: str, capsys, tmp_path: Path) -> None:
     with torch.no_grad():
         expected = reference(x)
     relative = (load_exported(onnx)(x) - expected).abs().max() / expected.abs().max()
-    assert relative < 1e-5
+    assert relative <= FLOAT32_REL_TOL
     run_cli(
         "train", "--pretrained", path, "--out", str(tmp_path / "fine-tune"), "--epochs", "1",
         *artifacts["args"], capsys=capsys,
@@ -198,3 +201,37 @@ def test_int8_onnx_reads_back(artifacts, tmp_path: Path) -> None:
     assert actual.shape == expected.shape
     relative = (actual - expected).abs().max() / expected.abs().max()
     assert relative < 0.1, f"int8 relative error {relative:.3f}"
+
+
+# --- writing: durability --------------------------------------------------------------------
+
+
+def test_atomic_write_fsyncs_the_complete_file_before_the_rename(tmp_path, monkeypatch) -> None:
+    """The order a power cut needs: the temporary file's bytes all written and fsynced, then
+    renamed over the target, then the directory fsynced (so the rename itself is durable)."""
+    events: list[tuple] = []
+    fsync, replace = os.fsync, os.replace
+
+    def record_fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        kind = "directory" if stat.S_ISDIR(info.st_mode) else "file"
+        events.append(("fsync", kind, info.st_ino, info.st_size))
+        fsync(fd)
+
+    def record_replace(source, target) -> None:
+        events.append(("replace", os.stat(source).st_ino, Path(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    target = tmp_path / "checkpoint.safetensors"
+    data = b"x" * 100_000
+    atomic_write(target, lambda f: f.write(data))
+    assert [e[0] if e[0] == "replace" else e[:2] for e in events] == [
+        ("fsync", "file"),
+        "replace",
+        ("fsync", "directory"),
+    ]
+    (_, _, synced_inode, synced_size), (_, renamed_inode, renamed_to) = events[:2]
+    assert synced_size == len(data) and synced_inode == renamed_inode == target.stat().st_ino
+    assert renamed_to == target and target.read_bytes() == data
