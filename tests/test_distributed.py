@@ -85,6 +85,7 @@ def test_two_ranks_train_as_one_process_with_two_micro_batches(folder, tmp_path)
     ddp_run, single_run = tmp_path / "ddp", tmp_path / "single"
     output = finish(torchrun(settings(folder, ddp_run)))
     assert output.count("epoch 2/2") == 1  # rank 0 alone logs
+    assert output.count("done:") == 1  # and prints the final line
     train(
         load_config(None, settings(folder, single_run, grad_accum_steps=2)),
         progress=False,
