@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from densenet import data
 
@@ -165,7 +166,7 @@ def test_bad_image_is_named_or_skipped(tmp_path):
     (root / "train" / "c1" / "broken.png").write_bytes(b"not a png at all")
     ds = data.build_dataset("folder", root, "train")
     bad = [i for i, (m, _) in enumerate(ds.samples) if m.endswith("broken.png")][0]
-    with pytest.raises(ValueError, match=r"broken\.png is not a readable image.*--skip-bad-images"):
+    with pytest.raises(ValueError, match=r"broken\.png: not a readable image.*--skip-bad-images"):
         ds[bad]
     skipping = data.build_dataset("folder", root, "train", skip_bad_images=True)
     assert skipping.skipped == 1 and len(skipping) == 6
@@ -213,7 +214,11 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_batch_transform_normalizes_and_crops_like_random_crop():
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
     plain = data.BatchTransform("none", True, (0.5,) * 3, (0.5,) * 3)(images)
-    assert torch.allclose(plain, images.float() / 255 * 2 - 1)
+    # Bit for bit what the per-image torchvision path gives, so both paths feed the same tensor.
+    per_image = v2.Compose(
+        [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+    )
+    assert torch.equal(plain, per_image(images))
     torch.manual_seed(0)
     out = data.BatchTransform("standard", True, (0.0,) * 3, (1 / 255,) * 3, pad=4)(images)
     assert out.shape == images.shape
@@ -285,5 +290,27 @@ def test_fashion_mnist_default_lookup_order(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (SHARED / "fashion-mnist",))
     monkeypatch.setattr(data, "DOWNLOAD_DIR", tmp_path / "cache")
     assert len(data.build_dataset("fashion_mnist", None, "test")) == 10000  # the system copy
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="mnist not found.*" + str(tmp_path / "empty")):
         data.build_dataset("mnist", tmp_path / "empty", "test")
+
+
+@pytest.mark.parametrize("name", data.DATASETS)
+def test_a_data_dir_that_does_not_exist_is_an_error_for_every_dataset(tmp_path, monkeypatch, name):
+    _need(SHARED / "fashion-mnist")
+    # A system-wide Fashion-MNIST is installed (as Debian's package does): no dataset may fall
+    # back to it, or to anything else, when the --data-dir given is wrong.
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (SHARED / "fashion-mnist",))
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(FileNotFoundError, match=f"--data-dir {missing} does not exist"):
+        data.build_dataset(name, missing, "test")
+    if name in ("folder", "cifar100"):  # their class names come from the folder
+        with pytest.raises(FileNotFoundError, match=f"--data-dir {missing} does not exist"):
+            data.dataset_info(name, missing)
+
+
+def test_fashion_mnist_data_dir_without_its_files_is_an_error(tmp_path, monkeypatch):
+    _need(SHARED / "fashion-mnist")
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (SHARED / "fashion-mnist",))
+    with pytest.raises(FileNotFoundError, match=f"fashion_mnist not found.*{tmp_path}"):
+        data.build_dataset("fashion_mnist", tmp_path, "test")  # not the system copy

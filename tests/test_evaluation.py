@@ -19,12 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from densenet.cli import main
+from densenet.data import to_channels
 from densenet.evaluation import (
     confusion_matrix,
     eval_transform,
     evaluate,
     per_class_accuracy,
-    to_channels,
     topk_correct,
 )
 from densenet.runtime import resolve_device
@@ -191,13 +191,17 @@ CIFAR_ZIP = ("cifar10-jpeg", "cifar10_yoongikim_jpeg_q75.zip")
 BIAS = torch.tensor([0.0, 0, 0, 5, 4, 3, 2, 1, 0, 0])
 
 
-def _constant_checkpoint(path):
-    """A checkpoint whose logits are ``BIAS`` for every image (zero classifier weights)."""
+def _constant_model():
+    """A model whose logits are ``BIAS`` for every image (zero classifier weights)."""
     model = tiny_model()
     with torch.no_grad():
         model.classifier.weight.zero_()
         model.classifier.bias.copy_(BIAS)
-    return save_checkpoint(path, model, dataset="folder")
+    return model
+
+
+def _constant_checkpoint(path):
+    return save_checkpoint(path, _constant_model(), dataset="folder")
 
 
 @pytest.mark.parametrize("ten_crop", [False, True])
@@ -250,3 +254,76 @@ def test_eval_command_with_a_trained_model_on_real_cifar10_jpegs(tmp_path, capsy
     # 79.7% on all 10,000 JPEGs (its author: 90.5% on the lossless originals); chance is 10%.
     assert result["images"] == 100
     assert result["top1"] >= 65 and result["top5"] >= 90 and result["loss"] < 1.2
+
+
+# --- folders with some of the classes -----------------------------------------------------------
+def _class_folders(root, per_class: int, **renamed) -> dict:
+    """``root/<class>/`` with the first ``per_class`` real CIFAR-10 test JPEGs of each class named
+    in ``renamed`` (class -> folder name); returns {folder name: class}."""
+    import zipfile
+
+    with zipfile.ZipFile(shared_data(*CIFAR_ZIP)) as archive:
+        names = sorted(archive.namelist())
+        for cls, folder in renamed.items():
+            (root / folder).mkdir(parents=True)
+            members = [n for n in names if n.startswith(f"test/{cls}/") and n.endswith(".jpg")]
+            for member in members[:per_class]:
+                (root / folder / member.rsplit("/", 1)[-1]).write_bytes(archive.read(member))
+    return {folder: cls for cls, folder in renamed.items()}
+
+
+def _eval_json(capsys, checkpoint, folder, *extra) -> dict:
+    args = ["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--data-dir"]
+    args += [str(folder), "--workers", "0", "--device", "cpu", "--json", *extra]
+    assert main(args) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_on_a_folder_with_some_classes_matches_them_by_name(tmp_path, capsys):
+    folder = tmp_path / "pets"
+    _class_folders(folder, 3, cat="cat", dog="dog")
+    checkpoint = _constant_checkpoint(tmp_path / "ck.safetensors")  # always predicts 'cat'
+    result = _eval_json(capsys, checkpoint, folder)
+    # Matched by name: the cats are class 3 (right), the dogs class 5 (wrong); by position they
+    # would be 'airplane' and 'automobile' and all wrong.
+    assert result["top1"] == pytest.approx(50.0) and result["images"] == 6
+    assert result["per_class"] == {n: {"cat": 100.0, "dog": 0.0}.get(n) for n in CIFAR10_CLASSES}
+    assert [sum(row) for row in result["confusion"]] == [0, 0, 0, 3, 0, 3, 0, 0, 0, 0]
+    assert result["split"] == "all"  # a folder without splits is evaluated whole, and says so
+
+
+def test_eval_of_a_trained_cifar10_model_on_only_cats_and_dogs(tmp_path, capsys):
+    folder = tmp_path / "pets"
+    _class_folders(folder, 20, cat="cat", dog="dog")
+    checkpoint = trained_cifar10_checkpoint(tmp_path / "trained.safetensors")
+    result = _eval_json(capsys, checkpoint, folder)
+    assert result["images"] == 40
+    # 77.5% measured (79.7% over all ten classes of the JPEG test set); by position: 0%.
+    assert result["top1"] >= 65
+    assert result["per_class"]["cat"] is not None and result["per_class"]["dog"] is not None
+    assert result["per_class"]["airplane"] is None and result["per_class"]["automobile"] is None
+
+
+def test_eval_class_folder_unknown_to_the_model_is_an_error_naming_it(tmp_path, capsys):
+    folder = tmp_path / "pets"
+    _class_folders(folder, 1, cat="kat", dog="dog")
+    checkpoint = _constant_checkpoint(tmp_path / "ck.safetensors")
+    args = ["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--data-dir"]
+    assert main([*args, str(folder), "--workers", "0", "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{folder}: class folder 'kat' is not one of the model's 10 classes" in err
+    assert "(airplane, automobile, bird, cat," in err and err.endswith("did you mean cat?")
+
+
+def test_eval_model_without_class_names(tmp_path, capsys):
+    anonymous = save_checkpoint(
+        tmp_path / "anon.safetensors", _constant_model(), class_names=None, dataset="folder"
+    )
+    digits = tmp_path / "digits"
+    _class_folders(digits, 2, cat="3", dog="5")  # folders named by class index: matched by name
+    assert _eval_json(capsys, anonymous, digits)["top1"] == pytest.approx(50.0)
+    pets = tmp_path / "pets"
+    _class_folders(pets, 1, cat="cat", dog="dog")
+    args = ["eval", "--checkpoint", str(anonymous), "--dataset", "folder", "--data-dir", str(pets)]
+    assert main([*args, "--workers", "0"]) == 2
+    assert "has no class names to match them by" in capsys.readouterr().err

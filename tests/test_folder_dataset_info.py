@@ -13,7 +13,7 @@ from inference_helpers import CIFAR10_CLASSES, shared_data
 from densenet import data
 
 # real CIFAR-10 test images: <dataset>_<position>_<label>.png
-SPLITS = {"train": ("cat", "dog", "ship"), "test": ("airplane", "cat")}
+SPLITS = {"train": ("cat", "dog", "ship"), "test": ("cat", "ship")}
 
 
 def real_images() -> list[Path]:
@@ -49,8 +49,64 @@ def test_folder_info_reports_the_train_split_classes(tmp_path: Path, kind: str) 
     train = data.build_dataset("folder", root, "train")
     assert tuple(train.classes) == info.class_names and len(train) == 6
     test = data.build_dataset("folder", root, "test")
-    assert tuple(test.classes) == SPLITS["test"] and len(test) == 4
+    # The test split holds 2 of the 3 classes: labelled by name with the training classes.
+    assert tuple(test.classes) == SPLITS["train"] and len(test) == 4
+    assert [SPLITS["train"][t] for t in test.targets] == ["cat", "cat", "ship", "ship"]
     assert test[0][0].size == (32, 32)  # real images, read from the archive or folder
+
+
+def test_a_test_class_unknown_to_training_is_an_error_naming_it(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "test" / "shipp").mkdir()
+    shutil.copy(real_images()[0], tree / "test" / "shipp" / "0.png")
+    with pytest.raises(
+        ValueError,
+        match=r"test: class folder 'shipp' is not one of the 3 "
+        r"classes of .*train \(cat, dog, ship\); did you mean ship\?",
+    ):
+        data.build_dataset("folder", tree, "test")
+
+
+def test_split_folder_without_the_requested_split_is_an_error(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    shutil.rmtree(tree / "test")  # train/ only: validating on it would be validating on train
+    with pytest.raises(
+        FileNotFoundError, match=r"has no test/ or val/ sub-folder \(it has train/\)"
+    ):
+        data.build_dataset("folder", tree, "test")
+
+
+def flat_tree(root: Path, per_class: int = 10) -> Path:
+    """``root/<class>/<n>.png``: 3 classes of ``per_class`` real CIFAR-10 images, no splits."""
+    images = real_images()
+    for c, cls in enumerate(SPLITS["train"]):
+        (root / cls).mkdir(parents=True)
+        for n in range(per_class):
+            shutil.copy(images[(c * per_class + n) % len(images)], root / cls / f"img{n:02d}.png")
+    return root
+
+
+def test_folder_without_splits_holds_out_an_announced_validation_part(tmp_path, capsys) -> None:
+    flat = flat_tree(tmp_path / "flat")
+    train = data.build_dataset("folder", flat, "train")
+    assert "has no train/, val/ or test/ sub-folders" in capsys.readouterr().err
+    val = data.build_dataset("folder", flat, "test")
+    notice = capsys.readouterr().err
+    assert "10% of each class (3 of its 30 images, chosen by file name)" in notice
+    assert "held-out part (3 images)" in notice
+    train_files = {m for m, _ in train.samples}
+    val_files = {m for m, _ in val.samples}
+    assert not train_files & val_files  # never validate on the training images
+    assert len(train_files | val_files) == 30 and len(val_files) == 3
+    assert sorted(val.targets) == [0, 1, 2]  # one of each class
+    assert val.classes == train.classes == list(SPLITS["train"])
+    # The same files every time, and in the zip of the same tree.
+    assert {m for m, _ in data.build_dataset("folder", flat, "val").samples} == val_files
+    packed = make_zip(flat, tmp_path / "flat.zip", directory_entries=False)
+    zipped = {m for m, _ in data.build_dataset("folder", packed, "val").samples}
+    assert zipped == {str(Path(m).relative_to(flat).as_posix()) for m in val_files}
+    everything = data.build_dataset("folder", flat, "all")
+    assert len(everything) == 30
 
 
 def test_folder_without_splits_uses_the_top_level_classes(tmp_path: Path) -> None:

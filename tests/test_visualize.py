@@ -127,4 +127,4 @@ def test_visualize_command(tmp_path, capsys):
         main(["visualize", str(checkpoint), "--checkpoint", str(checkpoint), "--out", str(out)])
         == 2
     )
-    assert "not a readable image file" in capsys.readouterr().err
+    assert "ck.safetensors: not a readable image (" in capsys.readouterr().err
