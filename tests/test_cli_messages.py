@@ -59,13 +59,15 @@ def test_export_format_from_the_file_name():
         output_format("model.pt2", "onnx")
 
 
-def test_export_pt2_by_extension_with_random_weights_notice(tmp_path, capsys):
+def test_export_pt2_by_extension_with_random_weights_notice(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DENSENET_PROGRESS_INTERVAL", "0")
     out = tmp_path / "tiny.pt2"
     assert main(["export", "--model", "densenet_bc16_k12", "--out", str(out), "--json"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["format"] == "exported-program" and report["ok"] and out.is_file()
     assert "densenet_bc16_k12 has random weights (no --pretrained)" in captured.err
+    assert "verifying export: 4 img in " in captured.err  # batches of 1 and 3
 
 
 def test_train_print_config_resolves_a_recipe_by_name(capsys):

@@ -140,3 +140,51 @@ def test_ten_crop_eval_reports_progress(tmp_path):
     assert json.loads(done.stdout)["images"] == 10
     assert re.search(r"^eval: 4/10 img \(40%\)", done.stderr, re.M), done.stderr
     assert re.search(r"^eval: 10 img in ", done.stderr, re.M), done.stderr
+
+
+# --- the other long operations, in-process (stderr is not a terminal under pytest) -------------
+@pytest.fixture
+def every_update(monkeypatch):
+    monkeypatch.setenv(progress_module.INTERVAL_ENV, "0")
+
+
+def test_training_reports_batches_loss_and_rate(tmp_path, every_update, capsys):
+    from test_data import make_image_folder
+
+    from densenet.config import load_config
+    from densenet.training import train
+
+    folder = make_image_folder(tmp_path / "images", size=8, per_class=16, classes=2)
+    cfg = load_config(None, {
+        "dataset": "folder", "data_dir": str(folder), "batch_size": 8, "epochs": 1,
+        "workers": 0, "device": "cpu", "out": str(tmp_path / "run"),
+        "model_args": {"growth_rate": 2, "block_config": [1, 1], "num_init_features": 4},
+    })  # fmt: skip
+    train(cfg, log=lambda _: None)  # progress=None: the command line's default
+    err = capsys.readouterr().err
+    assert re.search(r"^epoch 1/1: 1/4 batch \(25%\), .*, ETA .*, loss [\d.]+, acc ", err, re.M)
+    assert re.search(r"^epoch 1/1: 4 batch in ", err, re.M)
+
+
+def test_bench_rounds(every_update, capsys):
+    import torch
+
+    from densenet.cli.bench import measure
+
+    measure({"identity": lambda batch: batch}, torch.zeros(2, 3), iters=3, warmup=0)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("bench batch 2: 1/3 round (33%)")
+    assert lines[-1].startswith("bench batch 2: 3 round in ")
+
+
+def test_checking_a_folder_of_images(tmp_path, every_update, capsys):
+    from test_data import make_image_folder
+
+    from densenet.data import FolderImages
+
+    folder = make_image_folder(tmp_path, size=8, per_class=2, classes=2)
+    (folder / "train" / "c0" / "broken.png").write_bytes(b"not a png")
+    images = FolderImages(folder, "train", skip_bad_images=True)
+    assert images.skipped == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"^checking images in {re.escape(str(folder))}: 1/5 img \(20%\)", err, re.M)
