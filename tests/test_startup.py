@@ -88,3 +88,14 @@ def test_option_constants_match_the_modules_they_mirror():
     from densenet.cli import export as export_cli
 
     assert export_cli.SUFFIXES == export.SUFFIXES
+
+
+def test_lazy_names_and_submodules_still_resolve():
+    import densenet
+
+    assert sorted(densenet.__all__) == sorted(densenet._EXPORTS)
+    for name in densenet.__all__:
+        assert getattr(densenet, name) is not None and name in dir(densenet)
+    assert densenet.zoo.create_model is densenet.create_model  # submodules as attributes
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        densenet.nothing  # noqa: B018

@@ -7,6 +7,7 @@ The public names below are imported on first use (PEP 562), so ``import densenet
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 # Public name -> the module that defines it.
@@ -80,6 +81,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
+        # densenet.zoo, densenet.models, ...: loaded on first use like the names above.
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+            return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module 'densenet' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later look-ups skip this function

@@ -11,6 +11,7 @@ import importlib
 import re
 import sys
 
+from densenet import __version__
 from densenet.messages import did_you_mean
 
 # Each module defines ``add_parser(subparsers)``, which registers its sub-command and sets
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DenseNet models, training, evaluation and deployment.",
         epilog="'densenet COMMAND --help' describes each command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"densenet {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(f"densenet.cli.{module_name}").add_parser(subparsers)
