@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -237,32 +237,37 @@ ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local file header: torch.save's forma
 PICKLE_PROTOCOLS = range(2, 6)  # PROTO opcode 0x80 then the protocol; torch.save's legacy format
 
 
-def _safetensors_header(f: BinaryIO, file_size: int) -> tuple[dict | None, str]:
-    """``(header, "")`` if ``f`` is a whole safetensors file, else ``(None, why not)``.
+class _Header(NamedTuple):
+    header: dict | None  # the parsed header of a whole safetensors file, else None
+    problem: str = ""  # why it is not one
+    damaged: bool = False  # a safetensors header that parses, over missing or extra data
 
-    The structure decides, not a byte: an 8-byte little-endian header length, that many bytes of
-    a JSON object, and tensors whose ``data_offsets`` tile the rest of the file exactly.
-    """
+
+def _safetensors_header(f: BinaryIO, file_size: int) -> _Header:
+    """What ``f`` holds as a safetensors file, decided by its structure, not a byte: an 8-byte
+    little-endian header length, that many bytes of a JSON object, and tensors whose
+    ``data_offsets`` tile the rest of the file exactly."""
     f.seek(0)
     size_bytes = f.read(8)
     if len(size_bytes) < 8:
-        return None, f"file is empty or truncated ({file_size} bytes)"
+        return _Header(None, f"file is empty or truncated ({file_size} bytes)")
     size = int.from_bytes(size_bytes, "little")
     if size > MAX_HEADER_BYTES:
-        return None, f"not a safetensors file (bad header length {size})"
+        return _Header(None, f"not a safetensors file (bad header length {size})")
     if size > file_size - 8:
-        return None, (
+        return _Header(
+            None,
             f"truncated, or not a safetensors file (its header claims {size} bytes, the whole "
-            f"file has {file_size})"
+            f"file has {file_size})",
         )
     try:
         header = json.loads(f.read(size))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        return None, f"not a safetensors file ({error})"
+        return _Header(None, f"not a safetensors file ({error})")
     if not isinstance(header, dict):
-        return None, "not a safetensors file (header is not a JSON object)"
+        return _Header(None, "not a safetensors file (header is not a JSON object)")
     if not isinstance(header.get("__metadata__") or {}, dict):
-        return None, "not a safetensors file (__metadata__ is not an object)"
+        return _Header(None, "not a safetensors file (__metadata__ is not an object)")
     spans = []
     for name, entry in header.items():
         if name == "__metadata__":
@@ -274,19 +279,20 @@ def _safetensors_header(f: BinaryIO, file_size: int) -> tuple[dict | None, str]:
             and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]
         ):
-            return None, f"not a safetensors file (tensor {name!r} has no valid data_offsets)"
+            return _Header(
+                None, f"not a safetensors file (tensor {name!r} has no valid data_offsets)"
+            )
         spans.append(tuple(offsets))
     data_bytes, end = file_size - 8 - size, 0
     for start, stop in sorted(spans):
         if start != end:
-            return None, f"damaged safetensors file (tensor data has a gap or overlap at {start})"
+            return _Header(None, f"tensor data has a gap or overlap at byte {start}", damaged=True)
         end = stop
     if end != data_bytes:
-        return None, (
-            f"truncated or damaged safetensors file (its tensors need {end} data bytes, it has "
-            f"{data_bytes})"
+        return _Header(
+            None, f"its tensors need {end} data bytes, it has {data_bytes}", damaged=True
         )
-    return header, ""
+    return _Header(header)
 
 
 def file_kind(path: str | Path) -> str:
@@ -299,7 +305,7 @@ def file_kind(path: str | Path) -> str:
     """
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
-        if _safetensors_header(f, file_size)[0] is not None:
+        if _safetensors_header(f, file_size).header is not None:
             return "safetensors"
         f.seek(0)
         head = f.read(4)
@@ -310,23 +316,40 @@ def file_kind(path: str | Path) -> str:
     return "unknown"
 
 
+AGAIN = "copy or download it again"
+
+
 def unknown_file_reason(path: str | Path) -> str:
-    """Why ``path`` is none of the kinds of :func:`file_kind` (for an error message)."""
+    """Why ``path`` is none of the kinds of :func:`file_kind`: the end of a one-line error that
+    starts with the file name, saying what to do."""
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
         if f.read(4) == ZIP_MAGIC:
-            return "a damaged or truncated zip (torch.save) file: its central directory is missing"
-        return _safetensors_header(f, file_size)[1]
+            return f"damaged or truncated torch.save (zip) file: no central directory; {AGAIN}"
+        sniffed = _safetensors_header(f, file_size)
+    if sniffed.damaged:
+        return f"damaged or truncated safetensors file ({sniffed.problem}); {AGAIN}"
+    return (
+        f"not a weights file: neither safetensors nor a torch.save file ({sniffed.problem}); "
+        "pass a .safetensors or .pth weights file"
+    )
 
 
 def read_header(path: str | Path) -> dict[str, str]:
     """The safetensors header metadata of ``path`` (raises :class:`CheckpointError` if not one)."""
     path = Path(path)
     with open(path, "rb") as f:
-        header, problem = _safetensors_header(f, os.fstat(f.fileno()).st_size)
-    if header is None:
-        raise CheckpointError(f"{path}: {problem}")
-    return header.get("__metadata__") or {}
+        sniffed = _safetensors_header(f, os.fstat(f.fileno()).st_size)
+    if sniffed.header is None:
+        kind = file_kind(path)
+        if kind != "unknown":
+            raise CheckpointError(
+                f"{path}: not a safetensors file (it is a torch.save {kind} file); state files "
+                "and checkpoints are safetensors, weights from .pth files load with "
+                "create_model(pretrained=...)"
+            )
+        raise CheckpointError(f"{path}: {unknown_file_reason(path)}")
+    return sniffed.header.get("__metadata__") or {}
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Any, dict]:

@@ -8,9 +8,12 @@ Loads, into :class:`~densenet.models.DenseNet`, the weights of
 - our own files (:func:`save_weights`, training checkpoints): safetensors plus JSON metadata naming
   the architecture, so ``create_model(pretrained=path)`` rebuilds it.
 
-``.pth``/``.pt`` files are read with ``torch.load(weights_only=True)`` only: a pickle that would
-run code is refused. Every problem with a file is a :class:`~densenet.io.CheckpointError` that
-names it.
+A file's kind is recognized by its structure (:func:`densenet.io.file_kind`), never by its name
+or first byte. ``torch.save`` files (zip or legacy) are read with ``torch.load(weights_only=True)``
+only: a pickle that would run code is refused. The state dict is found however checkpoints wrap
+it (nesting, EMA copies, ``module.``/``model.``/``_orig_mod.`` prefixes); BatchNorm counters that
+old files lack start at 0, as in torchvision. Every problem with a file is a
+:class:`~densenet.io.CheckpointError` that names it.
 
 Hashes: a registry entry stores the file's full SHA256 where it is published, else the prefix in
 its file name (torchvision's convention, the only part ``torch.hub`` checks). A download must match
@@ -393,10 +396,7 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     elif kind in ("zip", "pickle"):
         state, metadata = _torch_load(path), {}
     else:
-        raise CheckpointError(
-            f"{path}: not a weights file: neither safetensors nor a torch.save file "
-            f"({unknown_file_reason(path)}); pass a .safetensors or .pth weights file"
-        )
+        raise CheckpointError(f"{path}: {unknown_file_reason(path)}")
     return remap_state_dict(_unwrap(state, path, announce=not metadata)), metadata
 
 
