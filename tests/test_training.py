@@ -292,6 +292,11 @@ def test_cli_rejects_bad_keys_before_any_work(tmp_path, capsys):
     assert main(["train", "--batch-size", "0", "--data-dir", str(tmp_path / "missing")]) == 2
     error = capsys.readouterr().err
     assert "batch_size must be >= 1" in error and "does not exist" in error
+    for extra in (["--out", str(tmp_path / "elsewhere")], ["--overwrite"]):
+        assert main(["train", "--resume", str(tmp_path / "r"), *extra]) == 2
+        assert "continues the run in its own directory; drop --out/--overwrite" in (
+            capsys.readouterr().err
+        )
 
 
 @pytest.mark.parametrize(
@@ -441,9 +446,23 @@ def test_model_flag_builds_the_published_model(tmp_path, capsys):
         "--out", str(run), "--no-progress",
     ]  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    two_classes = 769_162 - 8 * 342 - 8  # 342 features: 8 fewer classifier rows and biases
+    assert (
+        f"model densenet_bc100_k12: {two_classes:,} parameters, 3 input channels, 2 classes" in out
+    )
     _, meta = load_state(run / "checkpoints" / "last.safetensors")
     assert meta["model"] == "densenet_bc100_k12"
     assert meta["model_config"]["block_config"] == [16, 16, 16]
+    # With model_args the run says what it built instead, and the checkpoint rebuilds that.
+    args += ["--set", "model_args={depth: 40}", "--out", str(tmp_path / "r40")]
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "model densenet_bc40_k12 (densenet_bc100_k12 with model_args {'depth': 40}):" in out
+    best = tmp_path / "r40" / "checkpoints" / "best.safetensors"
+    assert load_state(best)[1]["model"] == "densenet_bc40_k12"
+    rebuilt = densenet.create_model(pretrained=best)
+    assert rebuilt.model_name == "densenet_bc40_k12" and rebuilt.config["block_config"] == [6, 6, 6]
 
 
 def test_default_run_trains_the_small_model_under_its_own_name():
@@ -501,7 +520,7 @@ def test_more_epochs_on_resume_keep_the_runs_schedule(folder, tmp_path, schedule
     assert (recorded.epochs, recorded.schedule_epochs) == (3, 1)
     final = schedule.get("min_lr", 0.1 * 0.1**2)
     assert [r["lr"] for r in metrics(run)[1:]] == pytest.approx([final, final])
-    assert any("keeps its span (schedule_epochs: 1)" in line for line in lines), lines
+    assert any("keeps its 1-epoch span (schedule_epochs: 1)" in line for line in lines), lines
     assert any(f"epochs 2-3 run at its final lr {final:.4g}" in line for line in lines), lines
     straight = tmp_path / "straight"
     train(
@@ -526,7 +545,7 @@ def test_more_epochs_past_a_schedule_at_lr_0_are_refused_naming_the_fix(folder, 
     before = (run / "config.yaml").read_text(), (run / "checkpoints" / "last.safetensors").stat()
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
     error = capsys.readouterr().err
-    assert "reaches lr 0 at the end of epoch 1, so epochs 2-2 would not train" in error
+    assert "reaches lr 0 at the end of epoch 1, so epoch 2 would not train" in error
     assert "--set schedule_epochs=2" in error and error.count("\n") == 1
     after = (run / "config.yaml").read_text(), (run / "checkpoints" / "last.safetensors").stat()
     assert after == before
@@ -534,6 +553,7 @@ def test_more_epochs_past_a_schedule_at_lr_0_are_refused_naming_the_fix(folder, 
     args = ["train", "--resume", str(run), "--epochs", "2", "--set", "schedule_epochs=2"]
     assert main([*args, "--no-progress"]) == 0
     out = capsys.readouterr().out
+    assert "the cosine lr schedule is re-planned over 2 epochs" in out
     expected = lr_at(load_config(run / "config.yaml"), 4, 4)
     assert f"the lr of step 4 is {expected:.4g}" in out and expected > 0.01
     assert metrics(run)[1]["lr"] > 0
@@ -546,7 +566,7 @@ def test_changed_settings_apply_with_a_notice_and_config_yaml_records_them(folde
     changed = {"lr": 0.05, "weight_decay": 0.01, "momentum": 0.5}
     train(resume_config(run, changed), resume=run, progress=False, log=lines.append)
     notice = next(line for line in lines if line.startswith("changed settings"))
-    for text in ("lr 0.1 -> 0.05", "weight_decay 0.0001 -> 0.01", "momentum 0.9 -> 0.5"):
+    for text in ("lr (0.1 -> 0.05)", "weight_decay (0.0001 -> 0.01)", "momentum (0.9 -> 0.5)"):
         assert text in notice
     assert any("the lr of step 4 is 0.05 (the run's settings gave 0.1)" in x for x in lines)
     # Applied, not overwritten by the checkpoint's optimizer state.
@@ -569,7 +589,7 @@ def test_changed_settings_apply_with_a_notice_and_config_yaml_records_them(folde
         ("batch_size=4", "batch_size (8 -> 4): it sets the steps of an epoch"),
         ("seed=2", "seed (1 -> 2): it chooses the training images and their order"),
         ("model_args={growth_rate: 4}", "model_args ("),
-        ("val_subset=2", "val_subset (None -> 2): it chooses the validation images"),
+        ("val_subset=2", "val_subset (null -> 2): it chooses the validation images"),
     ],
 )
 def test_settings_a_resume_cannot_change_are_refused_with_the_reason(

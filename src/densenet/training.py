@@ -8,6 +8,15 @@ resume=RUN_DIR)`` continues a run exactly where its last checkpoint left it: the
 from ``seed + epoch`` and every RNG is restored, so on the CPU in deterministic mode a resumed run
 ends with the same weights, bit for bit, as an uninterrupted one.
 
+A resume continues the run's own schedule: more (or fewer) ``epochs`` pin ``schedule_epochs`` to
+the epochs the multistep milestones and the cosine anneal were planned over, and epochs past it
+run at the schedule's final lr (refused when that is 0: ``--set schedule_epochs=N`` re-plans).
+Settings that define the run (model, data, seed, batch size: :data:`FIXED_ON_RESUME`) cannot
+change; any other change applies from the resumed step with a printed notice. ``config.yaml``
+holds the settings in force and a ``history`` of the resumes: where each continued and what it
+changed (``key: [old, new]``), so one uninterrupted run of its settings repeats a resume that
+only added epochs.
+
 SIGINT/SIGTERM save a checkpoint of the current step and raise :class:`Interrupted`; a NaN/Inf
 loss stops the run naming the step (:class:`TrainingError`) and leaves the last good checkpoint.
 
@@ -38,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 import densenet
@@ -525,6 +535,7 @@ def _train(
         log(f"skipped {d.skipped_images} unreadable images (--skip-bad-images)")
     num_classes = cfg.num_classes or d.info.num_classes
     model = build_model(cfg, num_classes, d.info.in_chans).to(device)
+    log(_model_line(model, cfg))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp = runtime.wrap_model(model, env, device, cfg.sync_bn)  # ``model`` itself if one process
@@ -719,6 +730,19 @@ def _interrupted(signum: int, step: int, epoch: int, epoch_step: int, run: RunDi
     )
 
 
+def _model_line(model: nn.Module, cfg: TrainConfig) -> str:
+    """``model densenet_bc16_k12: 43,978 parameters, 1 input channel, 10 classes`` (and what
+    ``model_args`` changed when the network is not the registered ``model``)."""
+    from densenet.zoo import count_parameters
+
+    built = model.model_name
+    made = f" ({cfg.model} with model_args {cfg.model_args})" if built != cfg.model else ""
+    return (
+        f"model {built}{made}: {count_parameters(model):,} parameters, {model.in_chans} input "
+        f"channel{'s' if model.in_chans > 1 else ''}, {model.num_classes} classes"
+    )
+
+
 def _epoch_line(row: dict, epochs: int) -> str:
     return (
         f"epoch {int(row['epoch'])}/{epochs}  train loss {row['train_loss']:.4f} "
@@ -789,13 +813,10 @@ def continue_run(
         and previous.schedule_epochs is None
     ):
         cfg = dataclasses.replace(cfg, schedule_epochs=previous.epochs)
-    before, after = previous.to_dict(), cfg.to_dict()
-    changed = {k: [before[k], after[k]] for k in after if k != "out" and before[k] != after[k]}
+    changed = _changed(previous, cfg)
     refused = [k for k in changed if k in FIXED_ON_RESUME]
     if refused:
-        reasons = "; ".join(
-            f"{k} ({changed[k][0]!r} -> {changed[k][1]!r}): {FIXED_ON_RESUME[k]}" for k in refused
-        )
+        reasons = "; ".join(f"{_show_change(k, changed[k])}: {FIXED_ON_RESUME[k]}" for k in refused)
         raise TrainingError(
             f"cannot resume {run.path} with another {reasons}. Resume with the run's own "
             f"settings, or start a new run from its weights: densenet train --pretrained "
@@ -803,11 +824,12 @@ def continue_run(
         )
     horizon = cfg.schedule_epochs or cfg.epochs
     if cfg.epochs > horizon and final_lr(cfg) == 0:
+        floor = "--set min_lr=LR" if cfg.schedule == "cosine" else "a gamma above 0"
         raise TrainingError(
             f"{run.path}: its {cfg.schedule} schedule reaches lr 0 at the end of epoch "
-            f"{horizon}, so epochs {horizon + 1}-{cfg.epochs} would not train; re-plan the schedule "
-            f"over all {cfg.epochs} epochs with --set schedule_epochs={cfg.epochs} (the lr goes "
-            "up again), or give it a floor with --set min_lr=LR (cosine) / gamma (multistep)"
+            f"{horizon}, so {_epochs(horizon + 1, cfg.epochs)} would not train; re-plan the "
+            f"schedule over all {cfg.epochs} epochs with --set schedule_epochs={cfg.epochs} (the "
+            f"lr goes up again), or give it a floor with {floor}"
         )
     validate(cfg)
     part = {"from_epoch": epoch + 1, "from_step": step, "changed": changed}
@@ -819,29 +841,47 @@ def continue_run(
     return cfg, previous, [*history, part]
 
 
+def _changed(previous: TrainConfig, cfg: TrainConfig) -> dict[str, list]:
+    """``{key: [old, new]}`` of the settings ``cfg`` changes (``out`` is where, not how)."""
+    before, after = previous.to_dict(), cfg.to_dict()
+    return {k: [before[k], after[k]] for k in after if k != "out" and before[k] != after[k]}
+
+
+def _show_change(key: str, change: list) -> str:
+    """``lr (0.1 -> 0.05)``, values as YAML writes them (null, true, [0.5, 0.75])."""
+    old, new = (yaml.safe_dump(v, default_flow_style=True).split("\n")[0] for v in change)
+    return f"{key} ({old} -> {new})"
+
+
+def _epochs(first: int, last: int) -> str:
+    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
+
+
 def _change_notices(
     previous: TrainConfig, cfg: TrainConfig, step: int, steps_per_epoch: int
 ) -> list[str]:
     """What a resume changes, in the user's keys, and the lr it gives the resumed step."""
-    before, after = previous.to_dict(), cfg.to_dict()
-    changed = [k for k in after if k != "out" and before[k] != after[k]]
+    changed = _changed(previous, cfg)
     if not changed:
         return []
     lines = [
         "changed settings from here on (recorded in config.yaml): "
-        + ", ".join(f"{k} {before[k]!r} -> {after[k]!r}" for k in changed)
+        + ", ".join(_show_change(k, v) for k, v in changed.items())
     ]
     horizon = cfg.schedule_epochs or cfg.epochs
-    if "epochs" in changed and cfg.schedule in SPANNING_SCHEDULES:
-        if cfg.epochs > horizon:
-            where = f"epochs {horizon + 1}-{cfg.epochs} run at its final lr {final_lr(cfg):.4g}"
+    if cfg.schedule in SPANNING_SCHEDULES and {"epochs", "schedule_epochs"} & set(changed):
+        if horizon == cfg.epochs:
+            lines.append(f"the {cfg.schedule} lr schedule is re-planned over {horizon} epochs")
         else:
-            where = f"the run stops at epoch {cfg.epochs}"
-        lines.append(
-            f"the {cfg.schedule} lr schedule keeps its span (schedule_epochs: {horizon}): "
-            f"{where}; --set schedule_epochs={cfg.epochs} re-plans it over "
-            f"{cfg.epochs} epochs instead"
-        )
+            if cfg.epochs > horizon:
+                rest = f"{_epochs(horizon + 1, cfg.epochs)} run at its final lr {final_lr(cfg):.4g}"
+            else:
+                rest = f"the run stops at epoch {cfg.epochs}"
+            lines.append(
+                f"the {cfg.schedule} lr schedule keeps its {horizon}-epoch span (schedule_epochs: "
+                f"{horizon}): {rest}; --set schedule_epochs={cfg.epochs} re-plans it over "
+                f"{cfg.epochs} epochs instead"
+            )
     old_lr, new_lr = lr_at(previous, step, steps_per_epoch), lr_at(cfg, step, steps_per_epoch)
     if old_lr != new_lr:
         lines.append(

@@ -78,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config:
             raise ValueError("--resume uses the run's own config.yaml; drop --config")
+        if args.out is not None or args.overwrite:
+            raise ValueError(
+                "--resume continues the run in its own directory; drop --out/--overwrite"
+            )
         cfg = resume_config(args.resume, overrides)
     else:
         try:
