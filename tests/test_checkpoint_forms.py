@@ -433,3 +433,21 @@ def test_sniffer_never_mistakes_one_kind_for_another(tmp_path, kind, spec, meta,
     if kind == "safetensors" and truncated == "unknown":
         with pytest.raises(CheckpointError):
             read_header(path)
+
+
+PREFIXES = [b"", b"PK\x03\x04", b"\x80\x02", b"\x80\x04\x95", b"\x80\x00\x00\x00\x00\x00\x00\x00{"]
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(prefix=st.sampled_from(PREFIXES), rest=st.binary(max_size=400))
+def test_any_bytes_are_one_clear_error(tmp_path: Path, prefix: bytes, rest: bytes) -> None:
+    """Arbitrary bytes behind each kind's opening bytes: the sniffer answers, and reading is a
+    one-line CheckpointError naming the file (never another exception or a traceback)."""
+    path = tmp_path / "junk.pth"
+    path.write_bytes(prefix + rest)
+    assert file_kind(path) in ("safetensors", "zip", "pickle", "unknown")
+    with pytest.raises(CheckpointError) as info:
+        densenet.load_state_dict_file(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
