@@ -255,11 +255,11 @@ def _safetensors_header(f: BinaryIO, file_size: int) -> _Header:
     if size > MAX_HEADER_BYTES:
         return _Header(None, f"not a safetensors file (bad header length {size})")
     if size > file_size - 8:
-        return _Header(
-            None,
-            f"truncated, or not a safetensors file (its header claims {size} bytes, the whole "
-            f"file has {file_size})",
-        )
+        if f.read(1) == b"{":  # a JSON header that starts but does not fit: cut short
+            return _Header(
+                None, f"its header claims {size} bytes, the whole file has {file_size}", True
+            )
+        return _Header(None, f"not a safetensors file (bad header length {size})")
     try:
         header = json.loads(f.read(size))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -324,6 +324,8 @@ def unknown_file_reason(path: str | Path) -> str:
     starts with the file name, saying what to do."""
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
+        if file_size < 8:  # shorter than any weights file: an interrupted copy or download
+            return f"empty or truncated file ({file_size} bytes); {AGAIN}"
         if f.read(4) == ZIP_MAGIC:
             return f"damaged or truncated torch.save (zip) file: no central directory; {AGAIN}"
         sniffed = _safetensors_header(f, file_size)

@@ -755,7 +755,9 @@ def load_pretrained(model: nn.Module, source: Source | str | Path) -> nn.Module:
     if FIRST_CONV in state_dict:
         state_dict[FIRST_CONV] = adapt_input_conv(state_dict[FIRST_CONV], net.in_chans)
     weight_classes, model_classes = num_classes_of(source), net.num_classes
-    if weight_classes != model_classes:
+    # A file without "classifier.weight" but with other classifier keys is partial, not headless.
+    headless = not any(k.startswith("classifier.") for k in state_dict)
+    if weight_classes != model_classes and (weight_classes or headless):
         notice(
             f"{source.description}: weights have {weight_classes} classes, the model "
             f"{model_classes}; keeping the model's new classifier (train it before use)"
