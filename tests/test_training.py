@@ -458,7 +458,7 @@ def test_model_flag_builds_the_published_model(tmp_path, capsys):
     args += ["--set", "model_args={depth: 40}", "--out", str(tmp_path / "r40")]
     assert main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert "model densenet_bc40_k12 (densenet_bc100_k12 with model_args {'depth': 40}):" in out
+    assert "model densenet_bc40_k12 (densenet_bc100_k12 with model_args {depth: 40}):" in out
     best = tmp_path / "r40" / "checkpoints" / "best.safetensors"
     assert load_state(best)[1]["model"] == "densenet_bc40_k12"
     rebuilt = densenet.create_model(pretrained=best)

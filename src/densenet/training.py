@@ -583,7 +583,7 @@ def _train(
             )
             seed_everything(cfg.seed + env.rank + 1_000_003 * step, cfg.deterministic)
         log(f"resuming {run.path} at epoch {epoch + 1}, step {step}")
-        for line in _change_notices(previous, cfg, step, steps_per_epoch):
+        for line in _change_notices(previous, cfg, epoch, step, steps_per_epoch):
             log(line)
         runtime.barrier(env)  # every rank has read config.yaml before rank 0 rewrites it
         if env.is_main:
@@ -736,7 +736,7 @@ def _model_line(model: nn.Module, cfg: TrainConfig) -> str:
     from densenet.zoo import count_parameters
 
     built = model.model_name
-    made = f" ({cfg.model} with model_args {cfg.model_args})" if built != cfg.model else ""
+    made = f" ({cfg.model} with model_args {_yaml(cfg.model_args)})" if built != cfg.model else ""
     return (
         f"model {built}{made}: {count_parameters(model):,} parameters, {model.in_chans} input "
         f"channel{'s' if model.in_chans > 1 else ''}, {model.num_classes} classes"
@@ -802,10 +802,6 @@ def continue_run(
     values = read_yaml(run.config)
     history = list(values.pop(HISTORY_KEY, None) or [])
     previous = load_config(None, values, check_data=False)
-    if epoch >= cfg.epochs:
-        raise TrainingError(
-            f"{run.path} already finished {epoch} epochs; raise --epochs to train further"
-        )
     if (
         cfg.epochs != previous.epochs
         and cfg.schedule in SPANNING_SCHEDULES
@@ -822,12 +818,16 @@ def continue_run(
             f"settings, or start a new run from its weights: densenet train --pretrained "
             f"{run.last} --out NEW_DIR ..."
         )
+    if epoch >= cfg.epochs:
+        raise TrainingError(
+            f"{run.path} already finished {epoch} epochs; raise --epochs to train further"
+        )
     horizon = cfg.schedule_epochs or cfg.epochs
     if cfg.epochs > horizon and final_lr(cfg) == 0:
         floor = "--set min_lr=LR" if cfg.schedule == "cosine" else "a gamma above 0"
         raise TrainingError(
             f"{run.path}: its {cfg.schedule} schedule reaches lr 0 at the end of epoch "
-            f"{horizon}, so {_epochs(horizon + 1, cfg.epochs)} would not train; re-plan the "
+            f"{horizon}, so {_epochs(max(horizon, epoch) + 1, cfg.epochs)} would not train; re-plan the "
             f"schedule over all {cfg.epochs} epochs with --set schedule_epochs={cfg.epochs} (the "
             f"lr goes up again), or give it a floor with {floor}"
         )
@@ -847,10 +847,14 @@ def _changed(previous: TrainConfig, cfg: TrainConfig) -> dict[str, list]:
     return {k: [before[k], after[k]] for k in after if k != "out" and before[k] != after[k]}
 
 
+def _yaml(value) -> str:
+    """``value`` as YAML writes it on one line: null, true, [0.5, 0.75], {depth: 40}."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).split("\n")[0]
+
+
 def _show_change(key: str, change: list) -> str:
-    """``lr (0.1 -> 0.05)``, values as YAML writes them (null, true, [0.5, 0.75])."""
-    old, new = (yaml.safe_dump(v, default_flow_style=True).split("\n")[0] for v in change)
-    return f"{key} ({old} -> {new})"
+    """``lr (0.1 -> 0.05)``."""
+    return f"{key} ({_yaml(change[0])} -> {_yaml(change[1])})"
 
 
 def _epochs(first: int, last: int) -> str:
@@ -858,7 +862,7 @@ def _epochs(first: int, last: int) -> str:
 
 
 def _change_notices(
-    previous: TrainConfig, cfg: TrainConfig, step: int, steps_per_epoch: int
+    previous: TrainConfig, cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int
 ) -> list[str]:
     """What a resume changes, in the user's keys, and the lr it gives the resumed step."""
     changed = _changed(previous, cfg)
@@ -874,7 +878,8 @@ def _change_notices(
             lines.append(f"the {cfg.schedule} lr schedule is re-planned over {horizon} epochs")
         else:
             if cfg.epochs > horizon:
-                rest = f"{_epochs(horizon + 1, cfg.epochs)} run at its final lr {final_lr(cfg):.4g}"
+                extra = _epochs(max(horizon, epoch) + 1, cfg.epochs)
+                rest = f"{extra} run at its final lr {final_lr(cfg):.4g}"
             else:
                 rest = f"the run stops at epoch {cfg.epochs}"
             lines.append(
