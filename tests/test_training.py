@@ -689,3 +689,28 @@ def test_label_smoothing_is_the_formula():
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     plain = build_criterion(TrainConfig())(logits, target)
     torch.testing.assert_close(plain, -log_p[torch.arange(6), target].mean(), rtol=1e-12, atol=0)
+
+
+def test_readme_resume_to_more_epochs_is_one_run_of_that_length(folder, tmp_path, capsys):
+    """The README's path: a run planned over 2 epochs stops after 1; ``--resume RUN --epochs 2``
+    ends with the weights and metrics of one uninterrupted 2-epoch run."""
+    from densenet.cli import main
+
+    common = [
+        "--dataset", "folder", "--data-dir", str(folder), "--batch-size", "8", "--workers", "0",
+        "--device", "cpu", "--deterministic", "--no-progress", "--set", f"model_args={TINY_MODEL}",
+    ]  # fmt: skip
+    run, straight = tmp_path / "fm", tmp_path / "straight"
+    assert (
+        main(["train", *common, "--out", str(run), "--epochs", "1", "--set", "schedule_epochs=2"])
+        == 0
+    )
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "changed settings from here on (recorded in config.yaml): epochs (1 -> 2)" in out
+    assert main(["train", *common, "--out", str(straight), "--epochs", "2"]) == 0
+    assert_same_weights(weights(straight), weights(run))
+    timing = ("img_per_s", "time_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in metrics(run)] == [
+        {k: v for k, v in r.items() if k not in timing} for r in metrics(straight)
+    ]
