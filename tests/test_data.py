@@ -166,7 +166,10 @@ def test_bad_image_is_named_or_skipped(tmp_path):
     (root / "train" / "c1" / "broken.png").write_bytes(b"not a png at all")
     ds = data.build_dataset("folder", root, "train")
     bad = [i for i, (m, _) in enumerate(ds.samples) if m.endswith("broken.png")][0]
-    with pytest.raises(ValueError, match=r"broken\.png: not a readable image.*--skip-bad-images"):
+    with pytest.raises(
+        ValueError,
+        match=r"broken\.png is not a readable image \(unknown or unsupported format\); remove it or pass --skip-bad-images$",
+    ):
         ds[bad]
     skipping = data.build_dataset("folder", root, "train", skip_bad_images=True)
     assert skipping.skipped == 1 and len(skipping) == 6

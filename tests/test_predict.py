@@ -144,7 +144,10 @@ def test_clear_errors(tmp_path, capsys):
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("not an image")
     assert main(["predict", str(not_image), "--checkpoint", str(model_path)]) == 2
-    assert f"{not_image}: not a readable image (cannot identify" in capsys.readouterr().err
+    assert (
+        f"{not_image} is not a readable image (unknown or unsupported format)"
+        in capsys.readouterr().err
+    )
     image = shared_data("test-samples", "cifar10_00_3.png")
     missing = tmp_path / "missing.safetensors"
     assert main(["predict", str(image), "--checkpoint", str(missing)]) == 2

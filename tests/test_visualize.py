@@ -127,4 +127,7 @@ def test_visualize_command(tmp_path, capsys):
         main(["visualize", str(checkpoint), "--checkpoint", str(checkpoint), "--out", str(out)])
         == 2
     )
-    assert "ck.safetensors: not a readable image (" in capsys.readouterr().err
+    assert (
+        "ck.safetensors is not a readable image (unknown or unsupported format)"
+        in capsys.readouterr().err
+    )

@@ -452,15 +452,17 @@ def load_image(source: str | Path | bytes, name: str | None = None, hint: str = 
         pixels = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
         limit = f"{Image.MAX_IMAGE_PIXELS:,}" if Image.MAX_IMAGE_PIXELS else "set"
-        problem = (
-            f"{size}, over PIL's decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS);"
-            " shrink the image, or raise that limit if you trust the file"
+        message = (
+            f"{label}: {size}, over PIL's decompression-bomb limit of {limit} "
+            "(PIL.Image.MAX_IMAGE_PIXELS); shrink the image, or raise that limit if you trust it"
         )
-    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as error:
-        problem = f"not a readable image ({error})"
+    except UnidentifiedImageError:
+        message = f"{label} is not a readable image (unknown or unsupported format)"
+    except (OSError, SyntaxError, EOFError) as error:  # truncated or damaged
+        message = f"{label} is not a readable image ({error})"
     except ValueError as error:  # the conversion rule's range checks, or an unconvertible mode
-        problem = str(error)
-    raise BadImageError(f"{label}: {problem}" + (f"; {hint}" if hint else ""))
+        message = f"{label}: {error}"
+    raise BadImageError(message + (f"; {hint}" if hint else ""))
 
 
 class ToChannels:
