@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import re
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -27,10 +29,12 @@ import torchvision
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from inference_helpers import shared_data
+from PIL import Image
 from safetensors.torch import save_file
 
 import densenet
 from densenet import DenseNet
+from densenet.cli import main
 from densenet.io import CheckpointError, file_kind, load_state, read_header, save_state
 
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
@@ -103,7 +107,7 @@ class PublishedWeights:
         return torch.load(self.path, map_location="cpu", weights_only=True)
 
 
-def test_torchvision_published_file_loads_as_torchvision_loads_it(tmp_path: Path) -> None:
+def test_torchvision_published_file_loads_as_torchvision_loads_it(tmp_path: Path, capsys) -> None:
     """Failed before: '... the weights do not fit the architecture (121 missing:
     features.norm0.num_batches_tracked, ...)'."""
     path = torchvision_published_file(tmp_path / "densenet121-a639ec97.pth")
@@ -122,6 +126,15 @@ def test_torchvision_published_file_loads_as_torchvision_loads_it(tmp_path: Path
     assert len(raw) == len(theirs.state_dict()) - len(counters)
     expected = outputs(theirs, 64)
     assert (outputs(ours, 64) - expected).abs().max() / expected.abs().max() < 1e-6
+    # and through the command line, as a user brings it
+    image = tmp_path / "photo.jpg"
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image)
+    capsys.readouterr()
+    argv = ["predict", "--model", "densenet121", "--pretrained", str(path), str(image), "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    top = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    assert len(top) == 5 and 0 < sum(t["probability"] for t in top) <= 1
 
 
 # --- timm -------------------------------------------------------------------------------------
