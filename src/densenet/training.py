@@ -261,16 +261,9 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     for name, param in model.named_parameters():
         if param.requires_grad:
             (head if name.startswith("classifier.") else backbone).append(param)
-    groups = [{"params": head, "lr_scale": 1.0}]
-    if backbone:
-        groups.append({"params": backbone, "lr_scale": cfg.backbone_lr_scale})
-    return torch.optim.SGD(
-        groups,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
-    )
+    optimizer = torch.optim.SGD([{"params": head}, *([{"params": backbone}] if backbone else [])])
+    set_hyperparameters(optimizer, cfg)
+    return optimizer
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -302,10 +295,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    """``cfg``'s momentum, weight decay and backbone lr scale on ``optimizer``'s groups (as
-    :func:`build_optimizer` sets them); a loaded optimizer state brings its own, which a
-    resume with changed settings must replace."""
+    """``cfg``'s lr, momentum, weight decay and lr scales on the groups of :func:`build_optimizer`
+    (classifier first); also after loading an optimizer state, which brings the saved ones."""
     for index, group in enumerate(optimizer.param_groups):
+        group["lr"] = cfg.lr
         group["momentum"] = cfg.momentum
         group["nesterov"] = cfg.nesterov and cfg.momentum > 0
         group["weight_decay"] = cfg.weight_decay
