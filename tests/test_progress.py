@@ -188,3 +188,6 @@ def test_checking_a_folder_of_images(tmp_path, every_update, capsys):
     assert images.skipped == 1
     err = capsys.readouterr().err
     assert re.search(rf"^checking images in {re.escape(str(folder))}: 1/5 img \(20%\)", err, re.M)
+    images.to_memory()
+    err = capsys.readouterr().err
+    assert re.search(rf"^decoding {re.escape(str(folder))}: 4 img in ", err, re.M)

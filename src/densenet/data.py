@@ -367,6 +367,7 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # slack outside it is clipped, anything further is an error.
 FLOAT_SLACK = 0.5 / 255
 SKIP_HINT = "remove it or pass --skip-bad-images"
+ORIENTATION_TAG = 0x0112  # EXIF "Orientation"; 1 is upright
 
 
 class BadImageError(ValueError):
@@ -401,7 +402,8 @@ def to_channels(image: Image.Image, channels: int | None = None) -> Image.Image:
     """
     if channels not in (None, 1, 3):
         raise ValueError(f"images can be converted to 1 or 3 channels, not {channels}")
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(ORIENTATION_TAG, 1) != 1:  # exif_transpose copies even when upright
+        image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode.startswith("I"):  # 'I' and the 16-bit 'I;16', 'I;16B', 'I;16L', 'I;16N'
         pixels = np.asarray(image).astype(np.int64)
@@ -432,11 +434,13 @@ def to_channels(image: Image.Image, channels: int | None = None) -> Image.Image:
     return image if image.mode == wanted else image.convert(wanted)
 
 
-def load_image(source: str | Path | bytes, name: str | None = None, hint: str = "") -> Image.Image:
+def load_image(
+    source: str | Path | bytes, name: str | None = None, hint: str = "", channels: int | None = None
+) -> Image.Image:
     """Decode one image file as training, evaluation, prediction and visualization all do.
 
     ``source`` is a path or the file's bytes. Returns an 8-bit ``'L'`` or ``'RGB'`` image made by
-    :func:`to_channels`'s rule. A file that does not decode, is larger than PIL's
+    :func:`to_channels`'s rule (``channels`` 1 or 3, default: gray stays gray). A file that does not decode, is larger than PIL's
     decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``; PIL itself only warns up to twice
     it) or breaks the rule raises :class:`BadImageError`, one line naming the file (``name``,
     default the path) and ending with ``hint``.
@@ -447,7 +451,7 @@ def load_image(source: str | Path | bytes, name: str | None = None, hint: str = 
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
                 image.load()
-                return to_channels(image)
+                return to_channels(image, channels)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         pixels = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
@@ -602,14 +606,15 @@ class FolderImages(Dataset):
             self._zip, self._zip_pid = zipfile.ZipFile(self.root), os.getpid()
         return self._zip.read(member)
 
-    def load(self, member: str) -> Image.Image:
-        """Decode one image with :func:`load_image`; ``BadImageError`` naming the file."""
+    def load(self, member: str, channels: int | None = None) -> Image.Image:
+        """Decode one image with :func:`load_image` (to ``channels``, default its own: gray or
+        RGB); ``BadImageError`` naming the file."""
         label = member if self.root.is_dir() else f"{self.root}: {member}"
         try:
             raw = self._read(member)
         except (OSError, zipfile.BadZipFile) as error:
             raise BadImageError(f"{label}: cannot be read ({error}); {SKIP_HINT}") from None
-        return load_image(raw, label, SKIP_HINT)
+        return load_image(raw, label, SKIP_HINT, channels)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         member, target = self.samples[index]
@@ -618,7 +623,10 @@ class FolderImages(Dataset):
 
     def to_memory(self, channels: int = 3) -> InMemoryImages:
         """Decode everything once into a uint8 tensor (all images must share one size)."""
-        arrays = [np.asarray(to_channels(self.load(m), channels)) for m, _ in self.samples]
+        from densenet.progress import progress
+
+        samples = progress(self.samples, desc=f"decoding {self.root}")
+        arrays = [np.asarray(self.load(m, channels)) for m, _ in samples]
         sizes = {a.shape[:2] for a in arrays}
         if len(sizes) != 1:
             raise ValueError(f"{self.root}: images differ in size ({sorted(sizes)[:3]}...)")
