@@ -153,3 +153,10 @@ def test_errors_name_flags_not_python_calls(tmp_path, capsys):
         err = capsys.readouterr().err
         assert all(text in err for text in expected), err
         assert "pretrained=" not in err and "create_model(" not in err and "()" not in err
+
+
+def test_models_suggests_a_name_for_a_typo(capsys):
+    assert main(["models", "densenet12"]) == 2
+    assert "no model matches 'densenet12'; did you mean densenet121" in capsys.readouterr().err
+    assert main(["models", "zz*"]) == 2
+    assert "did you mean" not in capsys.readouterr().err

@@ -191,3 +191,10 @@ def test_checking_a_folder_of_images(tmp_path, every_update, capsys):
     images.to_memory()
     err = capsys.readouterr().err
     assert re.search(rf"^decoding {re.escape(str(folder))}: 4 img in ", err, re.M)
+
+
+def test_no_progress_lasts_one_command_only(capsys):
+    from densenet.cli import main
+
+    assert main(["models", "densenet121", "--no-progress"]) == 0
+    assert progress_module.is_enabled()

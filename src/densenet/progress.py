@@ -11,6 +11,7 @@ it off; ranks other than 0 of a ``torchrun`` job never report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -27,6 +28,19 @@ def set_enabled(enabled: bool) -> None:
     """Turn progress reporting on or off for the whole process (``--no-progress``)."""
     global _enabled
     _enabled = bool(enabled)
+
+
+@contextlib.contextmanager
+def enabled_while(enabled: bool) -> Iterator[None]:
+    """Progress on or off for the duration of the block, then as it was (one command's
+    ``--no-progress`` must not outlive the command when ``densenet.cli.main`` is called in-process)."""
+    global _enabled
+    previous = _enabled
+    _enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = previous
 
 
 def is_enabled() -> bool:

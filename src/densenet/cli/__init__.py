@@ -13,6 +13,7 @@ import sys
 
 from densenet import __version__
 from densenet.messages import did_you_mean
+from densenet.progress import enabled_while
 
 # Each module defines ``add_parser(subparsers)``, which registers its sub-command and sets
 # ``func(args) -> int`` as the handler. Their imports must stay light (no torch at module level).
@@ -117,12 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.no_progress:
-        from densenet.progress import set_enabled
-
-        set_enabled(False)
     try:
-        return int(args.func(args) or 0)
+        with enabled_while(not args.no_progress):
+            return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as error:
         print(f"densenet {args.command}: error: {in_cli_terms(str(error))}", file=sys.stderr)
         return 2

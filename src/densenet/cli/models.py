@@ -9,6 +9,7 @@ import json
 import urllib.parse
 from typing import TYPE_CHECKING
 
+from densenet.messages import did_you_mean
 from densenet.zoo import get_model_spec, list_models, spec_complexity
 
 if TYPE_CHECKING:
@@ -148,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rows = zoo_rows(args.pattern)
     if not rows:
-        raise ValueError(f"no model matches {args.pattern!r}; try 'densenet models' for all")
+        wildcard = any(char in args.pattern for char in "*?[")
+        hint = "" if wildcard else did_you_mean(args.pattern, list_models())
+        raise ValueError(f"no model matches {args.pattern!r}{hint} ('densenet models' lists all)")
     if args.json:
         for row in rows:
             print(json.dumps(row))
