@@ -7,8 +7,14 @@ per-image Python runs. File datasets (ImageNet, any class-per-folder tree, also 
 decode images in worker processes with per-image torchvision transforms from
 :func:`build_transforms`.
 
+Every image file is decoded by :func:`load_image` and converted by :func:`to_channels`'s one
+documented rule (EXIF orientation, transparency on white, 16-bit and float scaling), in training,
+evaluation, prediction and visualization alike. Folder datasets match class folders by name and
+hold out part of a folder that has no split sub-folders (see :func:`build_dataset`).
+
 Public API: ``DATASETS``, :func:`dataset_info`, :func:`build_dataset`, :func:`build_transforms`,
-:class:`BatchTransform`, :func:`build_loader`, :func:`set_epoch`.
+:class:`BatchTransform`, :func:`build_loader`, :func:`set_epoch`, :func:`load_image`,
+:func:`to_channels`, :func:`folder_splits`.
 """
 
 from __future__ import annotations
