@@ -160,3 +160,13 @@ def test_models_suggests_a_name_for_a_typo(capsys):
     assert "no model matches 'densenet12'; did you mean densenet121" in capsys.readouterr().err
     assert main(["models", "zz*"]) == 2
     assert "did you mean" not in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """``densenet models --json | head -1``: no BrokenPipeError traceback, the shell's 141."""
+    command = [str(Path(sys.executable).parent / "densenet"), "models", "--json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader leaves before the command writes
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141, err
+    assert err == ""

@@ -107,6 +107,9 @@ def test_invalid_arguments_are_named():
         DenseNet(stem="resnet")
     with pytest.raises(TypeError, match="unknown DenseNet argument"):
         create_model("densenet121", growthrate=12)
+    # 8 stem + 1 layer x 2 = 10 channels; 0.05 of them keeps none (before: a forward-time crash)
+    with pytest.raises(ValueError, match="leaves transition1 with 0 of its 10 channels"):
+        DenseNet(growth_rate=2, block_config=(1, 1), num_init_features=8, compression=0.05)
 
 
 def test_every_published_layer_count_has_dropout_after_each_conv_but_the_first():

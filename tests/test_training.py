@@ -714,3 +714,30 @@ def test_readme_resume_to_more_epochs_is_one_run_of_that_length(folder, tmp_path
     assert [{k: v for k, v in r.items() if k not in timing} for r in metrics(run)] == [
         {k: v for k, v in r.items() if k not in timing} for r in metrics(straight)
     ]
+
+
+def test_fine_tuning_from_our_checkpoint_rebuilds_its_architecture(folder, tmp_path, capsys):
+    """``--pretrained RUN/checkpoints/best.safetensors`` without ``--model`` fine-tunes the run's
+    own network (before: the default model was built and the weights did not fit it)."""
+    from densenet.cli import main
+
+    common = ["--dataset", "folder", "--data-dir", str(folder), "--epochs", "1", "--batch-size",
+              "8", "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+    source = tmp_path / "source"
+    args = ["train", *common, "--out", str(source), "--set", f"model_args={TINY_MODEL}"]
+    assert main(args) == 0, capsys.readouterr().err
+    best = source / "checkpoints" / "best.safetensors"
+    tuned = tmp_path / "tuned"
+    assert main(["train", *common, "--out", str(tuned), "--pretrained", str(best)]) == 0
+    err = capsys.readouterr().err
+    assert f"the architecture of {best} (--model NAME chooses another)" in err
+    saved = yaml.safe_load((tuned / "config.yaml").read_text())
+    assert saved["model_args"]["block_config"] == TINY_MODEL["block_config"]
+    assert (
+        load_state(best)[1]["model_config"]
+        == load_state(tuned / "checkpoints" / "last.safetensors")[1]["model_config"]
+    )
+    # An explicit --model still wins (and then the weights must fit it: a clear error here).
+    args = ["train", *common, "--out", str(tmp_path / "x"), "--pretrained", str(best)]
+    assert main([*args, "--model", "densenet_bc100_k12"]) == 2
+    assert "do not fit" in capsys.readouterr().err

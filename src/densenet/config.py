@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,8 +188,47 @@ def load_config(
     values = read_yaml(path) if path is not None else {}
     values.pop(HISTORY_KEY, None)
     config = merge(merge(TrainConfig(), values), overrides or {})
+    if "model" not in values and "model" not in (overrides or {}):
+        config = adopt_checkpoint_architecture(config)
     validate(config, check_data=check_data)
     return config
+
+
+def adopt_checkpoint_architecture(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``model``/``model_args`` set to what ``pretrained`` holds, when it is one
+    of our own checkpoints (its metadata records the architecture) and no model was chosen.
+
+    Fine-tuning from a run's checkpoint then rebuilds that run's network, as
+    ``create_model(pretrained=FILE)`` does, instead of the default model (which would not fit).
+    """
+    import json
+
+    from densenet import zoo
+    from densenet.io import META_KEY, CheckpointError, read_header
+
+    path = Path(str(config.pretrained)) if config.pretrained else None
+    if path is None or not path.is_file():
+        return config
+    try:
+        saved = json.loads(read_header(path).get(META_KEY, "{}"))
+    except (CheckpointError, OSError, ValueError):
+        return config  # not one of ours: the loader explains what it holds
+    arch = saved.get("model_config")
+    if not isinstance(arch, dict):
+        return config
+    arch = {k: v for k, v in arch.items() if k not in _NOT_ARCHITECTURE}
+    base = str(saved.get("model", "")).split(".", 1)[0]
+    if base not in zoo.list_models():
+        cifar = str(arch.get("stem", "")).startswith("cifar")
+        base = "densenet_bc100_k12" if cifar else "densenet121"  # a base the arguments reshape
+    published = _architecture(zoo.get_model_spec(base).kwargs)
+    model_args = {k: v for k, v in _architecture(arch).items() if published.get(k) != v}
+    print(
+        f"model: {model_label(dataclasses.replace(config, model=base, model_args=model_args))}"
+        f", the architecture of {path} (--model NAME chooses another)",
+        file=sys.stderr,
+    )
+    return dataclasses.replace(config, model=base, model_args=model_args)
 
 
 def save_config(config: TrainConfig, path: str | Path, history: list | None = None) -> None:

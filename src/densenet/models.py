@@ -273,6 +273,12 @@ class DenseNet(nn.Module):
             )
             if i != len(self.block_config) - 1:
                 out_channels = int(math.floor(channels * compression))
+                if out_channels < 1:
+                    raise ValueError(
+                        f"invalid DenseNet arguments: compression {compression} leaves transition"
+                        f"{i + 1} with 0 of its {channels} channels; raise compression to at "
+                        f"least {1 / channels:.4g}"
+                    )
                 transition = Transition(channels, out_channels, drop_rate, blur == "all")
                 self.features.add_module(f"transition{i + 1}", transition)
                 channels = out_channels

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError, FileNotFoundError) as error:
         print(f"densenet {args.command}: error: {in_cli_terms(str(error))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of stdout left (`densenet ... | head`): stop quietly, as cat does. Python
+        # would report the pipe again when it flushes stdout at exit, so point it at devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the shell's status for a writer whose reader left
 
 
 if __name__ == "__main__":

@@ -108,6 +108,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"done: {cfg.dataset} {cfg.val_split} top-1 {final['val_top1']:.2f}% "
         f"(top-5 {final['val_top5']:.2f}%, best top-1 {result.best_top1:.2f}%) after "
-        f"{result.epochs} epochs\nrun directory: {result.run_dir}"
+        f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}\nrun directory: {result.run_dir}"
     )
     return 0
