@@ -112,11 +112,13 @@ def reference_model(path: Path) -> DenseNet:
     state, metadata = load_state(path)
     model = DenseNet(**metadata["model_config"])
     model.load_state_dict(state.get("model", state), strict=True)
+    model.input_size = tuple(metadata["input_size"])  # (C, H, W) it was trained at
     return model.eval()
 
 
-def example_input(model: DenseNet, size: int = 28) -> torch.Tensor:
-    return torch.randn(3, model.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+def example_input(model: DenseNet) -> torch.Tensor:
+    """A batch of 3 at the input size the file records (the export's fixed spatial size)."""
+    return torch.randn(3, *model.input_size, generator=torch.Generator().manual_seed(0))
 
 
 def test_artifacts_are_what_they_claim(artifacts) -> None:
@@ -193,7 +195,7 @@ def test_int8_onnx_reads_back(artifacts, tmp_path: Path) -> None:
     """The int8 ONNX of a trained checkpoint, written and read back by onnxruntime, ranks the
     classes like the float model on the calibration images (within int8's error)."""
     model = reference_model(artifacts["paths"]["epoch2-best"])
-    images = example_input(model, 28)
+    images = example_input(model)
     path = save_quantized(quantize_onnx(model, [images]), tmp_path / "int8.onnx")
     with torch.no_grad():
         expected = model(images)
