@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable
 
 
@@ -13,3 +14,8 @@ def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     """
     close = difflib.get_close_matches(word, list(choices), n=3, cutoff=cutoff)
     return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def notice(message: str) -> None:
+    """A one-line message to the user on stderr (never silent, never an exception)."""
+    print(f"densenet: {message}", file=sys.stderr)
