@@ -14,6 +14,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from densenet import data
+from densenet.catalog import CIFAR10_CLASSES
+from densenet.data import datasets
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_ZIP = SHARED / "cifar10-jpeg" / "cifar10_yoongikim_jpeg_q75.zip"
@@ -178,7 +180,7 @@ def test_bad_image_is_named_or_skipped(tmp_path):
 def test_real_cifar10_jpeg_zip_layout():
     _need(CIFAR_ZIP)
     test = data.build_dataset("folder", CIFAR_ZIP, "test")
-    assert test.classes == list(data.CIFAR10_CLASSES) and len(test) == 10000
+    assert test.classes == list(CIFAR10_CLASSES) and len(test) == 10000
     image, target = test[0]
     assert image.size == (32, 32) and target == 0
 
@@ -283,15 +285,15 @@ def test_download_failure_offline_is_a_clear_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(data.datasets, "MNIST", offline)
+    monkeypatch.setattr(datasets.torchvision_datasets, "MNIST", offline)
     with pytest.raises(FileNotFoundError, match="downloading into .* failed .*unreachable"):
         data.build_dataset("mnist", tmp_path, "test", download=True)
 
 
 def test_fashion_mnist_default_lookup_order(tmp_path, monkeypatch):
     _need(SHARED / "fashion-mnist")
-    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (SHARED / "fashion-mnist",))
-    monkeypatch.setattr(data, "DOWNLOAD_DIR", tmp_path / "cache")
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", (SHARED / "fashion-mnist",))
+    monkeypatch.setattr(datasets, "DOWNLOAD_DIR", tmp_path / "cache")
     assert len(data.build_dataset("fashion_mnist", None, "test")) == 10000  # the system copy
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="mnist not found.*" + str(tmp_path / "empty")):
@@ -303,7 +305,7 @@ def test_a_data_dir_that_does_not_exist_is_an_error_for_every_dataset(tmp_path, 
     _need(SHARED / "fashion-mnist")
     # A system-wide Fashion-MNIST is installed (as Debian's package does): no dataset may fall
     # back to it, or to anything else, when the --data-dir given is wrong.
-    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (SHARED / "fashion-mnist",))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", (SHARED / "fashion-mnist",))
     missing = tmp_path / "no-such-dir"
     with pytest.raises(FileNotFoundError, match=f"--data-dir {missing} does not exist"):
         data.build_dataset(name, missing, "test")
@@ -314,6 +316,6 @@ def test_a_data_dir_that_does_not_exist_is_an_error_for_every_dataset(tmp_path, 
 
 def test_fashion_mnist_data_dir_without_its_files_is_an_error(tmp_path, monkeypatch):
     _need(SHARED / "fashion-mnist")
-    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (SHARED / "fashion-mnist",))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", (SHARED / "fashion-mnist",))
     with pytest.raises(FileNotFoundError, match=f"fashion_mnist not found.*{tmp_path}"):
         data.build_dataset("fashion_mnist", tmp_path, "test")  # not the system copy

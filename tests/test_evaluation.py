@@ -19,10 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from densenet.cli import main
-from densenet.data import to_channels
+from densenet.data import eval_transform, to_channels
 from densenet.evaluation import (
     confusion_matrix,
-    eval_transform,
     evaluate,
     per_class_accuracy,
     topk_correct,

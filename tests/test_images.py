@@ -20,11 +20,11 @@ from inference_helpers import SHARED_DATA, save_checkpoint, shared_data, tiny_mo
 from PIL import Image
 
 from densenet import data, training
+from densenet.catalog import IMAGENET_MEAN, IMAGENET_STD
 from densenet.cli import main
 from densenet.config import TrainConfig
-from densenet.evaluation import eval_transform
+from densenet.data import eval_transform, load_image
 from densenet.models import DenseNet
-from densenet.predict import load_image
 
 SIDE = 32
 COLUMNS = np.arange(SIDE)[None, :].repeat(SIDE, 0)  # x of each pixel, (H, W)
@@ -269,8 +269,8 @@ def _checkpoint(path: Path, classes: list[str]) -> Path:
     """A checkpoint as densenet train writes it for a folder dataset (ImageNet statistics)."""
     model = tiny_model(num_classes=len(classes))
     return save_checkpoint(
-        path, model, class_names=classes, mean=list(data.IMAGENET_MEAN),
-        std=list(data.IMAGENET_STD), dataset="folder", input_size=[3, SIDE, SIDE],
+        path, model, class_names=classes, mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD), dataset="folder", input_size=[3, SIDE, SIDE],
     )  # fmt: skip
 
 

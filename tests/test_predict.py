@@ -15,10 +15,11 @@ from inference_helpers import (
 )
 from PIL import Image
 
+from densenet.catalog import imagenet_class_names
 from densenet.cli import main
-from densenet.evaluation import eval_transform
+from densenet.data import eval_transform, load_image
 from densenet.io import CheckpointError, save_state
-from densenet.predict import imagenet_class_names, list_images, load_image, load_model, predict
+from densenet.predict import list_images, load_model, predict
 from densenet.weights import save_weights
 from densenet.zoo import create_model, get_model_spec
 

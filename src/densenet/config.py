@@ -24,7 +24,6 @@ from densenet.messages import did_you_mean
 SCHEDULES = ("step", "multistep", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 NONFINITE = ("stop", "skip")
-RECIPES = ("none", "standard", "imagenet", "randaugment")
 
 
 @dataclass
@@ -251,6 +250,7 @@ def _choice(key: str, value: Any, choices: tuple) -> str | None:
 def validate(config: TrainConfig, check_data: bool = True) -> None:
     """Reject impossible values, all at once, naming each key (``check_data``: data dir exists)."""
     from densenet import data, zoo
+    from densenet.catalog import check_dataset_name
     from densenet.models import DenseNet
 
     c = config
@@ -258,7 +258,7 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
         _choice("schedule", c.schedule, SCHEDULES),
         _choice("amp", c.amp, AMP_MODES),
         _choice("nonfinite", c.nonfinite, NONFINITE),
-        _choice("augment", c.augment, RECIPES),
+        _choice("augment", c.augment, data.RECIPES),
         _choice("interpolation", c.interpolation, tuple(data.INTERPOLATIONS)),
     ]
     positive = {
@@ -307,7 +307,7 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
         problems.append("amp fp16 needs a CUDA device; use amp: bf16 on the CPU")
     problems += _model_problems(c, zoo, DenseNet)
     try:
-        data._check_name(c.dataset)
+        check_dataset_name(c.dataset)
     except ValueError as error:
         problems.append(str(error))
     if check_data and c.data_dir is not None and not c.download and not Path(c.data_dir).exists():

@@ -15,43 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
-from densenet.data import build_transforms
 from densenet.progress import progress as report_progress
 from densenet.runtime import DistEnv, all_reduce_sum
-
-
-def eval_transform(
-    input_size: int | Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    crop_pct: float = 0.875,
-    interpolation: str = "bilinear",
-    ten_crop: bool = False,
-) -> v2.Compose:
-    """PIL image -> normalized float tensor ``(C, S, S)`` (or ``(10, C, S, S)`` with ``ten_crop``).
-
-    Converts the image to ``len(mean)`` channels by :func:`densenet.data.to_channels`'s rule (the
-    one training uses: every PIL mode, alpha on white, 16-bit and float scaled), resizes the short
-    side to ``S / crop_pct`` and takes the center crop of side ``S`` (timm's convention; 224 at
-    0.875 gives the usual resize 256), or the four corners, the center and their horizontal flips
-    with ``ten_crop`` (fb.resnet.torch's TenCrop).
-    """
-    single = build_transforms("none", False, mean, std, input_size, crop_pct, interpolation)
-    if not ten_crop:
-        return single
-    size = int(input_size[-1]) if isinstance(input_size, Sequence) else int(input_size)
-    # The single-crop pipeline with TenCrop in place of CenterCrop; later steps map over crops.
-    steps = [v2.TenCrop(size) if isinstance(t, v2.CenterCrop) else t for t in single.transforms]
-    return v2.Compose([*steps, _StackCrops()])
-
-
-class _StackCrops:
-    """The tuple of crops -> one ``(crops, C, S, S)`` tensor."""
-
-    def __call__(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(list(crops))
 
 
 def topk_correct(
@@ -159,9 +125,12 @@ def evaluate(
     counts = torch.zeros(2, dtype=torch.long)
     total_loss, images, crops, confusion = 0.0, 0, 1, None
     batches = report_progress(
-        loader, total=_sample_count(loader), desc="eval", size=lambda batch: len(batch[1]),
+        loader,
+        total=_sample_count(loader),
+        desc="eval",
+        size=lambda batch: len(batch[1]),
         enabled=progress,
-    )  # fmt: skip
+    )
     for inputs, targets in batches:
         inputs = inputs.to(device, non_blocking=True)
         targets = torch.as_tensor(targets).to(device).long()

@@ -10,41 +10,24 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from densenet.catalog import default_class_names
 from densenet.data import (
     IMAGE_EXTENSIONS,
     SKIP_HINT,
     BadImageError,
     dataset_info,
+    eval_transform,
     load_image,
 )
-from densenet.evaluation import eval_transform
 from densenet.io import META_KEY, CheckpointError, read_header
 from densenet.models import DenseNet
 from densenet.progress import progress as report_progress
 from densenet.zoo import create_model
-
-
-@cache
-def imagenet_class_names() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k class names in index order (WordNet lemmas, comma-separated)."""
-    text = resources.files("densenet").joinpath("resources/imagenet_classes.txt").read_text("utf-8")
-    return tuple(text.splitlines())
-
-
-def default_class_names(num_classes: int) -> list[str]:
-    """ImageNet names for a 1000-class model, else the class indices as strings."""
-    return (
-        list(imagenet_class_names())
-        if num_classes == 1000
-        else [str(i) for i in range(num_classes)]
-    )
 
 
 @dataclass
@@ -205,9 +188,11 @@ def predict(
     k = min(topk, len(info.class_names))
     results: list[dict] = []
     starts = report_progress(
-        range(0, len(paths), batch_size), total=len(paths), desc="predict",
+        range(0, len(paths), batch_size),
+        total=len(paths),
+        desc="predict",
         size=lambda start: min(batch_size, len(paths) - start),
-    )  # fmt: skip
+    )
     for start in starts:
         chunk = [dict(file=str(path)) for path in paths[start : start + batch_size]]
         inputs = []

@@ -15,6 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# Derived seeds are ``seed * SEED_STRIDE + n`` (n: an epoch or a step): a prime far above any n,
+# so two (seed, n) pairs of a run never meet on the same derived seed.
+SEED_STRIDE = 1_000_003
+
 
 def is_main_process() -> bool:
     """True unless this is a ``torchrun`` worker of rank above 0 (the one that reports)."""

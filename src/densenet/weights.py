@@ -622,7 +622,7 @@ def pretrained_cfg(spec: ModelSpec, source: Source | None, in_chans: int = 3) ->
         if source.metadata.get("class_names"):
             cfg["class_names"] = list(source.metadata["class_names"])
     if "class_names" not in cfg and cfg["num_classes"] == 1000 and spec.family == "imagenet":
-        from densenet.predict import imagenet_class_names
+        from densenet.catalog import imagenet_class_names
 
         cfg["class_names"] = list(imagenet_class_names())
     cfg["mean"] = _channels(tuple(cfg["mean"]), in_chans)

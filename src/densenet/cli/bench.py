@@ -107,7 +107,8 @@ def torchvision_model(model: nn.Module) -> nn.Module:
 def _calibration_batches(args: argparse.Namespace, info) -> list[torch.Tensor]:
     import torch
 
-    from densenet.predict import list_images, load_image
+    from densenet.data import load_image
+    from densenet.predict import list_images
 
     if not args.calibration:
         raise CLIError("the int8 backend calibrates on real images: add --calibration IMAGES")

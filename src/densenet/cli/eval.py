@@ -107,8 +107,8 @@ def _class_matching(args: argparse.Namespace, info: ModelInfo) -> dict:
     """How a folder's class folders map to the model's outputs: by name to its class names
     (a subset is fine), or, for a model without names of its own, by sorted position when the
     folder holds exactly as many classes."""
+    from densenet.catalog import default_class_names
     from densenet.data import dataset_info
-    from densenet.predict import default_class_names
 
     names = list(info.class_names)
     folders = dataset_info("folder", args.data_dir).class_names
@@ -167,9 +167,9 @@ def _print_report(result: EvalResult, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densenet.catalog import default_class_names
     from densenet.evaluation import evaluate
     from densenet.io import atomic_write
-    from densenet.predict import default_class_names
     from densenet.visualize import confusion_matrix_figure
 
     _check(args)

@@ -68,8 +68,9 @@ def output_format(out: str, fmt: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from densenet.data import load_image
     from densenet.export import export_model, verify_export
-    from densenet.predict import list_images, load_image
+    from densenet.predict import list_images
 
     args.format = output_format(args.out, args.format)
     args.device = "cpu"

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet.predict import load_image
+    from densenet.data import load_image
     from densenet.visualize import feature_map_figure
 
     if args.channels < 1:
