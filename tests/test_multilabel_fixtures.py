@@ -1,0 +1,92 @@
+"""The multi-label mosaic dataset builder: its CSVs follow the labels-file rules, from the files."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from multilabel_fixtures import (
+    COLUMNS,
+    FASHION_MNIST_DIR,
+    SPLITS,
+    build_mosaic_dataset,
+    picture_key,
+    tiles,
+)
+from PIL import Image
+
+from densenet.data import build_dataset
+
+
+@pytest.fixture(scope="module")
+def mosaics(tmp_path_factory) -> tuple[Path, list[str]]:
+    if not FASHION_MNIST_DIR.exists():
+        pytest.skip(
+            f"real data not found at {FASHION_MNIST_DIR} (../shared/data beside the checkout)"
+        )
+    root = tmp_path_factory.mktemp("mosaics")
+    return root, build_mosaic_dataset(root, groups=(10, 4, 4), mosaics_per_group=3)
+
+
+def read_rows(root: Path, split: str) -> list[dict[str, str]]:
+    with open(root / f"{split}.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == COLUMNS
+        return list(reader)
+
+
+def test_every_row_names_the_classes_of_the_items_in_its_image(mosaics):
+    root, names = mosaics
+    source = build_dataset("fashion_mnist", FASHION_MNIST_DIR, "test")
+    class_of = {
+        picture_key(p): names[int(t)]
+        for p, t in zip(source.images[:, 0].numpy(), source.targets, strict=True)
+    }
+    counts = {split: len(read_rows(root, split)) for split in SPLITS}
+    assert counts == {"train": 30, "val": 12, "test": 12}
+    label_sets = []
+    for split in SPLITS:
+        for row in read_rows(root, split):
+            image = Image.open(root / row["image"])
+            assert image.format == "PNG" and image.mode == "L" and image.size == (56, 56)
+            present = sorted({class_of[picture_key(tile)] for tile in tiles(np.asarray(image))})
+            assert row["labels"] == "|".join(present)  # ChestX-ray14's form, alphabetical
+            assert row["labels"] and "No Finding" not in row["labels"]
+            label_sets.append(present)
+    assert any(len(labels) >= 2 for labels in label_sets)  # multi-label for real
+    assert {name for labels in label_sets for name in labels} == set(names)
+    assert sorted(p.name for p in (root / "images").iterdir()) == sorted(
+        Path(row["image"]).name for split in SPLITS for row in read_rows(root, split)
+    )
+
+
+def test_no_picture_is_in_two_groups_and_no_group_in_two_splits(mosaics):
+    root, _ = mosaics
+    groups_of_picture = defaultdict(set)
+    splits_of_group = defaultdict(set)
+    for split in SPLITS:
+        for row in read_rows(root, split):
+            splits_of_group[row["group"]].add(split)
+            for tile in tiles(np.asarray(Image.open(root / row["image"]))):
+                groups_of_picture[picture_key(tile)].add(row["group"])
+    assert len(splits_of_group) == 18
+    assert all(len(splits) == 1 for splits in splits_of_group.values())
+    assert all(len(groups) == 1 for groups in groups_of_picture.values())
+    # The image name starts with its group, as ChestX-ray14's <patient>_<visit>.png.
+    for split in SPLITS:
+        for row in read_rows(root, split):
+            assert Path(row["image"]).name.startswith(row["group"] + "_")
+
+
+def test_same_seed_same_dataset_and_too_large_a_request_is_refused(mosaics, tmp_path):
+    root, _ = mosaics
+    build_mosaic_dataset(tmp_path / "again", groups=(10, 4, 4), mosaics_per_group=3)
+    for split in SPLITS:
+        assert (tmp_path / "again" / f"{split}.csv").read_bytes() == (
+            root / f"{split}.csv"
+        ).read_bytes()
+    with pytest.raises(ValueError, match="source pictures needed"):
+        build_mosaic_dataset(tmp_path / "big", groups=(5000, 0, 0), pictures_per_group=6)
