@@ -27,11 +27,11 @@ import torch
 from PIL import Image
 
 from densenet import DenseNet
+from densenet.benchmark import measure
 from densenet.cli import main
-from densenet.cli.bench import measure
+from densenet.hub.loading import load_pretrained
 from densenet.inference import OnnxRuntimeModel, onnx_bytes, optimize_for_inference
 from densenet.quantization import quantize_model
-from densenet.weights import load_pretrained
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_ZIP = DATA / "cifar10-jpeg" / "cifar10_yoongikim_jpeg_q75.zip"

@@ -64,7 +64,8 @@ def trained_cifar10_checkpoint(path: Path) -> Path:
 
     90.53% on the lossless test set by its author; about 10 points less on the JPEG q75 copy.
     """
-    from densenet.weights import load_pretrained, save_weights
+    from densenet.hub.loading import load_pretrained
+    from densenet.hub.saving import save_weights
 
     source = shared_data("checkpoints", "jasonwei05_densenet_cifar10.pth")
     model = DenseNet(

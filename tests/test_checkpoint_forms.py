@@ -4,7 +4,7 @@ Each fixture reproduces a published or commonly written file's exact key set, dt
 (not ``model.state_dict()`` saved back): torchvision's published files (pre-0.4 ``norm.1`` keys, no
 ``num_batches_tracked``, legacy ``torch.save``), timm's Hugging Face safetensors and its train
 script's checkpoints, DataParallel/DDP, Lightning and torch.compile prefixes, nested and EMA
-entries, fp16/bf16 files and a third-party CIFAR layout (:data:`densenet.weights.KEY_LAYOUTS`).
+entries, fp16/bf16 files and a third-party CIFAR layout (:data:`densenet.hub.formats.KEY_LAYOUTS`).
 Then property-based tests (hypothesis): every file ``save_weights`` / ``save_state`` writes reads
 back whatever its metadata size, and the file-kind sniffer never takes one kind for another.
 """

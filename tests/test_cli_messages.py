@@ -18,8 +18,8 @@ from PIL import Image
 import densenet
 from densenet.cli import CLIError, main
 from densenet.cli.export import output_format
+from densenet.factory import create_model
 from densenet.recipes import find_recipe
-from densenet.zoo import create_model
 
 SRC = Path(densenet.__file__).parent
 REPO = SRC.parents[1]

@@ -8,16 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from densenet.complexity import model_complexity
+from densenet.complexity import count_macs, count_parameters, model_complexity, spec_complexity
+from densenet.factory import create_model
 from densenet.models import BLUR_MODES, STEMS, DenseNet
-from densenet.zoo import (
-    count_macs,
-    count_parameters,
-    create_model,
-    get_model_spec,
-    list_models,
-    spec_complexity,
-)
+from densenet.zoo import get_model_spec, list_models
 
 
 def meta_macs(model: torch.nn.Module, input_size) -> int:

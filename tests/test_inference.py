@@ -280,8 +280,8 @@ def test_int8_on_real_cifar_images() -> None:
     """Quantized model: finite outputs and mostly the float model's classes on real images."""
     from PIL import Image
 
+    from densenet.hub.loading import load_pretrained
     from densenet.quantization import quantize_model, quantize_onnx
-    from densenet.weights import load_pretrained
 
     folder = shared_data("test-samples")
     checkpoint = shared_data("checkpoints", "jasonwei05_densenet_cifar10.pth")

@@ -112,6 +112,17 @@ def test_invalid_arguments_are_named():
         DenseNet(growth_rate=2, block_config=(1, 1), num_init_features=8, compression=0.05)
 
 
+def test_unknown_create_model_argument_is_named_with_suggestions():
+    # 'stride' is a local variable name inside DenseNet.__init__, not an argument: it used to
+    # pass the check and fail in DenseNet(...) with Python's own unexpected-keyword TypeError.
+    with pytest.raises(TypeError, match=r"unknown DenseNet argument 'stride'[^,]*; help\("):
+        create_model("densenet121", stride=3)
+    with pytest.raises(TypeError, match=r"'growthrate' \(did you mean growth_rate"):
+        create_model("densenet121", growthrate=12)
+    with pytest.raises(TypeError, match=r"'pretraind' \(did you mean pretrained\?\)"):
+        densenet.cifar_densenet(40, 12, pretraind=True)
+
+
 def test_every_published_layer_count_has_dropout_after_each_conv_but_the_first():
     model = densenet.cifar_densenet(10, 4, drop_rate=0.2)
     layer = model.features.denseblock1.denselayer1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from densenet.cli import main
-from densenet.weights import WEIGHTS
+from densenet.hub.registry import WEIGHTS
 
 
 def test_models_table_and_json_still_work(capsys) -> None:

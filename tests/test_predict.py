@@ -18,10 +18,12 @@ from PIL import Image
 from densenet.catalog import imagenet_class_names
 from densenet.cli import main
 from densenet.data import eval_transform, load_image
+from densenet.factory import create_model
+from densenet.hub.saving import save_weights
 from densenet.io import CheckpointError, save_state
-from densenet.predict import list_images, load_model, predict
-from densenet.weights import save_weights
-from densenet.zoo import create_model, get_model_spec
+from densenet.loader import load_model
+from densenet.predict import list_images, predict
+from densenet.zoo import get_model_spec
 
 
 def test_imagenet_class_names_bundled():

@@ -96,6 +96,6 @@ def test_lazy_names_and_submodules_still_resolve():
     assert sorted(densenet.__all__) == sorted(densenet._EXPORTS)
     for name in densenet.__all__:
         assert getattr(densenet, name) is not None and name in dir(densenet)
-    assert densenet.zoo.create_model is densenet.create_model  # submodules as attributes
+    assert densenet.factory.create_model is densenet.create_model  # submodules as attributes
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         densenet.nothing  # noqa: B018

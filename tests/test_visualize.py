@@ -8,7 +8,8 @@ from inference_helpers import CIFAR10_CLASSES, save_checkpoint, shared_data, tin
 from PIL import Image
 
 from densenet.cli import main
-from densenet.predict import load_image, load_model
+from densenet.data import load_image
+from densenet.loader import load_model
 from densenet.visualize import (
     class_activation_map,
     confusion_matrix_figure,

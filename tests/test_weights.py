@@ -19,9 +19,10 @@ import torchvision
 from safetensors.torch import save_file
 
 import densenet
-from densenet import DenseNet, weights, zoo
+from densenet import DenseNet, zoo
+from densenet.hub import download
+from densenet.hub.registry import WEIGHTS, Weights
 from densenet.io import CheckpointError, save_state
-from densenet.weights import WEIGHTS, Weights
 
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8)
 
@@ -142,13 +143,13 @@ def blob(tmp_path: Path) -> Path:
 def test_hash_mismatch_is_an_error_and_the_file_is_deleted(blob: Path, tmp_path: Path) -> None:
     dest = tmp_path / "cache" / "blob.bin"
     with pytest.raises(CheckpointError, match="does not match its SHA256.*deleted"):
-        weights.download(blob.as_uri(), dest, sha256="00" * 32, progress=False)
+        download.download(blob.as_uri(), dest, sha256="00" * 32, progress=False)
     assert not dest.exists() and not list(dest.parent.iterdir())
     # a prefix, as in torchvision's file names, is checked too
-    assert weights.download(blob.as_uri(), dest, sha256(blob)[:8], progress=False) == dest
+    assert download.download(blob.as_uri(), dest, sha256(blob)[:8], progress=False) == dest
     # a corrupted cached file is not used: it is replaced by a good download
     dest.write_bytes(b"corrupt")
-    weights.download(blob.as_uri(), dest, sha256(blob), progress=False)
+    download.download(blob.as_uri(), dest, sha256(blob), progress=False)
     assert sha256(dest) == sha256(blob)
 
 
@@ -157,7 +158,7 @@ def test_interrupted_download_keeps_partial_and_resumes(
 ) -> None:
     dest = tmp_path / "cache" / "blob.bin"
     partial = dest.with_name("blob.bin.partial")
-    copy = weights._copy_with_progress
+    copy = download._copy_with_progress
     received = []
 
     def drop_connection(stream, partial_path, offset, total, name, progress):
@@ -166,17 +167,17 @@ def test_interrupted_download_keeps_partial_and_resumes(
         partial_path.write_bytes(stream.read(1_000_000))
         raise ConnectionResetError("connection reset by peer")
 
-    monkeypatch.setattr(weights, "_copy_with_progress", drop_connection)
+    monkeypatch.setattr(download, "_copy_with_progress", drop_connection)
     with pytest.raises(CheckpointError, match="resumes"):
-        weights.download(blob.as_uri(), dest, sha256(blob), progress=False)
+        download.download(blob.as_uri(), dest, sha256(blob), progress=False)
     assert partial.stat().st_size == 1_000_000 and not dest.exists()
 
     def record(stream, partial_path, offset, total, name, progress):
         received.append(offset)
         copy(stream, partial_path, offset, total, name, progress)
 
-    monkeypatch.setattr(weights, "_copy_with_progress", record)
-    weights.download(blob.as_uri(), dest, sha256(blob), progress=False)
+    monkeypatch.setattr(download, "_copy_with_progress", record)
+    download.download(blob.as_uri(), dest, sha256(blob), progress=False)
     assert received == [0, 1_000_000]  # the second attempt started where the first stopped
     assert sha256(dest) == sha256(blob) and not partial.exists()
 
@@ -187,7 +188,7 @@ def test_resumed_bytes_are_hash_checked(blob: Path, tmp_path: Path) -> None:
     dest.parent.mkdir()
     dest.with_name("blob.bin.partial").write_bytes(b"\0" * 1000)
     with pytest.raises(CheckpointError, match="SHA256"):
-        weights.download(blob.as_uri(), dest, sha256(blob), progress=False)
+        download.download(blob.as_uri(), dest, sha256(blob), progress=False)
     assert not list(dest.parent.iterdir())
 
 
@@ -220,7 +221,7 @@ def test_http_download_resumes_with_range(blob: Path, tmp_path: Path) -> None:
         dest = tmp_path / "cache" / "blob.bin"
         dest.parent.mkdir()
         dest.with_name("blob.bin.partial").write_bytes(server.payload[:1234])
-        weights.download(url, dest, sha256(blob), progress=False)
+        download.download(url, dest, sha256(blob), progress=False)
     finally:
         server.shutdown()
         server.server_close()

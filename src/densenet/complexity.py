@@ -1,10 +1,12 @@
-"""Parameters and multiply-accumulates of a :class:`~densenet.models.DenseNet`, in closed form.
+"""Parameters and multiply-accumulates of a :class:`~densenet.models.DenseNet`: the one home of
+counting them.
 
-Computed from the constructor's arguments alone, without torch, so ``densenet models`` answers at
-once instead of building every network. The walk mirrors ``DenseNet.__init__`` layer by layer and
-is exact: tests compare it with a built model's parameter count and with
-:func:`densenet.zoo.count_macs` (``torch.utils.flop_counter``: convolutions, BlurPool's fixed
-depthwise filter included, and the classifier; BatchNorm, ReLU and pooling are not MACs).
+:func:`model_complexity` computes both in closed form from the constructor's arguments alone,
+without torch, so ``densenet models`` answers at once instead of building every network. The walk
+mirrors ``DenseNet.__init__`` layer by layer and is exact: tests compare it with a built model's
+:func:`count_parameters` and :func:`count_macs` (``torch.utils.flop_counter``: convolutions,
+BlurPool's fixed depthwise filter included, and the classifier; BatchNorm, ReLU and pooling are
+not MACs).
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from densenet.zoo import get_model_spec
+
+if TYPE_CHECKING:  # torch only where a built model is counted
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -126,3 +134,28 @@ def model_complexity(arch: Mapping, input_size: Sequence[int] = (3, 224, 224)) -
         tally.params += channels * num_classes + num_classes
         tally.macs += channels * num_classes
     return Complexity(tally.params, tally.macs)
+
+
+def spec_complexity(name: str) -> Complexity:
+    """Parameters and MACs of a registered model at its native input size, without building it."""
+    spec = get_model_spec(name)
+    return model_complexity(spec.kwargs, spec.input_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of learnable parameters of a built model (BatchNorm running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass on a ``(1, *input_size)`` input (conv + linear)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, *input_size))
+    model.train(was_training)
+    return counter.get_total_flops() // 2

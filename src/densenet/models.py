@@ -4,7 +4,7 @@ Every published variant is an instance of :class:`DenseNet` with different argum
 hidden constants. Module names follow torchvision's layout (``features.conv0``,
 ``features.denseblock1.denselayer1.norm1``, ``features.transition1.conv``, ``features.norm5``,
 ``classifier``) so torchvision and timm state dicts load without renaming, except for the legacy
-``norm.1`` form handled in :mod:`densenet.weights`.
+``norm.1`` form handled in :mod:`densenet.hub.formats`.
 
 Shapes: inputs are ``(N, in_chans, H, W)`` float tensors; logits are ``(N, num_classes)``.
 """
@@ -243,16 +243,34 @@ class DenseNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_args(
-            growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-            stem, blur, in_chans, num_classes, global_pool,
-        )  # fmt: skip
+            growth_rate,
+            block_config,
+            num_init_features,
+            bn_size,
+            compression,
+            drop_rate,
+            stem,
+            blur,
+            in_chans,
+            num_classes,
+            global_pool,
+        )
         # The full constructor arguments, saved with checkpoints to rebuild the architecture.
         self.config = dict(
-            growth_rate=growth_rate, block_config=list(block_config),
-            num_init_features=num_init_features, bn_size=bn_size, compression=compression,
-            drop_rate=drop_rate, stem=stem, stem_width=stem_width, blur=blur, in_chans=in_chans,
-            num_classes=num_classes, global_pool=global_pool, head_drop_rate=head_drop_rate,
-        )  # fmt: skip
+            growth_rate=growth_rate,
+            block_config=list(block_config),
+            num_init_features=num_init_features,
+            bn_size=bn_size,
+            compression=compression,
+            drop_rate=drop_rate,
+            stem=stem,
+            stem_width=stem_width,
+            blur=blur,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            global_pool=global_pool,
+            head_drop_rate=head_drop_rate,
+        )
         self.growth_rate = growth_rate
         self.block_config = tuple(int(n) for n in block_config)
         self.in_chans = in_chans
@@ -261,11 +279,20 @@ class DenseNet(nn.Module):
             stem, in_chans, num_init_features, stem_width or growth_rate, blur != "none"
         )
         self.features = nn.Sequential(OrderedDict(stem_layers))
-        stride = 1 if stem.startswith("cifar") else 4
+        channels = self._add_blocks(num_init_features, bn_size, compression, drop_rate, blur)
+        self._add_head(channels, num_classes, global_pool, head_drop_rate)
+        self._init_weights()
+        self.set_grad_checkpointing(memory_efficient)
+
+    def _add_blocks(
+        self, channels: int, bn_size: int | None, compression: float, drop_rate: float, blur: str
+    ) -> int:
+        """Append the dense blocks and the transitions between them to ``self.features`` (and
+        their entries to ``feature_info``); returns the channels out of the last block."""
+        stride = 1 if self.stem_type.startswith("cifar") else 4
         self.feature_info: list[dict] = []
-        channels = num_init_features
         for i, num_layers in enumerate(self.block_config):
-            block = DenseBlock(num_layers, channels, growth_rate, bn_size, drop_rate)
+            block = DenseBlock(num_layers, channels, self.growth_rate, bn_size, drop_rate)
             self.features.add_module(f"denseblock{i + 1}", block)
             channels = block.out_channels
             self.feature_info.append(
@@ -283,6 +310,12 @@ class DenseNet(nn.Module):
                 self.features.add_module(f"transition{i + 1}", transition)
                 channels = out_channels
                 stride *= 2
+        return channels
+
+    def _add_head(
+        self, channels: int, num_classes: int, global_pool: str, head_drop_rate: float
+    ) -> None:
+        """The final BN-ReLU (in ``features``, as torchvision), pooling, dropout, classifier."""
         self.features.add_module("norm5", nn.BatchNorm2d(channels))
         self.features.add_module("relu5", nn.ReLU(inplace=True))
         self.num_features = channels
@@ -290,8 +323,6 @@ class DenseNet(nn.Module):
         self.head_drop = nn.Dropout(head_drop_rate)
         self.classifier = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
         self.num_classes = num_classes
-        self._init_weights()
-        self.set_grad_checkpointing(memory_efficient)
 
     def _init_weights(self) -> None:
         # The Lua reference code draws conv weights from N(0, 2/n), n = k*k*out_channels (fan_out).
@@ -440,9 +471,18 @@ def _pair0(value) -> int:
 
 
 def _check_args(
-    growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-    stem, blur, in_chans, num_classes, global_pool,
-) -> None:  # fmt: skip
+    growth_rate,
+    block_config,
+    num_init_features,
+    bn_size,
+    compression,
+    drop_rate,
+    stem,
+    blur,
+    in_chans,
+    num_classes,
+    global_pool,
+) -> None:
     problems = []
     if not isinstance(growth_rate, int) or growth_rate < 1:
         problems.append(f"growth_rate must be a positive integer, got {growth_rate!r}")

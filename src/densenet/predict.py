@@ -1,152 +1,22 @@
-"""Load a model for inference (our checkpoint or a named model with weights) and classify images.
-
-:func:`load_model` returns the model in eval mode and a :class:`ModelInfo` with what inference
-needs: class names, normalization, input size, crop and interpolation, taken from the checkpoint's
-metadata, else from the model's weights entry (``pretrained_cfg``).
-"""
+"""Classify images: top-k classes and probabilities of a loaded model (see
+:func:`densenet.loader.load_model`) for image files and folders."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from densenet.catalog import default_class_names
 from densenet.data import (
     IMAGE_EXTENSIONS,
     SKIP_HINT,
     BadImageError,
-    dataset_info,
-    eval_transform,
     load_image,
 )
-from densenet.io import META_KEY, CheckpointError, read_header
-from densenet.models import DenseNet
+from densenet.loader import ModelInfo
 from densenet.progress import progress as report_progress
-from densenet.zoo import create_model
-
-
-@dataclass
-class ModelInfo:
-    """What inference needs besides the weights. ``input_size`` is ``(C, H, W)``.
-
-    ``mean``/``std`` are None when neither the checkpoint nor the weights entry knows them; the
-    caller then takes the dataset's (see :meth:`transform`).
-    """
-
-    name: str | None
-    class_names: list[str]
-    input_size: tuple[int, int, int]
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    crop_pct: float = 1.0
-    interpolation: str = "bilinear"
-    dataset: str | None = None
-    source: str = field(default="", compare=False)
-
-    def transform(
-        self,
-        ten_crop: bool = False,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-    ):
-        """The eval transform; ``mean``/``std`` fill in only what the model does not know."""
-        mean = self.mean or mean
-        std = self.std or std
-        if mean is None or std is None:
-            raise ValueError(
-                f"{self.source}: no normalization (mean/std) is known: the checkpoint has no "
-                "'mean'/'std' metadata and names no known dataset"
-            )
-        return eval_transform(
-            self.input_size, mean, std, self.crop_pct, self.interpolation, ten_crop=ten_crop
-        )
-
-
-def _checkpoint_metadata(path: Path) -> dict:
-    """The JSON metadata of our safetensors file; {} for other files (create_model explains)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        header = read_header(path)
-    except CheckpointError:
-        return {}
-    return json.loads(header.get(META_KEY, "{}"))
-
-
-def _normalization(meta: dict) -> dict:
-    """mean/std a checkpoint was trained with: its own metadata, else its dataset's, else none."""
-    saved = {**(meta.get("pretrained_cfg") or {}), **meta}
-    if saved.get("mean") and saved.get("std"):
-        return dict(mean=saved["mean"], std=saved["std"])
-    if meta.get("dataset"):
-        stats = dataset_info(meta["dataset"])
-        return dict(mean=stats.mean, std=stats.std)
-    return dict(mean=None, std=None)
-
-
-def _model_info(model: DenseNet, cfg: dict, source: str) -> ModelInfo:
-    """:class:`ModelInfo` from a config dict (pretrained_cfg keys, our checkpoint metadata)."""
-    num_classes = model.num_classes
-    class_names = list(cfg.get("class_names") or default_class_names(num_classes))
-    if len(class_names) != num_classes:
-        raise CheckpointError(
-            f"{source}: {len(class_names)} class names for a {num_classes}-class classifier"
-        )
-    size = cfg.get("input_size") or (model.in_chans, 224, 224)
-
-    def as_tuple(value):
-        return tuple(value) if value is not None else None
-
-    return ModelInfo(
-        name=getattr(model, "model_name", None),
-        class_names=class_names,
-        input_size=(model.in_chans, int(size[-2]), int(size[-1])),
-        mean=as_tuple(cfg.get("mean")),
-        std=as_tuple(cfg.get("std")),
-        crop_pct=float(cfg.get("crop_pct") or 1.0),
-        interpolation=cfg.get("interpolation") or "bilinear",
-        dataset=cfg.get("dataset"),
-        source=source,
-    )
-
-
-def load_model(
-    checkpoint: str | Path | None = None,
-    name: str | None = None,
-    pretrained: bool | str | Path | None = None,
-    device: str | torch.device = "cpu",
-) -> tuple[DenseNet, ModelInfo]:
-    """The model in eval mode on ``device`` and its :class:`ModelInfo`.
-
-    Either ``checkpoint`` (a weights file or training checkpoint of ours, whose metadata names
-    the architecture) or ``name`` with optional ``pretrained`` (tag, file, URL or True).
-    """
-    if (checkpoint is None) == (name is None):
-        raise ValueError("give either a checkpoint (--checkpoint PATH) or a model (--model NAME)")
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        meta = _checkpoint_metadata(path)
-        model = create_model(pretrained=path)  # its architecture, in_chans included
-        # The zoo's crop describes its ImageNet weights, not how a run evaluated: unless the file
-        # says otherwise, use densenet train's default (crop_pct 1, bilinear).
-        cfg = {
-            **model.pretrained_cfg, "crop_pct": 1.0, "interpolation": "bilinear",
-            **(meta.get("pretrained_cfg") or {}), **meta, **_normalization(meta),
-        }  # fmt: skip
-        source = f"{path} ({meta.get('model') or 'custom architecture'})"
-    else:
-        model = create_model(name, pretrained=pretrained)
-        cfg = model.pretrained_cfg
-        weights = {True: "default weights", None: "random weights", False: "random weights"}.get(
-            pretrained, f"weights {pretrained}"
-        )
-        source = f"{name} ({weights})"
-    return model.to(device).eval(), _model_info(model, cfg, source)
 
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:

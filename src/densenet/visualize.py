@@ -189,7 +189,8 @@ def parameter_efficiency_points(pattern: str = "*") -> list[dict]:
 
     Parameters come in closed form from the architecture (no model is built).
     """
-    from densenet.zoo import get_model_spec, list_models, spec_complexity
+    from densenet.complexity import spec_complexity
+    from densenet.zoo import get_model_spec, list_models
 
     points = []
     for name in list_models(pattern):
@@ -276,3 +277,24 @@ def _efficiency_panel(ax, points: Sequence[dict], title: str) -> None:
     ax.legend(loc="upper right")
     xs = [p["params"] / 1e6 for p in points]
     _label_points(ax, xs, [p["error"] for p in points], [p["name"] for p in points])
+
+
+def plot_curves(rows: Sequence[dict], path: str | Path) -> Path:
+    """A run's loss, top-1 accuracy and learning rate by epoch (``metrics.csv`` rows) as a PNG."""
+    epochs = [r["epoch"] for r in rows]
+    fig = Figure(figsize=(13, 3.6))
+    panels = (
+        ("loss", (("train_loss", "train"), ("val_loss", "val"))),
+        ("top-1 accuracy (%)", (("train_top1", "train"), ("val_top1", "val"))),
+        ("learning rate", (("lr", "lr"),)),
+    )
+    for ax, (title, series) in zip(fig.subplots(1, 3), panels, strict=True):
+        for key, label in series:
+            ax.plot(epochs, [r[key] for r in rows], marker="o", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+    fig.tight_layout()
+    return _save(fig, path, dpi=100)

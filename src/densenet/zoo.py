@@ -1,28 +1,18 @@
-"""Registry of named DenseNet variants and the ``create_model`` / ``list_models`` entry points.
+"""The model table: every named DenseNet variant, as data (no torch).
 
 Each entry says which :class:`~densenet.models.DenseNet` arguments make the published model, the
 input it expects, and the accuracy its authors reported (with the source), so ``densenet models``
-and the parameter-efficiency plot are generated from one table.
+and the parameter-efficiency plot are generated from one table. Building a model from an entry
+is :func:`densenet.factory.create_model`'s job.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from densenet.complexity import Complexity, model_complexity
+from densenet.catalog import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from densenet.messages import did_you_mean
-
-if TYPE_CHECKING:  # torch is imported where a model is built: listing the zoo needs none
-    from torch import nn
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 PAPER_IMAGENET = "Huang et al. CVPR 2017, Table 3 (single crop)"
 PAPER_SVHN = "Huang et al. CVPR 2017, Table 2"
@@ -196,143 +186,3 @@ def get_model_spec(name: str) -> ModelSpec:
     raise ValueError(
         f"unknown model {name!r}{hint} (list them with `densenet models` or densenet.list_models())"
     )
-
-
-def spec_complexity(name: str) -> Complexity:
-    """Parameters and MACs of a registered model at its native input size, without building it."""
-    spec = get_model_spec(name)
-    return model_complexity(spec.kwargs, spec.input_size)
-
-
-def cifar_densenet(
-    depth: int,
-    growth_rate: int,
-    bottleneck: bool = True,
-    compression: float = 0.5,
-    **kwargs,
-) -> nn.Module:
-    """Any CIFAR/SVHN DenseNet(-BC) of depth L and growth rate k (paper section 3).
-
-    ``kwargs`` are those of :func:`create_model` (``num_classes``, ``memory_efficient``,
-    ``drop_rate``, ``in_chans``, ``features_only``, ...).
-    """
-    arch = cifar_densenet_kwargs(depth, growth_rate, bottleneck, compression)
-    return _build(arch, **kwargs)
-
-
-def create_model(
-    name: str | None = None,
-    *,
-    pretrained: bool | str | Path | None = None,
-    num_classes: int | None = None,
-    in_chans: int | None = None,
-    memory_efficient: bool = False,
-    features_only: bool = False,
-    out_indices: Sequence[int] | None = None,
-    **overrides,
-) -> nn.Module:
-    """Build a named DenseNet, optionally with weights.
-
-    Args:
-        name: a registered name (``list_models()``), optionally with a weight tag
-            (``"densenet121.tv_in1k"``). May be None when ``pretrained`` is one of our own
-            checkpoints, whose metadata names the architecture.
-        pretrained: True (the name's tag or the model's default weights), a registry tag, a local
-            file or an http(s)/file URL.
-        num_classes: classifier outputs; defaults to the weights' (or the model's) class count.
-            A different count than the weights' resets the classifier.
-        in_chans: input channels; default: those of the weights (the ``model_config`` of our
-            files, else their first conv), 3 without weights. Pretrained filters of another
-            channel count are adapted to it.
-        memory_efficient: recompute bottlenecks in backward (linear memory in depth).
-        features_only: return a :class:`FeatureExtractor` giving normalized multi-scale maps.
-        out_indices: which dense blocks' maps ``features_only`` returns (default all).
-        overrides: any other :class:`DenseNet` argument (``drop_rate``, ``compression``, ...).
-            When ``pretrained`` is one of our files of ``name``'s model (or ``name`` is None),
-            the arguments it saved are the defaults.
-    """
-    from densenet import weights  # weights imports this module
-    from densenet.models import FeatureExtractor
-
-    if num_classes is not None and num_classes < 0:
-        raise ValueError(f"num_classes must be >= 1 (or 0 for no classifier), got {num_classes}")
-    source = weights.resolve_source(name, pretrained)
-    if name is None:
-        if source is None:
-            raise ValueError(
-                "create_model needs a model name, or pretrained= one of our checkpoints"
-            )
-        spec, saved_kwargs = weights.architecture_of(source)
-        name = spec.name
-        overrides = {**saved_kwargs, **overrides}
-    else:
-        spec = get_model_spec(name)
-        if source is not None:
-            overrides = {**weights.saved_kwargs(spec, source), **overrides}
-    if in_chans is None:
-        in_chans = (weights.in_chans_of(source) if source is not None else None) or 3
-    arch = {**spec.kwargs, **overrides}
-    weight_classes = weights.num_classes_of(source) if source is not None else None
-    arch["num_classes"] = (
-        weight_classes if weight_classes is not None else arch.get("num_classes", spec.num_classes)
-    )
-    model = _build(arch, in_chans=in_chans)
-    model.pretrained_cfg = weights.pretrained_cfg(spec, source, in_chans)
-    if source is not None:
-        weights.load_pretrained(model, source)
-    if num_classes is not None and num_classes != model.num_classes:
-        if source is not None:
-            weights.notice(
-                f"{name}: weights have {model.num_classes} classes; using a new "
-                f"{num_classes}-class classifier (train it before use)"
-            )
-        model.reset_classifier(num_classes)
-        model.pretrained_cfg.update(num_classes=num_classes, class_names=None)
-    model.model_name = name
-    model.set_grad_checkpointing(memory_efficient)
-    if features_only:
-        return FeatureExtractor(model, out_indices)
-    return model
-
-
-def _build(
-    arch: dict,
-    *,
-    num_classes: int | None = None,
-    in_chans: int = 3,
-    memory_efficient: bool = False,
-    features_only: bool = False,
-    out_indices: Sequence[int] | None = None,
-    **overrides,
-) -> nn.Module:
-    from densenet.models import DenseNet, FeatureExtractor
-
-    kwargs = {**arch, **overrides, "in_chans": in_chans, "memory_efficient": memory_efficient}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    unknown = set(kwargs) - set(DenseNet.__init__.__code__.co_varnames[1:])
-    if unknown:
-        raise TypeError(
-            f"unknown DenseNet argument(s) {sorted(unknown)}; see help(densenet.DenseNet)"
-        )
-    model = DenseNet(**kwargs)
-    return FeatureExtractor(model, out_indices) if features_only else model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of learnable parameters (BatchNorm running statistics excluded)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass on a ``(1, *input_size)`` input (conv + linear)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, *input_size))
-    model.train(was_training)
-    return counter.get_total_flops() // 2

@@ -14,25 +14,32 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import statistics
-import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from densenet.cli import CLIError, random_weights_notice
-from densenet.cli.predict import add_model_arguments, model_from_args
+from densenet.benchmark import load_average, measure
+from densenet.cli import CLIError
+from densenet.cli._common import add_model_arguments, model_from_args, random_weights_notice
 
 if TYPE_CHECKING:  # torch is imported when the command runs, not for --help
     import torch
     from torch import nn
 
 BACKENDS = (
-    "torchvision", "eager", "channels_last", "optimized", "optimized-eager", "optimized-compile",
-    "optimized-onnxruntime", "optimized-openvino", "onnxruntime", "openvino",
-    "onnxruntime-microbatch", "openvino-microbatch", "int8",
-)  # fmt: skip
+    "torchvision",
+    "eager",
+    "channels_last",
+    "optimized",
+    "optimized-eager",
+    "optimized-compile",
+    "optimized-onnxruntime",
+    "optimized-openvino",
+    "onnxruntime",
+    "openvino",
+    "onnxruntime-microbatch",
+    "openvino-microbatch",
+    "int8",
+)
 DEFAULT_BACKENDS = (
     "torchvision,optimized,optimized-eager,optimized-onnxruntime,onnxruntime,openvino"
 )
@@ -49,37 +56,48 @@ def add_parser(subparsers) -> None:
         "--batch", default="1,16", help="comma-separated batch sizes (default 1,16)"
     )
     parser.add_argument(
-        "--backends", default=DEFAULT_BACKENDS,
+        "--backends",
+        default=DEFAULT_BACKENDS,
         help=f"comma-separated, from {', '.join(BACKENDS)} (default {DEFAULT_BACKENDS}); "
         "openvino is skipped with a note when not installed",
-    )  # fmt: skip
+    )
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--iters", type=int, default=10, help="timed rounds per batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument(
-        "--min-time", type=float, default=0.0, metavar="SECONDS",
+        "--min-time",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
         help="after --iters rounds, more rounds until every backend has run this long in timed "
         "calls (default 0): small batches then get as many seconds of samples as large ones",
-    )  # fmt: skip
+    )
     parser.add_argument("--size", type=int, help="input height=width (default: the model's)")
     parser.add_argument(
-        "--micro-batch", type=int, metavar="N",
+        "--micro-batch",
+        type=int,
+        metavar="N",
         help="images per call for the optimized-* and *-microbatch backends (default: sized to "
         "the cache, see optimize_for_inference; 0: never split)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--streams", type=int, metavar="N",
+        "--streams",
+        type=int,
+        metavar="N",
         help="openvino streams for the optimized and openvino-microbatch backends (default: "
         "--threads, one thread per stream; see optimize_for_inference)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--calibration", nargs="+", metavar="IMAGE_OR_FOLDER",
+        "--calibration",
+        nargs="+",
+        metavar="IMAGE_OR_FOLDER",
         help="real images to calibrate the int8 backend on (required for int8)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--verbose", action="store_true",
+        "--verbose",
+        action="store_true",
         help="show onnxruntime's own warnings (int8 calibration prints dozens)",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -89,7 +107,7 @@ def torchvision_model(model: nn.Module) -> nn.Module:
     cannot build that architecture (CIFAR stems, blur, basic layers)."""
     import torchvision
 
-    from densenet.weights import to_torchvision_state_dict
+    from densenet.hub.saving import to_torchvision_state_dict
 
     try:
         state = to_torchvision_state_dict(model)
@@ -97,9 +115,12 @@ def torchvision_model(model: nn.Module) -> nn.Module:
         return model
     cfg = model.config
     net = torchvision.models.DenseNet(
-        cfg["growth_rate"], tuple(cfg["block_config"]), cfg["num_init_features"], cfg["bn_size"],
+        cfg["growth_rate"],
+        tuple(cfg["block_config"]),
+        cfg["num_init_features"],
+        cfg["bn_size"],
         num_classes=cfg["num_classes"],
-    )  # fmt: skip
+    )
     net.load_state_dict(state)
     return net.eval()
 
@@ -156,9 +177,13 @@ def build_backends(
         elif name == "optimized" or name.startswith("optimized-"):
             backend = name.removeprefix("optimized").removeprefix("-") or "auto"
             made[name] = optimize_for_inference(
-                model, backend, input_size=size, threads=threads, micro_batch=micro_batch,
+                model,
+                backend,
+                input_size=size,
+                threads=threads,
+                micro_batch=micro_batch,
                 streams=streams if backend in ("auto", "openvino") else None,
-            )  # fmt: skip
+            )
         elif name.removesuffix("-microbatch") in RUNTIMES:
             plain_onnx = plain_onnx or onnx_bytes(model, example[:1])
             # The plain export run in our default micro-batches (and OpenVINO streams): how much
@@ -184,123 +209,14 @@ def build_backends(
     return made, skipped
 
 
-class _PeakRSS:
-    """Peak resident memory (bytes) of this process while the context is open, sampled."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.peak = 0
-
-    @staticmethod
-    def current() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self) -> None:
-        while not self.done.is_set():
-            self.peak = max(self.peak, self.current())
-            self.done.wait(self.interval)
-
-    def __enter__(self) -> _PeakRSS:
-        self.peak = self.current()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.done.set()
-        self.thread.join()
-
-
-REFERENCES = ("torchvision", "onnxruntime", "openvino")
 # Table columns: title, report key.
 RATIO_COLUMNS = (
-    ("vs tv", "vs_torchvision"), ("vs ort", "vs_onnxruntime"),
-    ("ort rnd", "vs_onnxruntime_round_median"), ("vs ov", "vs_openvino"),
+    ("vs tv", "vs_torchvision"),
+    ("vs ort", "vs_onnxruntime"),
+    ("ort rnd", "vs_onnxruntime_round_median"),
+    ("vs ov", "vs_openvino"),
     ("ov rnd", "vs_openvino_round_median"),
-)  # fmt: skip
-SETTLE_S = 0.05  # pause between timed calls, not timed
-
-
-def measure(
-    backends: dict[str, Callable],
-    batch: torch.Tensor,
-    iters: int,
-    warmup: int,
-    min_time: float = 0.0,
-) -> dict[str, dict]:
-    """Interleaved timing of every backend on ``batch``: img/s, p50/p90 ms, extra memory MB.
-
-    ``iters`` rounds, then more until every backend's timed calls add up to ``min_time`` seconds.
-    """
-    import torch
-
-    with torch.no_grad():
-        times, extra_mb, rounds = _time_rounds(backends, batch, iters, warmup, min_time)
-    return _summarize(times, extra_mb, rounds, batch.shape[0])
-
-
-def _time_rounds(
-    backends: dict[str, Callable], batch: torch.Tensor, iters: int, warmup: int, min_time: float
-) -> tuple[dict[str, list[float]], dict[str, float], int]:
-    """Per-backend call times (s), extra memory (MB) while warming up, and the rounds run."""
-    from densenet.progress import progress
-
-    times: dict[str, list[float]] = {name: [] for name in backends}
-    extra_mb: dict[str, float] = {}
-    for name, fn in backends.items():
-        base = _PeakRSS.current()
-        with _PeakRSS() as rss:
-            for _ in range(warmup):
-                fn(batch)
-        extra_mb[name] = (rss.peak - base) / 2**20
-    rounds = 0
-    # With --min-time the number of rounds is open-ended: no total, no ETA.
-    total = None if min_time else iters
-    with progress(total=total, desc=f"bench batch {len(batch)}", unit="round") as bar:
-        while rounds < iters or min(map(sum, times.values())) < min_time:
-            rounds += 1
-            for name, fn in backends.items():
-                start = time.perf_counter()
-                fn(batch)
-                times[name].append(time.perf_counter() - start)
-                # onnxruntime's idle workers spin for a while after a run (its default) and would
-                # take the cores from the next backend timed: measured 1.5x slower at batch 1
-                # without this.
-                time.sleep(SETTLE_S)
-            bar.update()
-    return times, extra_mb, rounds
-
-
-def _summarize(times: dict[str, list[float]], extra_mb: dict[str, float], rounds: int, n: int):
-    """Each backend's img/s, p50/p90 ms, extra memory and ratios to the references."""
-    results = {}
-    for name, values in times.items():
-        q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
-        results[name] = dict(
-            img_per_s=n * rounds / sum(values),
-            rounds=rounds,
-            p50_ms=1000 * statistics.median(values),
-            p90_ms=1000 * q[8],
-            extra_memory_mb=round(extra_mb[name], 1),
-        )
-    for name, row in results.items():
-        for ref in REFERENCES:
-            if ref in results:
-                row[f"vs_{ref}"] = row["img_per_s"] / results[ref]["img_per_s"]
-                # Calls of one round run seconds apart, so their ratio is the least disturbed
-                # by load that comes and goes (on shared VMs: memory contention for seconds).
-                per_round = [t_ref / t for t_ref, t in zip(times[ref], times[name], strict=True)]
-                row[f"vs_{ref}_round_median"] = statistics.median(per_round)
-    return results
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -334,18 +250,30 @@ def run(args: argparse.Namespace) -> int:
     size = args.size or info.input_size[-1]
     example = torch.randn(1, model.in_chans, size, size)
     backends, skipped = build_backends(
-        names, model, example, args.threads, lambda: _calibration_batches(args, info),
-        args.micro_batch, args.streams, args.verbose,
-    )  # fmt: skip
+        names,
+        model,
+        example,
+        args.threads,
+        lambda: _calibration_batches(args, info),
+        args.micro_batch,
+        args.streams,
+        args.verbose,
+    )
     report = dict(
-        model=info.name, source=info.source, size=size, threads=args.threads, iters=args.iters,
+        model=info.name,
+        source=info.source,
+        size=size,
+        threads=args.threads,
+        iters=args.iters,
         min_time=args.min_time,
-        load_before=_load(), skipped=skipped, results={},
-    )  # fmt: skip
+        load_before=load_average(),
+        skipped=skipped,
+        results={},
+    )
     for n in batches:
         batch = torch.randn(n, model.in_chans, size, size)
         report["results"][str(n)] = measure(backends, batch, args.iters, args.warmup, args.min_time)
-    report["load_after"] = _load()
+    report["load_after"] = load_average()
     if args.json:
         print(json.dumps(report))
         return 0

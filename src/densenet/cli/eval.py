@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from densenet.cli import CLIError
-from densenet.cli.predict import add_model_arguments, model_from_args
+from densenet.cli._common import add_model_arguments, model_from_args
 
 if TYPE_CHECKING:  # the heavy modules are imported when the command runs, not for --help
     import torch
 
     from densenet.evaluation import EvalResult
-    from densenet.predict import ModelInfo
+    from densenet.loader import ModelInfo
 
 
 def add_parser(subparsers) -> None:
@@ -83,9 +83,13 @@ def _load_data(args: argparse.Namespace, dataset_name: str, info: ModelInfo, dev
     transform = info.transform(args.ten_crop, stats.mean, stats.std)
     matching = _class_matching(args, info) if dataset_name == "folder" else {}
     dataset = build_dataset(
-        dataset_name, args.data_dir, args.split, transform,
-        skip_bad_images=args.skip_bad_images, **matching,
-    )  # fmt: skip
+        dataset_name,
+        args.data_dir,
+        args.split,
+        transform,
+        skip_bad_images=args.skip_bad_images,
+        **matching,
+    )
     for problem in getattr(dataset, "bad_images", []):
         print(f"densenet eval: skipped {problem}", file=sys.stderr)
     classes = getattr(dataset, "classes", None) or stats.class_names
@@ -191,9 +195,13 @@ def run(args: argparse.Namespace) -> int:
     )
     png = confusion_matrix_figure(result.confusion, result.class_names, out / f"{stem}.png", title)
     summary = dict(
-        model=info.name, source=info.source, dataset=dataset_name, split=args.split,
-        **result.to_dict(), confusion_png=str(png),
-    )  # fmt: skip
+        model=info.name,
+        source=info.source,
+        dataset=dataset_name,
+        split=args.split,
+        **result.to_dict(),
+        confusion_png=str(png),
+    )
     atomic_write(out / f"{stem}.json", lambda f: json.dump(summary, f, indent=1), mode="w")
     if args.json:
         print(json.dumps(summary))

@@ -9,11 +9,12 @@ import json
 import urllib.parse
 from typing import TYPE_CHECKING
 
+from densenet.complexity import spec_complexity
 from densenet.messages import did_you_mean
-from densenet.zoo import get_model_spec, list_models, spec_complexity
+from densenet.zoo import get_model_spec, list_models
 
 if TYPE_CHECKING:
-    from densenet.weights import Weights
+    from densenet.hub.registry import Weights
 
 
 def add_parser(subparsers) -> None:
@@ -46,7 +47,7 @@ def _origin(weights: Weights) -> str:
 
 def weights_rows(pattern: str = "*") -> list[dict]:
     """One dict per registered weights whose tag or model name matches ``pattern``."""
-    from densenet.weights import WEIGHTS  # torch: only for --weights
+    from densenet.hub.registry import WEIGHTS
 
     rows = []
     for tag in sorted(WEIGHTS):
