@@ -32,7 +32,7 @@ def gray_model() -> densenet.DenseNet:
 
 
 def training_checkpoint(path: Path, model: densenet.DenseNet) -> Path:
-    """The layout of training.py's ``checkpoint()``: the state tree and its ``metadata``."""
+    """The layout of densenet.train.state's ``save_checkpoint``: the state tree and its ``metadata``."""
     metadata = {
         "model": "densenet_bc100_k12", "model_config": model.config, "dataset": "fashion_mnist",
         "num_classes": 10, "class_names": FASHION_CLASSES, "mean": [0.286], "std": [0.353],
@@ -98,7 +98,7 @@ def test_state_dict_without_metadata_gives_its_first_conv_channels(tmp_path: Pat
 def test_fashion_mnist_run_checkpoint_end_to_end(tmp_path: Path) -> None:
     """A real (tiny, 64-image) `densenet train` run on Fashion-MNIST, loaded by path alone."""
     from densenet.config import load_config
-    from densenet.training import train
+    from densenet.train import train
 
     data_dir = shared_data("fashion-mnist")
     cfg = load_config(None, {

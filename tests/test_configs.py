@@ -8,9 +8,8 @@ import pytest
 import yaml
 from test_data import make_image_folder
 
-from densenet import training
 from densenet.config import TrainConfig, load_config, parse_overrides
-from densenet.training import train
+from densenet.train import run_dir, train
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -49,7 +48,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_recipe_runs_one_step(path, tiny_folder, tmp_path, monkeypatch):
     """Each recipe's optimizer, schedule, augmentation, dropout and flags on a shrunk model."""
-    monkeypatch.setattr(training, "plot_curves", lambda rows, path: None)  # tested elsewhere
+    monkeypatch.setattr(run_dir, "plot_curves", lambda rows, path: None)  # tested elsewhere
     recipe = load_config(path, check_data=False)
     shrink = {
         "dataset": "folder", "data_dir": str(tiny_folder), "input_size": 16, "batch_size": 8,

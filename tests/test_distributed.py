@@ -27,7 +27,7 @@ from densenet.evaluation import evaluate
 from densenet.io import load_state
 from densenet.models import DenseNet
 from densenet.runtime import DistEnv
-from densenet.training import train
+from densenet.train import train
 
 TINY_MODEL = {"growth_rate": 4, "block_config": [2, 2], "num_init_features": 8}
 pytestmark = pytest.mark.skipif(

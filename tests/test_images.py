@@ -19,12 +19,13 @@ import torch
 from inference_helpers import SHARED_DATA, save_checkpoint, shared_data, tiny_model
 from PIL import Image
 
-from densenet import data, training
+from densenet import data
 from densenet.catalog import IMAGENET_MEAN, IMAGENET_STD
 from densenet.cli import main
 from densenet.config import TrainConfig
 from densenet.data import eval_transform, load_image
 from densenet.models import DenseNet
+from densenet.train.inputs import build_data
 
 SIDE = 32
 COLUMNS = np.arange(SIDE)[None, :].repeat(SIDE, 0)  # x of each pixel, (H, W)
@@ -259,10 +260,10 @@ def test_training_skips_bombs_with_skip_bad_images(tmp_path, monkeypatch):
     _bombs(root / "images")
     cfg = TrainConfig(dataset="folder", data_dir=str(root), batch_size=2, train_subset=None,
                       workers=0, skip_bad_images=True)  # fmt: skip
-    assert training.build_data(cfg, torch.device("cpu")).skipped_images == 2
+    assert build_data(cfg, torch.device("cpu")).skipped_images == 2
     cfg.skip_bad_images = False
     with pytest.raises(ValueError, match="decompression-bomb limit"):
-        training.build_data(cfg, torch.device("cpu"))
+        build_data(cfg, torch.device("cpu"))
 
 
 def _checkpoint(path: Path, classes: list[str]) -> Path:
@@ -366,7 +367,7 @@ def test_same_file_same_tensor_in_training_eval_predict_and_visualize(
             dataset="folder", data_dir=str(root), batch_size=1, train_subset=None, workers=0,
             in_memory=in_memory, input_size=SIDE,
         )  # fmt: skip
-        d = training.build_data(cfg, torch.device("cpu"))
+        d = build_data(cfg, torch.device("cpu"))
         assert isinstance(d.val_loader.dataset, data.InMemoryImages) == in_memory
         trained = []
         for images, _ in d.val_loader:

@@ -152,7 +152,7 @@ def test_training_reports_batches_loss_and_rate(tmp_path, every_update, capsys):
     from test_data import make_image_folder
 
     from densenet.config import load_config
-    from densenet.training import train
+    from densenet.train import train
 
     folder = make_image_folder(tmp_path / "images", size=8, per_class=16, classes=2)
     cfg = load_config(None, {
@@ -169,7 +169,7 @@ def test_training_reports_batches_loss_and_rate(tmp_path, every_update, capsys):
 def test_bench_rounds(every_update, capsys):
     import torch
 
-    from densenet.cli.bench import measure
+    from densenet.benchmark import measure
 
     measure({"identity": lambda batch: batch}, torch.zeros(2, 3), iters=3, warmup=0)
     lines = capsys.readouterr().err.splitlines()

@@ -30,11 +30,10 @@ from test_data import SHARED, make_image_folder
 
 import densenet
 from densenet import io as dio
-from densenet import training
 from densenet.cli import main
 from densenet.config import load_config
 from densenet.io import CheckpointError, WriteError, atomic_write, load_state, save_state
-from densenet.training import resume_config, train
+from densenet.train import resume_config, run_dir, train
 
 TINY_MODEL = {"growth_rate": 2, "block_config": [1, 1], "num_init_features": 4}
 
@@ -88,7 +87,7 @@ def same(a, b) -> bool:
 PIECES, PAUSE = 4, 0.03
 BOOTSTRAP = f"""
 import io, os, sys, time
-import densenet.data, densenet.io, densenet.training
+import densenet.data, densenet.io, densenet.train.epoch
 from densenet.cli import main
 
 sys.stdout.reconfigure(line_buffering=True)  # "resuming ..." must arrive before a kill
@@ -107,7 +106,7 @@ def wrap(module, name, before, after=None):
     setattr(module, name, wrapper)
 
 wrap(densenet.data, "set_epoch", lambda loader, epoch, *rest: f"TRAIN {{epoch}}")
-wrap(densenet.training, "evaluate", lambda *args: "EVAL", "EVAL_DONE")
+wrap(densenet.train.epoch, "evaluate", lambda *args: "EVAL", "EVAL_DONE")
 atomic_write = densenet.io.atomic_write
 
 def slow_atomic_write(path, write, mode="wb"):
@@ -690,7 +689,7 @@ def test_kill_between_checkpoint_and_metrics_loses_no_metrics_row(folder, tmp_pa
     class Killed(BaseException):
         pass
 
-    write_metrics = training.RunDir.write_metrics
+    write_metrics = run_dir.RunDir.write_metrics
 
     def killed_at_epoch_2(self, rows):
         if len(rows) == 2:
@@ -705,7 +704,7 @@ def test_kill_between_checkpoint_and_metrics_loses_no_metrics_row(folder, tmp_pa
             "out": str(tmp_path / "r"), "deterministic": True,
         },
     )  # fmt: skip
-    monkeypatch.setattr(training.RunDir, "write_metrics", killed_at_epoch_2)
+    monkeypatch.setattr(run_dir.RunDir, "write_metrics", killed_at_epoch_2)
     with pytest.raises(Killed):
         train(cfg, progress=False, log=lambda _: None)
     monkeypatch.undo()

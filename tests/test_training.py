@@ -17,20 +17,14 @@ import torch
 import yaml
 from test_data import CIFAR_ZIP, SHARED, make_image_folder
 
-from densenet import training
 from densenet.config import TrainConfig, load_config
 from densenet.io import load_state
 from densenet.models import DenseNet
-from densenet.training import (
-    METRIC_FIELDS,
-    Interrupted,
-    TrainingError,
-    lr_at,
-    resume_config,
-    rng_state,
-    set_rng_state,
-    train,
-)
+from densenet.train import Interrupted, TrainingError, resume_config, train
+from densenet.train import epoch as train_epoch
+from densenet.train.optim import lr_at
+from densenet.train.rng import rng_state, set_rng_state
+from densenet.train.run_dir import METRIC_FIELDS
 
 FMNIST_FLOOR, CIFAR_FLOOR = 80.0, 40.0  # measured values minus a margin: docs/results.md
 TINY_MODEL = {"growth_rate": 2, "block_config": [1, 1], "num_init_features": 4}
@@ -182,7 +176,7 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_bit_identical(folder, tmp_
             os.kill(os.getpid(), signal.SIGTERM)  # noticed once step 5 is done
         return lr_at(cfg, step, steps_per_epoch)
 
-    monkeypatch.setattr(training, "lr_at", lr_with_sigterm_at_step_5)
+    monkeypatch.setattr(train_epoch, "lr_at", lr_with_sigterm_at_step_5)
     cfg = tiny(folder, tmp_path / "b", schedule="multistep", seed=2)
     with pytest.raises(
         Interrupted, match=r"SIGTERM received.*step 6 \(epoch 2, batch 2\).*--resume"
@@ -342,7 +336,7 @@ def test_frozen_backbone_trains_only_the_classifier(folder, tmp_path):
     )
     torch.manual_seed(1)  # the run's initial weights: seed 1, same architecture
     cfg = tiny(folder, run, epochs=1)
-    from densenet.training import build_model
+    from densenet.train.model import build_model
 
     initial = build_model(cfg, 2, 3).state_dict()
     trained = weights(run)
@@ -368,7 +362,8 @@ def test_fine_tune_from_our_checkpoint_with_another_class_count(folder, tmp_path
 
 
 def test_backbone_lr_scale_sets_the_group_lrs(folder, tmp_path):
-    from densenet.training import build_model, build_optimizer, set_lr
+    from densenet.train.model import build_model
+    from densenet.train.optim import build_optimizer, set_lr
 
     cfg = tiny(folder, tmp_path, backbone_lr_scale=0.1)
     optimizer = build_optimizer(cfg, build_model(cfg, 2, 3))
@@ -430,7 +425,7 @@ def test_model_flag_builds_the_published_model(tmp_path, capsys):
     """--model NAME alone builds NAME as published, not the default run's model_args."""
     import densenet
     from densenet.cli import main
-    from densenet.training import build_model
+    from densenet.train.model import build_model
 
     cfg = load_config(None, {"model": "densenet_bc100_k12"})
     assert cfg.model_args == {}
@@ -467,7 +462,8 @@ def test_model_flag_builds_the_published_model(tmp_path, capsys):
 
 def test_default_run_trains_the_small_model_under_its_own_name():
     import densenet
-    from densenet.training import build_model, default_run_dir
+    from densenet.train.model import build_model
+    from densenet.train.run_dir import default_run_dir
 
     cfg = load_config()
     assert (cfg.model, cfg.model_args) == ("densenet_bc16_k12", {})
@@ -492,7 +488,7 @@ def test_default_run_trains_the_small_model_under_its_own_name():
 )
 def test_labels_say_what_was_built(model, model_args, label):
     from densenet.config import model_label
-    from densenet.training import default_run_dir
+    from densenet.train.run_dir import default_run_dir
 
     cfg = load_config(None, {"model": model, "model_args": model_args, "drop_rate": 0.1})
     assert model_label(cfg) == label
@@ -618,7 +614,7 @@ def test_a_resume_that_stopped_before_its_first_checkpoint_is_one_part(
             raise _Crash  # in the resumed epoch, before its checkpoint
         return lr_at(cfg, step, steps_per_epoch)
 
-    monkeypatch.setattr(training, "lr_at", crash_at_step_5)
+    monkeypatch.setattr(train_epoch, "lr_at", crash_at_step_5)
     with pytest.raises(_Crash):
         train(resume_config(run, {"lr": 0.05}), resume=run, progress=False, log=quiet)
     monkeypatch.undo()
@@ -632,7 +628,7 @@ def test_a_resume_that_stopped_before_its_first_checkpoint_is_one_part(
 
 # --- what one step does: EMA, gradient clipping, label smoothing ------------------------------
 def test_ema_update_is_decay_times_ema_plus_the_rest_times_the_weights():
-    from densenet.training import ModelEma
+    from densenet.train.model import ModelEma
 
     torch.manual_seed(0)
     model = DenseNet(**TINY_MODEL, num_classes=2)
@@ -676,7 +672,7 @@ def test_grad_clip_scales_the_step_to_the_max_norm(folder, tmp_path):
 
 
 def test_label_smoothing_is_the_formula():
-    from densenet.training import build_criterion
+    from densenet.train.optim import build_criterion
 
     torch.manual_seed(0)
     logits, target = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 0])

@@ -176,7 +176,7 @@ def read_yaml(path: str | Path) -> dict:
 
 
 # A run's config.yaml may end with this key: the run's resumes and the settings each changed
-# (see densenet.training). It describes the run; as input (``--config``) it is ignored.
+# (see densenet.train.resume). It describes the run; as input (``--config``) it is ignored.
 HISTORY_KEY = "history"
 
 
@@ -249,11 +249,23 @@ def _choice(key: str, value: Any, choices: tuple) -> str | None:
 
 def validate(config: TrainConfig, check_data: bool = True) -> None:
     """Reject impossible values, all at once, naming each key (``check_data``: data dir exists)."""
-    from densenet import data, zoo
-    from densenet.catalog import check_dataset_name
+    from densenet import zoo
     from densenet.models import DenseNet
 
-    c = config
+    problems = [*_value_problems(config), *_schedule_problems(config)]
+    if config.amp == "fp16" and config.device == "cpu":
+        problems.append("amp fp16 needs a CUDA device; use amp: bf16 on the CPU")
+    problems += _model_problems(config, zoo, DenseNet)
+    problems += _data_problems(config, check_data)
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def _value_problems(c: TrainConfig) -> list[str | None]:
+    """Choices and ranges of single keys (None where a choice is fine)."""
+    from densenet import data
+
     problems = [
         _choice("schedule", c.schedule, SCHEDULES),
         _choice("amp", c.amp, AMP_MODES),
@@ -261,21 +273,17 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
         _choice("augment", c.augment, data.RECIPES),
         _choice("interpolation", c.interpolation, tuple(data.INTERPOLATIONS)),
     ]
-    positive = {
-        "epochs": c.epochs, "batch_size": c.batch_size, "step_size": c.step_size,
-        "grad_accum_steps": c.grad_accum_steps,
-    }  # fmt: skip
-    problems += [f"{k} must be >= 1, got {v}" for k, v in positive.items() if v < 1]
-    for key in ("num_classes", "input_size", "train_subset", "val_subset", "threads",
-                "schedule_epochs"):  # fmt: skip
+    positive = ("epochs", "batch_size", "step_size", "grad_accum_steps")
+    problems += [f"{k} must be >= 1, got {getattr(c, k)}" for k in positive if getattr(c, k) < 1]
+    optional = ("num_classes", "input_size", "train_subset", "val_subset", "threads")
+    for key in (*optional, "schedule_epochs"):
         value = getattr(c, key)
         if value is not None and value < 1:
             problems.append(f"{key} must be >= 1 (or null for the default), got {value}")
-    non_negative = {
-        "weight_decay": c.weight_decay, "momentum": c.momentum, "min_lr": c.min_lr,
-        "warmup_epochs": c.warmup_epochs, "grad_clip": c.grad_clip, "workers": c.workers,
-    }  # fmt: skip
-    problems += [f"{k} must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    non_negative = ("weight_decay", "momentum", "min_lr", "warmup_epochs", "grad_clip", "workers")
+    problems += [
+        f"{k} must be >= 0, got {getattr(c, k)}" for k in non_negative if getattr(c, k) < 0
+    ]
     if c.grad_accum_steps >= 1 and c.batch_size % c.grad_accum_steps:
         problems.append(
             f"batch_size ({c.batch_size}) must be a multiple of grad_accum_steps "
@@ -291,6 +299,12 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
         problems.append(f"crop_pct must be in (0, 1], got {c.crop_pct}")
     if not 0 <= c.backbone_lr_scale <= 1:
         problems.append(f"backbone_lr_scale must be in [0, 1], got {c.backbone_lr_scale}")
+    return problems
+
+
+def _schedule_problems(c: TrainConfig) -> list[str]:
+    """Warmup, schedule span and milestones that cannot make a schedule."""
+    problems = []
     horizon = c.schedule_epochs or c.epochs
     if c.warmup_epochs >= horizon > 0:
         span = "schedule_epochs" if c.schedule_epochs else "epochs"
@@ -303,9 +317,14 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
         )
     if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in c.milestones):
         problems.append(f"milestones must be epoch fractions in (0, 1), got {c.milestones}")
-    if c.amp == "fp16" and c.device == "cpu":
-        problems.append("amp fp16 needs a CUDA device; use amp: bf16 on the CPU")
-    problems += _model_problems(c, zoo, DenseNet)
+    return problems
+
+
+def _data_problems(c: TrainConfig, check_data: bool) -> list[str]:
+    """An unknown dataset, a missing data directory (``check_data``), or none where one is needed."""
+    from densenet.catalog import check_dataset_name
+
+    problems = []
     try:
         check_dataset_name(c.dataset)
     except ValueError as error:
@@ -314,9 +333,7 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
         problems.append(f"data_dir {c.data_dir} does not exist (set data_dir or download: true)")
     if c.data_dir is None and c.dataset != "fashion_mnist":  # the one with a system-wide copy
         problems.append(f"dataset {c.dataset} needs data_dir (--data-dir DIR)")
-    problems = [p for p in problems if p]
-    if problems:
-        raise ValueError("invalid config: " + "; ".join(problems))
+    return problems
 
 
 def final_lr(config: TrainConfig) -> float | None:

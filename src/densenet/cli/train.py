@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from densenet.config import load_config, parse_overrides
     from densenet.recipes import find_recipe
     from densenet.runtime import is_main_process
-    from densenet.training import Interrupted, resume_config, train
+    from densenet.train import Interrupted, resume_config, train
 
     overrides = {key: getattr(args, key) for _, key, *_ in FLAGS + SWITCHES}
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -1,0 +1,187 @@
+"""One epoch: the optimizer steps over the training loader (:func:`train_one_epoch`), then the
+validation pass (:func:`evaluate_epoch`) and the epoch's metrics row.
+
+Launched by ``torchrun``, each process trains on its strided share of every batch inside
+DistributedDataParallel: ``batch_size`` is the global batch, split over the processes and
+``grad_accum_steps`` micro-batches. Per step the ranks sum their loss and accuracy counts and agree
+on a stop (signal or non-finite loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+from torch import nn
+
+from densenet import data, runtime
+from densenet.config import TrainConfig
+from densenet.evaluation import EvalResult, evaluate
+from densenet.progress import progress
+from densenet.runtime import DistEnv
+from densenet.train.errors import TrainingError
+from densenet.train.optim import lr_at, set_lr
+from densenet.train.signals import StopSignal
+from densenet.train.state import Run, TrainState, save_checkpoint
+
+
+def train_one_epoch(state: TrainState, run: Run, stop: StopSignal) -> int:
+    """Train the rest of epoch ``state.epoch`` (from batch ``state.epoch_step``); returns the
+    images this part of the epoch trained on, over all ranks. A signal saves the step and raises
+    :class:`Interrupted`; a non-finite loss stops or skips the step (``nonfinite``)."""
+    cfg = run.cfg
+    state.model.train()
+    if cfg.freeze_backbone:
+        state.model.features.eval()  # frozen BN statistics too
+    data.set_epoch(run.data.train_loader, state.epoch, state.epoch_step)
+    batches = _progress(
+        run.data.train_loader,
+        run.steps_per_epoch - state.epoch_step,
+        f"epoch {state.epoch + 1}/{cfg.epochs}",
+        run.progress,
+    )
+    started, seen = time.perf_counter(), 0
+    for images, targets in batches:
+        images, targets = _to_device(images, targets, run.data.train_transform, run, cfg)
+        set_lr(state.optimizer, lr_at(cfg, state.step, run.steps_per_epoch))
+        loss_sum, correct = _forward_backward(state, run, images, targets)
+        loss_sum, correct, count, stopping = sum_over_ranks(
+            (loss_sum, correct, len(targets), stop.signum is not None), run.env, run.device
+        )
+        if not math.isfinite(loss_sum):
+            _nonfinite(loss_sum, state, run)
+        else:
+            _optimizer_step(state, cfg)
+            state.totals.add(loss_sum, correct, count)
+        state.step += 1
+        state.epoch_step += 1
+        seen += int(count)
+        if run.progress and hasattr(batches, "set_postfix"):
+            batches.set_postfix(
+                loss=f"{state.totals.loss:.4f}",
+                acc=f"{state.totals.top1:.1f}%",
+                img_s=f"{seen / (time.perf_counter() - started):.0f}",
+            )
+        if stopping:
+            save_checkpoint(state, run, run.dir.last)
+            raise stop.interrupted(state, run.dir)
+    return seen
+
+
+def _forward_backward(
+    state: TrainState, run: Run, images: torch.Tensor, targets: torch.Tensor
+) -> tuple[float, int]:
+    """Gradients of one step, micro-batch by micro-batch; returns this rank's summed loss and
+    correct predictions."""
+    accum = run.cfg.grad_accum_steps
+    state.optimizer.zero_grad(set_to_none=True)
+    loss_sum, correct = 0.0, 0
+    for micro in range(accum):
+        x, y = images[micro::accum], targets[micro::accum]
+        # DDP averages the gradients over the ranks in the last micro-batch's backward.
+        last = micro == accum - 1
+        with contextlib.nullcontext() if last or state.ddp is state.model else state.ddp.no_sync():
+            with run.autocast():
+                logits = state.forward(x)
+                loss = run.criterion(logits, y)
+            state.scaler.scale(loss / accum).backward()
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+    return loss_sum, correct
+
+
+def _optimizer_step(state: TrainState, cfg: TrainConfig) -> None:
+    if cfg.grad_clip > 0:
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    if state.ema is not None:
+        state.ema.update(state.model)
+
+
+def _nonfinite(loss_sum: float, state: TrainState, run: Run) -> None:
+    """Stop the run naming the step (its last checkpoint stays as it is), or skip the step."""
+    if run.cfg.nonfinite == "stop":
+        raise TrainingError(
+            f"loss is {loss_sum} at step {state.step} (epoch {state.epoch + 1}, batch "
+            f"{state.epoch_step + 1}); stopped. The last good checkpoint is {run.dir.last}. "
+            "Lower the lr, add grad_clip, or set nonfinite: skip"
+        )
+    run.log(f"skipping step {state.step}: loss is {loss_sum}")
+
+
+def evaluate_epoch(model: nn.Module, run: Run) -> EvalResult:
+    """``model`` scored on the validation data; every rank scores rank 0's model."""
+    runtime.broadcast_buffers(model, run.env)
+    return evaluate(
+        model,
+        run.data.val_loader,
+        run.device,
+        run.data.num_classes,
+        transform=run.data.val_transform,
+        autocast=run.autocast,
+        channels_last=run.cfg.channels_last,
+        env=run.env,
+    )
+
+
+def epoch_row(
+    state: TrainState, run: Run, result: EvalResult, seen: int, train_time: float, started: float
+) -> dict:
+    """The metrics.csv row of epoch ``state.epoch`` (before it is counted as done)."""
+    return {
+        "epoch": state.epoch + 1,
+        "train_loss": state.totals.loss,
+        "train_top1": state.totals.top1,
+        "val_loss": result.loss,
+        "val_top1": result.top1,
+        "val_top5": result.top5,
+        "lr": lr_at(run.cfg, state.step - 1, run.steps_per_epoch),
+        "img_per_s": seen / max(train_time, 1e-9),
+        "time_s": time.perf_counter() - started,
+    }
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    return (
+        f"epoch {int(row['epoch'])}/{epochs}  train loss {row['train_loss']:.4f} "
+        f"top1 {row['train_top1']:.2f}%  val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}% "
+        f"top5 {row['val_top5']:.2f}%  lr {row['lr']:.4g}  {row['img_per_s']:.0f} img/s  "
+        f"{row['time_s']:.1f}s"
+    )
+
+
+def sum_over_ranks(values: tuple, env: DistEnv, device: torch.device) -> tuple:
+    """``values`` (numbers or flags) summed over the ranks: one all-reduce per step under DDP."""
+    if not env.enabled:
+        return values
+    summed = runtime.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device), env)
+    return tuple(summed.tolist())
+
+
+def autocast_factory(cfg: TrainConfig, device: torch.device):
+    """A function giving a fresh autocast context for ``cfg.amp`` (a null one for none)."""
+    if cfg.amp == "none":
+        return contextlib.nullcontext
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise TrainingError("amp fp16 needs CUDA; use amp: bf16 on the CPU")
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _to_device(images, targets, transform, run: Run, cfg: TrainConfig):
+    images = images.to(run.device, non_blocking=True)
+    targets = targets.to(run.device, non_blocking=True)
+    if transform is not None:
+        images = transform(images)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    """A bar in a terminal, a line every few seconds elsewhere (see densenet.progress)."""
+    return progress(iterable, total=total, desc=desc, unit="batch", enabled=enabled)

@@ -1,0 +1,147 @@
+"""A run's images: the training and validation datasets and loaders of a config, with their
+preprocessing (batched on the device for small images held in RAM, per image otherwise)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from densenet import data
+from densenet.config import TrainConfig
+from densenet.runtime import DistEnv
+from densenet.train.errors import TrainingError
+
+IN_MEMORY_MAX_SIDE = 64  # folder datasets of images this small are decoded once into RAM
+
+
+@dataclass
+class RunData:
+    """Everything the loop needs about the data."""
+
+    info: data.DatasetInfo
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    train_transform: data.BatchTransform | None  # batched preprocessing on the device, or None
+    val_transform: data.BatchTransform | None
+    input_size: tuple[int, int, int]
+    num_classes: int  # the model's outputs: ``num_classes`` of the config, else the dataset's
+    # Batches of a whole epoch (the loader's length shrinks while it resumes inside an epoch).
+    steps_per_epoch: int
+    skipped_images: int = 0
+
+
+def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv | None = None) -> RunData:
+    """Datasets and loaders of ``cfg``; small images stay uint8 in RAM and are augmented batched.
+
+    Each loader yields this rank's share of a global batch: ``batch_size / world_size`` images.
+    """
+    env = env or DistEnv()
+    if cfg.batch_size % (env.world_size * cfg.grad_accum_steps):
+        raise TrainingError(
+            f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum_steps "
+            f"({env.world_size} x {cfg.grad_accum_steps}); it is the global batch of one step"
+        )
+    info = data.dataset_info(cfg.dataset, cfg.data_dir)
+    (train_ds, val_ds), skipped = _datasets(cfg, info)
+    if len(info.class_names) != len(train_ds.classes):  # keep ImageNet's readable names
+        info = _with_classes(info, train_ds.classes)
+    if isinstance(train_ds, data.InMemoryImages):
+        native = int(train_ds.images.shape[-1])
+    else:
+        native = info.input_size[-1]
+    size = cfg.input_size or native
+    rank_batch = cfg.batch_size // env.world_size
+    train_loader, train_transform = _loader(
+        cfg, train_ds, True, info, size, rank_batch, env, device
+    )
+    val_loader, val_transform = _loader(cfg, val_ds, False, info, size, rank_batch, env, device)
+    if len(train_loader) == 0:
+        raise TrainingError(
+            f"batch_size {cfg.batch_size} is larger than the {len(train_ds)} training images"
+        )
+    return RunData(
+        info,
+        train_loader,
+        val_loader,
+        train_transform,
+        val_transform,
+        input_size=(info.in_chans, size, size),
+        num_classes=cfg.num_classes or info.num_classes,
+        steps_per_epoch=len(train_loader),
+        skipped_images=skipped,
+    )
+
+
+def _datasets(cfg: TrainConfig, info: data.DatasetInfo) -> tuple[list, int]:
+    """The training and validation datasets (subsets as configured, small folder images decoded
+    into RAM) and the count of unreadable images skipped."""
+    datasets, skipped = [], 0
+    for split, limit in ((cfg.train_split, cfg.train_subset), (cfg.val_split, cfg.val_subset)):
+        ds = data.build_dataset(
+            cfg.dataset, cfg.data_dir, split, None, cfg.download, cfg.skip_bad_images
+        )
+        skipped += getattr(ds, "skipped", 0)
+        ds = _first(ds, limit, cfg.seed)
+        small = isinstance(ds, data.FolderImages) and _image_side(ds) <= IN_MEMORY_MAX_SIDE
+        if isinstance(ds, data.FolderImages) and (
+            cfg.in_memory or (cfg.in_memory is None and small)
+        ):
+            ds = ds.to_memory(info.in_chans)
+        datasets.append(ds)
+    return datasets, skipped
+
+
+def _loader(
+    cfg: TrainConfig,
+    ds: data.InMemoryImages | data.FolderImages,
+    train: bool,
+    info: data.DatasetInfo,
+    size: int,
+    batch_size: int,
+    env: DistEnv,
+    device: torch.device,
+) -> tuple[torch.utils.data.DataLoader, data.BatchTransform | None]:
+    """This rank's loader of ``ds`` and its batched transform (None: ``ds`` transforms each
+    image itself)."""
+    batched = (
+        isinstance(ds, data.InMemoryImages)
+        and size == ds.images.shape[-1]
+        and cfg.augment in ("none", "standard")
+    )
+    transform = None
+    if batched:
+        transform = data.BatchTransform(cfg.augment, train, info.mean, info.std)
+    else:
+        ds.transform = data.build_transforms(
+            cfg.augment, train, info.mean, info.std, size, cfg.crop_pct, cfg.interpolation
+        )
+    loader = data.build_loader(
+        ds,
+        batch_size,
+        train,
+        cfg.workers,
+        cfg.seed,
+        device,
+        num_replicas=env.world_size,
+        rank=env.rank,
+    )
+    return loader, transform
+
+
+def _first(dataset: data.InMemoryImages | data.FolderImages, n: int | None, seed: int):
+    """The first ``n`` items of a fixed shuffle of ``dataset`` (all of it for None)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return dataset.subset(index.sort().values)
+
+
+def _image_side(ds: data.FolderImages) -> int:
+    return max(ds.load(ds.samples[0][0]).size)
+
+
+def _with_classes(info: data.DatasetInfo, classes) -> data.DatasetInfo:
+    classes = tuple(classes)
+    return dataclasses.replace(info, class_names=classes, num_classes=len(classes))

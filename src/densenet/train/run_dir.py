@@ -1,0 +1,109 @@
+"""The run directory: ``config.yaml``, ``metrics.csv``, ``curves.png`` and
+``checkpoints/{last,best}.safetensors`` (every file written atomically, by the main process only),
+and the checks that decide whether a run may start in it."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import time
+from pathlib import Path
+
+from densenet import runtime
+from densenet.config import TrainConfig, model_label
+from densenet.io import atomic_write
+from densenet.runtime import DistEnv
+from densenet.train.errors import TrainingError
+from densenet.visualize import plot_curves
+
+METRIC_FIELDS = (
+    "epoch",
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "lr",
+    "img_per_s",
+    "time_s",
+)
+
+
+class RunDir:
+    """Paths and files of one run; only the main process writes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.csv"
+        self.curves = self.path / "curves.png"
+        self.last = self.path / "checkpoints" / "last.safetensors"
+        self.best = self.path / "checkpoints" / "best.safetensors"
+
+    def holds_run(self) -> bool:
+        return any(p.exists() for p in (self.config, self.metrics, self.last, self.best))
+
+    def clear(self) -> None:
+        """Remove a previous run's files (only those a run writes)."""
+        for p in (self.config, self.metrics, self.curves):
+            p.unlink(missing_ok=True)
+        shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
+
+    def read_metrics(self, up_to_epoch: int) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        with open(self.metrics, newline="") as f:
+            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [r for r in rows if r["epoch"] <= up_to_epoch]
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, METRIC_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row[k]) for k in METRIC_FIELDS})
+        atomic_write(self.metrics, lambda f: f.write(buffer.getvalue()), mode="w")
+        plot_curves(rows, self.curves)
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.6g}"
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{model_label(cfg)}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def open_run_dir(
+    cfg: TrainConfig, env: DistEnv, resume: str | Path | None, overwrite: bool
+) -> RunDir:
+    """The run directory to train in: ``resume`` (which must hold a checkpoint), else ``cfg.out``
+    (or a new name), never one holding a run unless ``overwrite`` (then it is cleared)."""
+    run_dir = RunDir(runtime.broadcast_object(resume or cfg.out or default_run_dir(cfg), env))
+    if resume is None and run_dir.holds_run():
+        if not overwrite:
+            raise TrainingError(
+                f"run directory {run_dir.path} already holds a run; continue it with --resume "
+                f"{run_dir.path}, replace it with --overwrite, or choose another --out"
+            )
+        runtime.barrier(env)  # every rank has looked before rank 0 clears
+        if env.is_main:
+            run_dir.clear()
+    if resume is not None and not run_dir.last.exists():
+        raise TrainingError(
+            f"{run_dir.path}: no checkpoint to resume ({run_dir.last} is missing; the run stopped "
+            f"before its first one); start it again with --out {run_dir.path} --overwrite"
+        )
+    return run_dir
+
+
+def open_tensorboard(cfg: TrainConfig, run_dir: RunDir):
+    """A ``SummaryWriter`` into ``RUN/tensorboard`` when ``cfg.tensorboard``, else None."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError("tensorboard: true needs pip install 'densenet[tensorboard]'") from None
+    return SummaryWriter(str(run_dir.path / "tensorboard"))
