@@ -44,7 +44,7 @@ def train_one_epoch(state: TrainState, run: Run, stop: StopSignal) -> int:
     )
     started, seen = time.perf_counter(), 0
     for images, targets in batches:
-        images, targets = _to_device(images, targets, run.data.train_transform, run, cfg)
+        images, targets = _to_device(images, targets, run)
         set_lr(state.optimizer, lr_at(cfg, state.step, run.steps_per_epoch))
         loss_sum, correct = _forward_backward(state, run, images, targets)
         loss_sum, correct, count, stopping = sum_over_ranks(
@@ -172,12 +172,15 @@ def autocast_factory(cfg: TrainConfig, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def _to_device(images, targets, transform, run: Run, cfg: TrainConfig):
+def _to_device(
+    images: torch.Tensor, targets: torch.Tensor, run: Run
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch on the run's device, preprocessed there when the data is batched."""
     images = images.to(run.device, non_blocking=True)
     targets = targets.to(run.device, non_blocking=True)
-    if transform is not None:
-        images = transform(images)
-    if cfg.channels_last:
+    if run.data.train_transform is not None:
+        images = run.data.train_transform(images)
+    if run.cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets
 
