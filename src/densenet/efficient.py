@@ -78,8 +78,9 @@ def _normalize(
     if out is None:
         return torch.ops.aten.native_batch_norm(*args)[0]
     empty = stats[0].new_empty(0)
-    return torch.ops.aten.native_batch_norm.out(*args, out=out, save_mean=empty,
-                                                save_invstd=empty.clone())[0]  # fmt: skip
+    return torch.ops.aten.native_batch_norm.out(
+        *args, out=out, save_mean=empty, save_invstd=empty.clone()
+    )[0]
 
 
 def _norm_forward(
@@ -137,6 +138,41 @@ def _workspace_view(
     return flat.view(n, c, h, w)
 
 
+def _layer_forward(
+    layer: DenseLayer,
+    features: torch.Tensor,
+    known: tuple[torch.Tensor, torch.Tensor] | None,
+    workspace: torch.Tensor,
+    memory_format: torch.memory_format,
+    saved: tuple[list, list, list],
+) -> torch.Tensor:
+    """One dense layer's stages on ``features`` (the buffer's first channels, whose batch
+    statistics are ``known`` when computed already): its new features, detached. What backward
+    needs goes into ``saved``: the stage inputs, stage statistics and dropout graphs."""
+    stage_inputs, stage_stats, dropouts = saved
+    for s, (norm, relu, conv, drop) in enumerate(_stages(layer)):
+        out = None
+        if s == 0 and workspace.dtype == features.dtype:
+            out = _workspace_view(workspace, features, memory_format)
+        normed, stats = _norm_forward(norm, features, known if s == 0 else None, out)
+        if s > 0:
+            stage_stats.append(stats)
+            if dropouts[-1] is not None:  # else backward re-runs the bottleneck conv
+                stage_inputs.append(features)
+        conv_out = conv(relu(normed))
+        del normed
+        with torch.enable_grad():  # the plain model's dropout call: same RNG, same mask
+            features = drop(conv_out.requires_grad_())
+        if features is conv_out:
+            dropouts.append(None)
+        else:
+            dropouts.append((conv_out, features))
+            # Dropout's backward needs only its mask, not its input.
+            conv_out.untyped_storage().resize_(0)
+        features = features.detach()
+    return features
+
+
 class _DenseBlockFunction(torch.autograd.Function):
     """``(block, x, *block.parameters()) -> (N, C_in + L*k, H, W)``; see the module docstring.
 
@@ -169,33 +205,21 @@ class _DenseBlockFunction(torch.autograd.Function):
         for i, layer in enumerate(layers):
             width = in_channels + i * growth
             features = x if buffer is None else buffer.narrow(1, 0, width)
-            for s, (norm, relu, conv, drop) in enumerate(_stages(layer)):
-                known, out = None, None
-                if s == 0:
-                    known = None if mean is None else (mean[:width], var[:width])
-                    if workspace.dtype == features.dtype:
-                        out = _workspace_view(workspace, features, memory_format)
-                normed, stats = _norm_forward(norm, features, known, out)
-                if s > 0:
-                    stage_stats.append(stats)
-                    if dropouts[-1] is not None:  # else backward re-runs the bottleneck conv
-                        stage_inputs.append(features)
-                conv_out = conv(relu(normed))
-                del normed
-                with torch.enable_grad():  # the plain model's dropout call: same RNG, same mask
-                    features = drop(conv_out.requires_grad_())
-                if features is conv_out:
-                    dropouts.append(None)
-                else:
-                    dropouts.append((conv_out, features))
-                    # Dropout's backward needs only its mask, not its input.
-                    conv_out.untyped_storage().resize_(0)
-                features = features.detach()
+            known = None if mean is None else (mean[:width], var[:width])
+            features = _layer_forward(
+                layer,
+                features,
+                known,
+                workspace,
+                memory_format,
+                (stage_inputs, stage_stats, dropouts),
+            )
             if buffer is None:
                 shape = (x.shape[0], total, *x.shape[2:])
                 dtype = torch.promote_types(x.dtype, features.dtype)
-                buffer = torch.empty(shape, dtype=dtype, device=x.device,
-                                     memory_format=memory_format)  # fmt: skip
+                buffer = torch.empty(
+                    shape, dtype=dtype, device=x.device, memory_format=memory_format
+                )
                 buffer.narrow(1, 0, width).copy_(x)
             buffer.narrow(1, width, growth).copy_(features)
             if mean is not None:
@@ -246,8 +270,17 @@ class _DenseBlockFunction(torch.autograd.Function):
                 if layer_dropouts[0] is None:  # re-run the bottleneck conv instead of keeping it
                     conv = stages[0][2]
                     with torch.autocast(**ctx.autocast):
-                        inputs.append(F.conv2d(activated[0], conv.weight, conv.bias, conv.stride,
-                                               conv.padding, conv.dilation, conv.groups))  # fmt: skip
+                        inputs.append(
+                            F.conv2d(
+                                activated[0],
+                                conv.weight,
+                                conv.bias,
+                                conv.stride,
+                                conv.padding,
+                                conv.dilation,
+                                conv.groups,
+                            )
+                        )
                 else:
                     inputs.append(stage_inputs.pop())
                 stats.append(stage_stats.pop())
@@ -298,11 +331,18 @@ def _stage_backward(
     activated = activated.to(grad_out.dtype)
     bias = conv.bias
     grad_act, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad_out, activated, conv.weight.to(grad_out.dtype),
+        grad_out,
+        activated,
+        conv.weight.to(grad_out.dtype),
         None if bias is None else [conv.out_channels],
-        conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        False,
+        [0, 0],
+        conv.groups,
         [True, conv.weight.requires_grad, bias is not None and bias.requires_grad],
-    )  # fmt: skip
+    )
     # ReLU's backward, written over its no longer needed output.
     grad_act = torch.ops.aten.threshold_backward.grad_input(
         grad_act, activated, 0, grad_input=activated
@@ -310,11 +350,22 @@ def _stage_backward(
     grad_act = grad_act.to(normed_dtype)
     saved = (mean, (var + norm.eps).rsqrt()) if batch else (None, None)
     grad_features, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
-        grad_act, features, norm.weight, None if batch else mean, None if batch else var, *saved,
-        batch, norm.eps, [True, norm.weight.requires_grad, norm.bias.requires_grad],
-    )  # fmt: skip
-    for param, grad in ((conv.weight, grad_weight), (bias, grad_bias),
-                        (norm.weight, grad_norm_weight), (norm.bias, grad_norm_bias)):  # fmt: skip
+        grad_act,
+        features,
+        norm.weight,
+        None if batch else mean,
+        None if batch else var,
+        *saved,
+        batch,
+        norm.eps,
+        [True, norm.weight.requires_grad, norm.bias.requires_grad],
+    )
+    for param, grad in (
+        (conv.weight, grad_weight),
+        (bias, grad_bias),
+        (norm.weight, grad_norm_weight),
+        (norm.bias, grad_norm_bias),
+    ):
         if param is not None and param.requires_grad:
             grads[param] = grad.to(param.dtype)
     return grad_features

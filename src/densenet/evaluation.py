@@ -98,6 +98,59 @@ def _sample_count(loader: Iterable) -> int | None:
         return None
 
 
+@dataclass
+class _Tally:
+    """Running sums of an evaluation: summed cross-entropy (nats), top-1/top-5 hits, images and
+    the confusion matrix (made at the first batch, when the number of classes is known)."""
+
+    loss: float = 0.0
+    correct: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.long))
+    images: int = 0
+    confusion: torch.Tensor | None = None
+
+    def add(self, log_probs: torch.Tensor, targets: torch.Tensor, num_classes: int | None) -> None:
+        """Count one batch: ``log_probs (N, K)`` against ``targets (N,)``."""
+        classes = num_classes or log_probs.shape[1]
+        if self.confusion is None:
+            self.confusion = torch.zeros(classes, classes, dtype=torch.long)
+        if int(targets.max()) >= classes or int(targets.min()) < 0:
+            raise ValueError(
+                f"the data has label {int(targets.max())} but the model predicts {classes} classes; "
+                "evaluate on the dataset the model was trained for"
+            )
+        self.loss += float(nn.functional.nll_loss(log_probs, targets, reduction="sum"))
+        self.correct += torch.tensor(topk_correct(log_probs, targets, (1, 5)))
+        self.confusion += confusion_matrix(log_probs.argmax(dim=1), targets, classes).cpu()
+        self.images += len(targets)
+
+    def sum_over_ranks(self, env: DistEnv, device: torch.device) -> None:
+        """Replace this rank's sums by those of all ranks (nccl reduces GPU tensors only)."""
+        totals = torch.tensor([self.loss, *self.correct.tolist(), self.images], dtype=torch.float64)
+        totals = all_reduce_sum(totals.to(device), env).cpu()
+        self.loss, self.correct, self.images = float(totals[0]), totals[1:3].long(), int(totals[3])
+        self.confusion = all_reduce_sum(self.confusion.to(device), env).cpu()
+
+
+def _log_probs(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    channels_last: bool,
+) -> torch.Tensor:
+    """Log-softmax ``(N, K)`` of a batch ``(N, C, H, W)``, or of ``(N, crops, C, H, W)`` with the
+    softmax averaged over the crops (``log mean exp``)."""
+    crops = inputs.shape[1] if inputs.dim() == 5 else 1
+    flat = inputs.flatten(0, 1) if inputs.dim() == 5 else inputs
+    if channels_last:
+        flat = flat.contiguous(memory_format=torch.channels_last)
+    with autocast():
+        logits = model(flat).float()
+    log_probs = logits.log_softmax(dim=1)
+    if crops > 1:
+        log_probs = log_probs.view(len(inputs), crops, -1).logsumexp(dim=1) - math.log(crops)
+    return log_probs
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -122,8 +175,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    counts = torch.zeros(2, dtype=torch.long)
-    total_loss, images, crops, confusion = 0.0, 0, 1, None
+    tally, crops = _Tally(), 1
     batches = report_progress(
         loader,
         total=_sample_count(loader),
@@ -137,39 +189,19 @@ def evaluate(
         if transform is not None:
             inputs = transform(inputs)
         crops = inputs.shape[1] if inputs.dim() == 5 else 1
-        flat = inputs.flatten(0, 1) if inputs.dim() == 5 else inputs
-        if channels_last:
-            flat = flat.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = model(flat).float()
-        log_probs = logits.log_softmax(dim=1)
-        if crops > 1:
-            log_probs = log_probs.view(len(targets), crops, -1).logsumexp(dim=1) - math.log(crops)
-        classes = num_classes or log_probs.shape[1]
-        if confusion is None:
-            confusion = torch.zeros(classes, classes, dtype=torch.long)
-        if int(targets.max()) >= classes or int(targets.min()) < 0:
-            raise ValueError(
-                f"the data has label {int(targets.max())} but the model predicts {classes} classes; "
-                "evaluate on the dataset the model was trained for"
-            )
-        total_loss += float(nn.functional.nll_loss(log_probs, targets, reduction="sum"))
-        counts += torch.tensor(topk_correct(log_probs, targets, (1, 5)))
-        confusion += confusion_matrix(log_probs.argmax(dim=1), targets, classes).cpu()
-        images += len(targets)
+        tally.add(_log_probs(model, inputs, autocast, channels_last), targets, num_classes)
     model.train(was_training)
     if env is not None and env.enabled:
-        if confusion is None:  # this rank's share was empty; the others still need its zeros
+        if tally.confusion is None:  # this rank's share was empty; the others still need zeros
             classes = num_classes or _output_width(model)
-            confusion = torch.zeros(classes, classes, dtype=torch.long)
-        totals = torch.tensor([total_loss, *counts.tolist(), images], dtype=torch.float64)
-        totals = all_reduce_sum(totals.to(device), env).cpu()  # nccl reduces GPU tensors only
-        total_loss, counts, images = float(totals[0]), totals[1:3].long(), int(totals[3])
-        confusion = all_reduce_sum(confusion.to(device), env).cpu()
-    if images == 0 or confusion is None:
+            tally.confusion = torch.zeros(classes, classes, dtype=torch.long)
+        tally.sum_over_ranks(env, device)
+    confusion = tally.confusion
+    if tally.images == 0 or confusion is None:
         raise ValueError("the evaluation data is empty; check the dataset path, split and --limit")
-    top1, top5 = (100.0 * int(c) / images for c in counts)
+    top1, top5 = (100.0 * int(c) / tally.images for c in tally.correct)
     names = list(class_names) if class_names is not None else []
     if names and len(names) != confusion.shape[0]:
         raise ValueError(f"{len(names)} class names given for a {confusion.shape[0]}-class model")
-    return EvalResult(top1, top5, total_loss / images, images, confusion, names, crops)
+    loss = tally.loss / tally.images
+    return EvalResult(top1, top5, loss, tally.images, confusion, names, crops)

@@ -98,7 +98,9 @@ def verify_export(
     exported = load_exported(path)
     model = model.eval()
     checks = progress(
-        inputs.items(), total=sum(len(batch) for batch in inputs.values()),
-        desc="verifying export", size=lambda item: len(item[1]),
-    )  # fmt: skip
+        inputs.items(),
+        total=sum(len(batch) for batch in inputs.values()),
+        desc="verifying export",
+        size=lambda item: len(item[1]),
+    )
     return {name: compare_outputs(model, exported, batch) for name, batch in checks}

@@ -74,9 +74,15 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A conv with bias computing ``bn(conv(x))`` with ``bn`` in eval mode (its running stats)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, bias=True,
-    )  # fmt: skip
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+    )
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
@@ -477,10 +483,15 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor, opset: int = 18) -> byt
         # The TorchScript exporter is deprecated but exports densenet121 in seconds, not minutes.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            module, (example,), buffer, input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+            module,
+            (example,),
+            buffer,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
             dynamo=False,
-        )  # fmt: skip
+        )
     return buffer.getvalue()
 
 
@@ -488,6 +499,13 @@ def _example_input(model: DenseNet, input_size: tuple[int, int] | None) -> torch
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = input_size or tuple(cfg.get("input_size", (3, 224, 224)))[1:]
     return torch.randn(1, model.in_chans, *size)
+
+
+def auto_backend(fallback: str) -> str:
+    """The runtime 'auto' stands for: the first installed of :data:`AUTO_ORDER`, else
+    ``fallback`` ('eager' for float models; 'onnxruntime' for int8, whose missing package then
+    gets its install hint)."""
+    return next((b for b in AUTO_ORDER if importlib.util.find_spec(b)), fallback)
 
 
 def optimize_for_inference(
@@ -531,7 +549,7 @@ def optimize_for_inference(
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     model = _as_densenet(model)
     if backend == "auto":
-        backend = next((b for b in AUTO_ORDER if importlib.util.find_spec(b)), "eager")
+        backend = auto_backend("eager")
     threads = threads or torch.get_num_threads()
     if backend != "openvino" and streams not in (None, 1):
         raise ValueError(f"streams={streams} needs the openvino backend (this one is {backend!r})")

@@ -111,9 +111,13 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total, desc=desc, unit=unit, file=self.stream, leave=False,
+                total=total,
+                desc=desc,
+                unit=unit,
+                file=self.stream,
+                leave=False,
                 dynamic_ncols=True,
-            )  # fmt: skip
+            )
 
     def __iter__(self) -> Iterator:
         if self.iterable is None:

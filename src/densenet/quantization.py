@@ -11,7 +11,6 @@ Each layer's ``norm1`` stays in float32 between the quantized convs.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import tempfile
 from collections.abc import Iterable
@@ -21,8 +20,8 @@ import torch
 from torch import nn
 
 from densenet.inference import (
-    AUTO_ORDER,
     RUNTIMES,
+    auto_backend,
     fuse_for_inference,
     import_onnxruntime,
     onnx_bytes,
@@ -57,9 +56,10 @@ def quantize_onnx(
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
             self.items = iter(
-                progress(batches, total=sum(len(b) for b in batches), desc="int8 calibration",
-                         size=len)
-            )  # fmt: skip
+                progress(
+                    batches, total=sum(len(b) for b in batches), desc="int8 calibration", size=len
+                )
+            )
 
         def get_next(self) -> dict | None:
             batch = next(self.items, None)
@@ -72,11 +72,17 @@ def quantize_onnx(
         quiet = contextlib.nullcontext() if verbose else _onnxruntime_quiet()
         with quiet:
             q.quantize_static(
-                str(fp32), str(int8), Reader(), quant_format=q.QuantFormat.QDQ,
-                per_channel=per_channel, reduce_range=reduce_range,
-                activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                calibrate_method=q.CalibrationMethod.MinMax, op_types_to_quantize=["Conv", "Gemm"],
-            )  # fmt: skip
+                str(fp32),
+                str(int8),
+                Reader(),
+                quant_format=q.QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=q.QuantType.QUInt8,
+                weight_type=q.QuantType.QInt8,
+                calibrate_method=q.CalibrationMethod.MinMax,
+                op_types_to_quantize=["Conv", "Gemm"],
+            )
         return int8.read_bytes()
 
 
@@ -108,7 +114,7 @@ def quantize_model(
     first installed of :data:`densenet.inference.AUTO_ORDER`; OpenVINO runs the same QDQ graph
     about 2.5x faster than onnxruntime here). ``kwargs`` go to :func:`quantize_onnx`."""
     if backend == "auto":
-        backend = next((b for b in AUTO_ORDER if importlib.util.find_spec(b)), "onnxruntime")
+        backend = auto_backend("onnxruntime")
     if backend not in RUNTIMES:
         raise ValueError(
             f"int8 backend must be 'auto', 'onnxruntime' or 'openvino', got {backend!r}"

@@ -25,18 +25,6 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
 
 
-def random_weights_notice(args: argparse.Namespace) -> None:
-    """Say on stderr that ``--model NAME`` without ``--pretrained`` means random weights (as
-    ``densenet predict`` shows in its ``model:`` line): exports and timings of an untrained model
-    are rarely what was meant."""
-    if getattr(args, "model", None) and not getattr(args, "pretrained", None):
-        print(
-            f"densenet {args.command}: note: {args.model} has random weights (no --pretrained); "
-            "add --pretrained default for the published ones",
-            file=sys.stderr,
-        )
-
-
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append ``(default: X)`` to the help of each option that has a default worth showing and
     does not state it already (argparse's ArgumentDefaultsHelpFormatter would also print

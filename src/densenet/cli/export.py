@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from densenet.cli import CLIError, random_weights_notice
-from densenet.cli.predict import add_model_arguments, model_from_args
+from densenet.cli import CLIError
+from densenet.cli._common import add_model_arguments, model_from_args, random_weights_notice
 
 MAX_REL_ERROR = 1e-4
 MAX_IMAGES = 16
@@ -28,20 +28,25 @@ def add_parser(subparsers) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument(
-        "--format", choices=tuple(SUFFIXES),
-        help="default: from --out's extension (" + ", ".join(
-            f"{suffix}: {name}" for name, suffix in SUFFIXES.items()) + ")",
-    )  # fmt: skip
+        "--format",
+        choices=tuple(SUFFIXES),
+        help="default: from --out's extension ("
+        + ", ".join(f"{suffix}: {name}" for name, suffix in SUFFIXES.items())
+        + ")",
+    )
     parser.add_argument("--out", required=True, metavar="FILE", help="output .onnx or .pt2 file")
     parser.add_argument(
-        "--optimize", action="store_true",
+        "--optimize",
+        action="store_true",
         help="export the inference graph (BN folded, pool-first transitions)",
-    )  # fmt: skip
+    )
     parser.add_argument("--size", type=int, help="traced input height=width (default: the model's)")
     parser.add_argument(
-        "--images", nargs="+", metavar="IMAGE_OR_FOLDER",
+        "--images",
+        nargs="+",
+        metavar="IMAGE_OR_FOLDER",
         help=f"real images to verify on too (the first {MAX_IMAGES})",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -96,10 +101,15 @@ def run(args: argparse.Namespace) -> int:
     errors = verify_export(model, path, inputs)
     worst = max(e["max_rel_error"] for e in errors.values())
     report = dict(
-        model=info.name, format=args.format, out=str(path), optimized=args.optimize,
-        input_size=[model.in_chans, size, size], errors=errors, max_rel_error=worst,
+        model=info.name,
+        format=args.format,
+        out=str(path),
+        optimized=args.optimize,
+        input_size=[model.in_chans, size, size],
+        errors=errors,
+        max_rel_error=worst,
         ok=worst <= MAX_REL_ERROR,
-    )  # fmt: skip
+    )
     if args.json:
         print(json.dumps(report))
     else:

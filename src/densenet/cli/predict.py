@@ -7,34 +7,7 @@ import json
 import sys
 
 from densenet.cli import CLIError
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint PATH | --model NAME [--pretrained X]`` and ``--device``."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--checkpoint", metavar="PATH", help="a checkpoint written by densenet train"
-    )
-    source.add_argument("--model", metavar="NAME", help="a model name (densenet models lists them)")
-    parser.add_argument(
-        "--pretrained",
-        metavar="TAG|PATH",
-        help="weights for --model: a registry tag, a weights file or URL ('default' = the model's)",
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-
-
-def model_from_args(args: argparse.Namespace):
-    """``(model, ModelInfo)`` for the model the command line names, on ``args.device``."""
-    from densenet.predict import load_model
-    from densenet.runtime import resolve_device
-
-    if args.pretrained and not args.model:
-        raise CLIError(
-            "--pretrained goes with --model NAME; a --checkpoint already has its weights"
-        )
-    pretrained = True if args.pretrained == "default" else args.pretrained
-    return load_model(args.checkpoint, args.model, pretrained, resolve_device(args.device))
+from densenet.cli._common import add_model_arguments, model_from_args
 
 
 def add_parser(subparsers) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from densenet.cli import CLIError
-from densenet.cli.predict import add_model_arguments, model_from_args
+from densenet.cli._common import add_model_arguments, model_from_args
 
 
 def add_parser(subparsers) -> None:
