@@ -25,7 +25,6 @@ LONG_FUNCTIONS: dict[str, str] = {}
 TABLES: dict[str, set[str]] = {
     "catalog.py": {"FASHION_CLASSES", "CIFAR10_CLASSES"},
     "zoo.py": {"_imagenet"},
-    "weights.py": {"_torchvision"},
 }
 FORMATTER_MARKERS = ("# fmt: skip", "# fmt: off")
 
@@ -92,6 +91,7 @@ def _statement_name(node: ast.stmt) -> str | None:
 
 def test_formatter_markers_only_on_data_tables():
     misplaced = []
+    used: dict[str, set[str]] = {module: set() for module in TABLES}
     for path in _sources():
         module = str(path.relative_to(PACKAGE))
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -102,8 +102,13 @@ def test_formatter_markers_only_on_data_tables():
             node for node in _tree(path).body if _statement_name(node) in TABLES.get(module, set())
         ]
         for number in marked:
-            if not any(t.lineno <= number <= t.end_lineno for t in tables):
+            table = next((t for t in tables if t.lineno <= number <= t.end_lineno), None)
+            if table is None:
                 misplaced.append(f"{module}:{number}: {lines[number - 1].strip()}")
+            else:
+                used[module].add(_statement_name(table))
+    stale = sorted(f"{m}:{name}" for m, names in TABLES.items() for name in names - used[m])
+    assert not stale, f"TABLES entries with no marked statement (remove them): {stale}"
     assert not misplaced, (
         "formatter markers outside the data tables of TABLES (let `ruff format` lay it out):\n"
         + "\n".join(misplaced)

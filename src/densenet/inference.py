@@ -508,6 +508,13 @@ def auto_backend(fallback: str) -> str:
     return next((b for b in AUTO_ORDER if importlib.util.find_spec(b)), fallback)
 
 
+def _check_count(name: str, value: int | None, least: int) -> None:
+    """``value`` is None or an int (not a bool) of at least ``least``; else a ``ValueError``."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if value is not None and not (is_int and value >= least):
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
 def optimize_for_inference(
     model: nn.Module,
     backend: str = "auto",
@@ -523,8 +530,8 @@ def optimize_for_inference(
     Args:
         model: a :class:`DenseNet` (left unchanged).
         backend: 'auto' (openvino if installed, else onnxruntime, else eager; never a long
-            compile), 'eager',
-            'compile' (``torch.compile``; densenet121 compiles for ~2 min on 2 cores),
+            compile), 'eager', 'compile' (``torch.compile``; densenet121 compiles for ~2 min on
+            2 cores),
             'onnxruntime' or 'openvino' (the rewritten graph exported to ONNX and run there).
         channels_last: NHWC activations for the eager/compile backends (default: off, measured
             slower here at batch 1 and about even at batch 16).
@@ -543,10 +550,8 @@ def optimize_for_inference(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    for name, value, least in (("micro_batch", micro_batch, 0), ("streams", streams, 1)):
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if value is not None and not (is_int and value >= least):
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    _check_count("micro_batch", micro_batch, 0)
+    _check_count("streams", streams, 1)
     model = _as_densenet(model)
     if backend == "auto":
         backend = auto_backend("eager")

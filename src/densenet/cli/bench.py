@@ -155,13 +155,7 @@ def build_backends(
     in :func:`~densenet.inference.optimize_for_inference`; ``verbose`` shows onnxruntime's
     warnings during int8 calibration.
     """
-    from densenet.inference import (
-        RUNTIMES,
-        ChannelsLast,
-        micro_batched,
-        onnx_bytes,
-        optimize_for_inference,
-    )
+    from densenet.inference import RUNTIMES, ChannelsLast, onnx_bytes, optimize_for_inference
 
     made: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
@@ -186,18 +180,10 @@ def build_backends(
             )
         elif name.removesuffix("-microbatch") in RUNTIMES:
             plain_onnx = plain_onnx or onnx_bytes(model, example[:1])
-            # The plain export run in our default micro-batches (and OpenVINO streams): how much
-            # of our gain a user of the runtime alone would get by scheduling the batch the same.
-            options = {"streams": streams or threads} if name == "openvino-microbatch" else {}
             try:
-                made[name] = RUNTIMES[name.removesuffix("-microbatch")](
-                    plain_onnx, threads, **options
-                )
+                made[name] = _plain_runtime(name, plain_onnx, model, threads, micro_batch, streams)
             except ValueError as error:
                 skipped[name] = str(error)
-                continue
-            if name.endswith("-microbatch"):
-                made[name] = micro_batched(made[name], model, micro_batch)
         elif name == "int8":
             from densenet.quantization import quantize_model
 
@@ -207,6 +193,27 @@ def build_backends(
         else:
             raise CLIError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     return made, skipped
+
+
+def _plain_runtime(
+    name: str,
+    onnx: bytes,
+    model: nn.Module,
+    threads: int,
+    micro_batch: int | None,
+    streams: int | None,
+) -> Callable:
+    """Backend ``onnxruntime``/``openvino`` on the plain export, or ``*-microbatch``: the plain
+    export run in our default micro-batches (and OpenVINO streams), which shows how much of our
+    gain a user of the runtime alone would get by scheduling the batch the same. A missing
+    runtime is a ``ValueError`` (the backend is skipped)."""
+    from densenet.inference import RUNTIMES, micro_batched
+
+    options = {"streams": streams or threads} if name == "openvino-microbatch" else {}
+    runtime = RUNTIMES[name.removesuffix("-microbatch")](onnx, threads, **options)
+    if name.endswith("-microbatch"):
+        return micro_batched(runtime, model, micro_batch)
+    return runtime
 
 
 # Table columns: title, report key.
@@ -219,7 +226,8 @@ RATIO_COLUMNS = (
 )
 
 
-def run(args: argparse.Namespace) -> int:
+def _parse_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    """The batch sizes and backend names asked for; a ``CLIError`` for any impossible value."""
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
@@ -241,6 +249,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}"
         )
+    return batches, names
+
+
+def run(args: argparse.Namespace) -> int:
+    batches, names = _parse_args(args)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -276,8 +289,15 @@ def run(args: argparse.Namespace) -> int:
     report["load_after"] = load_average()
     if args.json:
         print(json.dumps(report))
-        return 0
-    print(f"{info.source}, {size}x{size}, {args.threads} threads, load {report['load_before']}")
+    else:
+        _print_table(report)
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    """The report of :func:`run` as a table, one row per batch size and backend."""
+    size, threads = report["size"], report["threads"]
+    print(f"{report['source']}, {size}x{size}, {threads} threads, load {report['load_before']}")
     header = f"{'batch':>5} {'backend':22} {'img/s':>8} {'p50 ms':>9} {'p90 ms':>9} {'+MB':>7}"
     print(header + "".join(f" {title:>7}" for title, _ in RATIO_COLUMNS))
     for n, rows in report["results"].items():
@@ -291,7 +311,6 @@ def run(args: argparse.Namespace) -> int:
             )
     print("vs tv/ort/ov: img/s ratio to torchvision, onnxruntime, openvino (plain export, whole")
     print("batch); ort rnd, ov rnd: median over the rounds of each round's ratio")
-    for name, why in skipped.items():
+    for name, why in report["skipped"].items():
         print(f"skipped {name}: {why}")
     print(f"load after: {report['load_after']}")
-    return 0

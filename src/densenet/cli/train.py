@@ -44,24 +44,30 @@ def add_parser(subparsers) -> None:
         "Their meaning: the TrainConfig class in densenet/config.py.",
     )
     parser.add_argument(
-        "--config", metavar="RECIPE",
+        "--config",
+        metavar="RECIPE",
         help="a recipe: a YAML file, or the name of one in configs/ "
         "(e.g. cifar10plus_densenet_bc100_k12)",
-    )  # fmt: skip
+    )
     for flag, key, type_, help_ in FLAGS:
         parser.add_argument(flag, dest=key, type=type_, help=help_)
     for flag, key, help_ in SWITCHES:
         parser.add_argument(flag, dest=key, action="store_true", default=None, help=help_)
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="set any config key (repeatable)",
-    )  # fmt: skip
+    )
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     parser.add_argument(
-        "--print-config", action="store_true",
+        "--print-config",
+        action="store_true",
         help="print the resolved config as YAML (every key) and exit without training",
-    )  # fmt: skip
+    )
     parser.set_defaults(func=run)
 
 
@@ -96,9 +102,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         result = train(
-            cfg, resume=args.resume, overwrite=args.overwrite,
+            cfg,
+            resume=args.resume,
+            overwrite=args.overwrite,
             progress=False if args.no_progress else None,
-        )  # fmt: skip
+        )
     except Interrupted as stop:
         print(f"densenet train: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for death by a signal
