@@ -16,9 +16,18 @@ from densenet import __version__
 from densenet.messages import did_you_mean
 from densenet.progress import enabled_while
 
-# Each module defines ``add_parser(subparsers)``, which registers its sub-command and sets
+# Command name -> the module of this package that defines it (``models`` lists the zoo). Each
+# module defines ``add_parser(subparsers)``, which registers its sub-command and sets
 # ``func(args) -> int`` as the handler. Their imports must stay light (no torch at module level).
-COMMAND_MODULES = ("models", "eval", "predict", "visualize", "train", "export", "bench")
+COMMAND_MODULES = {
+    "models": "zoo",
+    "eval": "eval",
+    "predict": "predict",
+    "visualize": "visualize",
+    "train": "train",
+    "export": "export",
+    "bench": "bench",
+}
 
 
 class CLIError(Exception):
@@ -61,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"densenet {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
+    for module_name in COMMAND_MODULES.values():
         importlib.import_module(f"densenet.cli.{module_name}").add_parser(subparsers)
     for command_parser in subparsers.choices.values():
         _add_common_options(command_parser)
