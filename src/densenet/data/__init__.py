@@ -22,6 +22,7 @@ from densenet.data.folders import FolderImages, folder_splits
 from densenet.data.images import IMAGE_EXTENSIONS, SKIP_HINT, BadImageError, load_image, to_channels
 from densenet.data.loaders import EpochSampler, build_loader, set_epoch
 from densenet.data.transforms import (
+    BATCHED_RECIPES,
     INTERPOLATIONS,
     RECIPES,
     BatchTransform,
@@ -30,6 +31,7 @@ from densenet.data.transforms import (
 )
 
 __all__ = [
+    "BATCHED_RECIPES",
     "DATASETS",
     "IMAGE_EXTENSIONS",
     "INTERPOLATIONS",

@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 from densenet.data.images import to_channels
 
 RECIPES = ("none", "standard", "imagenet", "randaugment")
+BATCHED_RECIPES = ("none", "standard")  # the recipes BatchTransform runs on whole batches
 INTERPOLATIONS = {
     "nearest": v2.InterpolationMode.NEAREST,
     "bilinear": v2.InterpolationMode.BILINEAR,
@@ -149,7 +150,7 @@ class BatchTransform:
     def __init__(
         self, recipe: str, train: bool, mean: Sequence[float], std: Sequence[float], pad: int = 4
     ) -> None:
-        if recipe not in ("none", "standard"):
+        if recipe not in BATCHED_RECIPES:
             raise ValueError(f"batched augmentation supports 'none' and 'standard', not {recipe!r}")
         self.augment = train and recipe == "standard"
         self.pad = pad

@@ -108,7 +108,7 @@ def _loader(
     batched = (
         isinstance(ds, data.InMemoryImages)
         and size == ds.images.shape[-1]
-        and cfg.augment in ("none", "standard")
+        and cfg.augment in data.BATCHED_RECIPES
     )
     transform = None
     if batched:
