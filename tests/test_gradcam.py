@@ -18,9 +18,14 @@ from densenet.models import DenseNet
 def tiny_densenet(in_chans: int = 3, num_classes: int = 5, **kwargs) -> DenseNet:
     torch.manual_seed(0)
     model = DenseNet(
-        growth_rate=4, block_config=(2, 2), num_init_features=8, stem="cifar",
-        in_chans=in_chans, num_classes=num_classes, **kwargs,
-    )  # fmt: skip
+        growth_rate=4,
+        block_config=(2, 2),
+        num_init_features=8,
+        stem="cifar",
+        in_chans=in_chans,
+        num_classes=num_classes,
+        **kwargs,
+    )
     # Non-trivial BN statistics so that norm5's output has negative entries (before relu5).
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
