@@ -200,7 +200,8 @@ def test_every_recipe_gives_normalized_tensors(recipe):
         t = data.build_transforms(recipe, train, (0.5, 0.5, 0.5), (0.25,) * 3, 24, crop_pct=0.875)
         out = t(image)
         assert out.shape == (3, 24, 24) and out.dtype == torch.float32
-        assert out.min() >= -2.0 - 1e-5 and out.max() <= 2.0 + 1.0  # lighting may push past 1
+        # PCA lighting shifts colors either way: past 1 and below 0 (it drew -2.0075 once)
+        assert out.min() >= -2.0 - 1.0 and out.max() <= 2.0 + 1.0
 
 
 def test_eval_transform_resizes_then_center_crops():
