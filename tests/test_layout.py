@@ -243,3 +243,17 @@ def test_import_graph_sees_module_level_imports_only(tmp_path, monkeypatch):
     assert find_cycles(graph) == [
         ["densenet.c", "densenet.sub", "densenet.sub.x", "densenet.sub.z"]
     ]
+
+
+def test_every_package_is_installed_by_pyproject():
+    """A package folder missing from pyproject's explicit list installs in editable mode but is
+    absent from a wheel (``import densenet.hub`` then fails for pip users)."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "packages"
+        ]
+    )
+    packages = {_name(init) for init in PACKAGE.rglob("__init__.py")}
+    assert packages <= listed, f"add {sorted(packages - listed)} to [tool.setuptools] packages"
