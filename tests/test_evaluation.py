@@ -326,3 +326,21 @@ def test_eval_model_without_class_names(tmp_path, capsys):
     args = ["eval", "--checkpoint", str(anonymous), "--dataset", "folder", "--data-dir", str(pets)]
     assert main([*args, "--workers", "0"]) == 2
     assert "has no class names to match them by" in capsys.readouterr().err
+
+
+def test_class_folders_match_names_a_file_system_cannot_hold(tmp_path, capsys):
+    """Fashion-MNIST's ``T-shirt/top`` cannot be a folder: ``T-shirt_top`` (or ``t-shirt top``)
+    finds it; case, spaces and punctuation are ignored when no folder matches exactly."""
+    from densenet.catalog import FASHION_CLASSES
+    from densenet.data.folders import _match_classes
+
+    found = ["T-shirt_top", "ankle boot", "Bag"]
+    samples = [("a.png", 0), ("b.png", 1), ("c.png", 2)]
+    relabelled = _match_classes(found, samples, list(FASHION_CLASSES), "DIR", "the model's classes")
+    assert [FASHION_CLASSES[i] for _, i in relabelled] == ["T-shirt/top", "Ankle boot", "Bag"]
+    # Through the command: 'CAT' and 'Dog' are the model's cat and dog.
+    folder = tmp_path / "pets"
+    _class_folders(folder, 3, cat="CAT", dog="Dog")
+    result = _eval_json(capsys, _constant_checkpoint(tmp_path / "ck.safetensors"), folder)
+    assert result["top1"] == pytest.approx(50.0)
+    assert result["per_class"]["cat"] == 100.0 and result["per_class"]["dog"] == 0.0

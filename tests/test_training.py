@@ -210,7 +210,7 @@ def test_signal_during_evaluation_stops_at_the_epoch_boundary(folder, tmp_path):
 
 def test_finished_run_asks_for_more_epochs(folder, tmp_path):
     train(tiny(folder, tmp_path / "r", epochs=1), progress=False, log=quiet)
-    with pytest.raises(TrainingError, match="already finished 1 epochs; raise --epochs"):
+    with pytest.raises(TrainingError, match="already finished 1 epoch; raise --epochs"):
         train(resume_config(tmp_path / "r"), resume=tmp_path / "r", progress=False, log=quiet)
     with pytest.raises(TrainingError, match="not a run directory"):
         resume_config(tmp_path / "nothing-here")
@@ -549,7 +549,7 @@ def test_more_epochs_past_a_schedule_at_lr_0_are_refused_naming_the_fix(folder, 
     args = ["train", "--resume", str(run), "--epochs", "2", "--set", "schedule_epochs=2"]
     assert main([*args, "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "the cosine lr schedule is re-planned over 2 epochs" in out
+    assert "the cosine lr schedule is re-planned over 2 epochs (it was planned over 1)" in out
     expected = lr_at(load_config(run / "config.yaml"), 4, 4)
     assert f"the lr of step 4 is {expected:.4g}" in out and expected > 0.01
     assert metrics(run)[1]["lr"] > 0
@@ -704,6 +704,9 @@ def test_readme_resume_to_more_epochs_is_one_run_of_that_length(folder, tmp_path
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "changed settings from here on (recorded in config.yaml): epochs (1 -> 2)" in out
+    # The span was planned over 2 epochs from the start: nothing is re-planned, and it says so.
+    assert "re-planned" not in out
+    assert "the cosine lr schedule keeps its 2-epoch span, which the run now ends with" in out
     assert main(["train", *common, "--out", str(straight), "--epochs", "2"]) == 0
     assert_same_weights(weights(straight), weights(run))
     timing = ("img_per_s", "time_s")

@@ -312,8 +312,9 @@ def _schedule_problems(c: TrainConfig) -> list[str]:
     if c.schedule_epochs and c.epochs > c.schedule_epochs and final_lr(c) == 0:
         problems.append(
             f"epochs ({c.epochs}) go past schedule_epochs ({c.schedule_epochs}), where the "
-            f"{c.schedule} schedule has reached lr 0: those epochs would not train; set "
-            "schedule_epochs to epochs, or give the schedule a floor (min_lr, gamma)"
+            f"{c.schedule} schedule has reached lr 0: those epochs would not train; re-plan it "
+            f"over all of them with --set schedule_epochs={c.epochs}, or give the schedule a "
+            "floor (--set min_lr=LR, or gamma for step schedules)"
         )
     if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in c.milestones):
         problems.append(f"milestones must be epoch fractions in (0, 1), got {c.milestones}")
@@ -330,9 +331,15 @@ def _data_problems(c: TrainConfig, check_data: bool) -> list[str]:
     except ValueError as error:
         problems.append(str(error))
     if check_data and c.data_dir is not None and not c.download and not Path(c.data_dir).exists():
-        problems.append(f"data_dir {c.data_dir} does not exist (set data_dir or download: true)")
+        problems.append(
+            f"data_dir {c.data_dir} does not exist (--data-dir DIR: the folder that holds the "
+            "data; or --download to fetch it)"
+        )
     if c.data_dir is None and c.dataset != "fashion_mnist":  # the one with a system-wide copy
-        problems.append(f"dataset {c.dataset} needs data_dir (--data-dir DIR)")
+        problems.append(
+            f"dataset {c.dataset} needs data_dir (--data-dir DIR; with --download the files "
+            "are fetched into it)"
+        )
     return problems
 
 

@@ -16,6 +16,11 @@ def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
+def count(n: int, noun: str) -> str:
+    """``"1 epoch"``, ``"2 epochs"``, ``"1,200 images"``: ``n`` with ``noun`` in the right number."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def notice(message: str) -> None:
     """A one-line message to the user on stderr (never silent, never an exception)."""
     print(f"densenet: {message}", file=sys.stderr)

@@ -183,8 +183,18 @@ def _match_classes(
     classes_from: str,
 ) -> list[tuple[str, int]]:
     """``samples`` (indices into ``found``) relabelled to the index of the same name in
-    ``classes``; a ``ValueError`` naming the folders that are not among ``classes``."""
-    index = {name: i for i, name in enumerate(classes)}
+    ``classes``; a ``ValueError`` naming the folders that are not among ``classes``.
+
+    A folder matches its class exactly, or else by :func:`folder_key` (case, spaces and
+    punctuation ignored), since a class such as Fashion-MNIST's ``T-shirt/top`` cannot be a
+    folder name as it is: ``T-shirt_top`` and ``t-shirt top`` find it.
+    """
+    keys = [folder_key(name) for name in classes]
+    index = {key: i for i, key in enumerate(keys) if keys.count(key) == 1}
+    index.update({name: i for i, name in enumerate(classes)})
+    for name in found:
+        if name not in index and folder_key(name) in index:
+            index[name] = index[folder_key(name)]
     unknown = [name for name in found if name not in index]
     if unknown:
         shown = ", ".join(classes[:12]) + (
@@ -198,6 +208,11 @@ def _match_classes(
             f"({shown}){did_you_mean(unknown[0], classes)}"
         )
     return [(member, index[found[target]]) for member, target in samples]
+
+
+def folder_key(name: str) -> str:
+    """``name`` without case, spaces or punctuation: ``T-shirt/top`` and ``t_shirt top`` -> ``tshirttop``."""
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
 
 
 def folder_splits(root: str | Path) -> list[str]:

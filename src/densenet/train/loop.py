@@ -14,6 +14,7 @@ import torch
 from densenet import runtime
 from densenet.config import TrainConfig, save_config
 from densenet.io import load_state
+from densenet.messages import count
 from densenet.runtime import DistEnv
 from densenet.train.epoch import (
     autocast_factory,
@@ -88,7 +89,7 @@ def _start(
     seed_everything(cfg.seed + env.rank, cfg.deterministic)
     run_data = build_data(cfg, device, env)
     if run_data.skipped_images:
-        log(f"skipped {run_data.skipped_images} unreadable images (--skip-bad-images)")
+        log(f"skipped {count(run_data.skipped_images, 'unreadable image')} (--skip-bad-images)")
     state = build_state(cfg, run_data, env, device, log)
     autocast, criterion = autocast_factory(cfg, device), build_criterion(cfg)
     run = Run(cfg, env, device, run_data, run_dir, log, progress, autocast, criterion)

@@ -29,6 +29,7 @@ from densenet.config import (
     save_config,
     validate,
 )
+from densenet.messages import count
 from densenet.train.errors import TrainingError
 from densenet.train.optim import lr_at
 from densenet.train.run_dir import RunDir
@@ -114,7 +115,7 @@ def _refuse_what_cannot_continue(run: RunDir, cfg: TrainConfig, epoch: int, chan
         )
     if epoch >= cfg.epochs:
         raise TrainingError(
-            f"{run.path} already finished {epoch} epochs; raise --epochs to train further"
+            f"{run.path} already finished {count(epoch, 'epoch')}; raise --epochs to train further"
         )
     horizon = cfg.schedule_epochs or cfg.epochs
     if cfg.epochs > horizon and final_lr(cfg) == 0:
@@ -170,9 +171,8 @@ def change_notices(
         "changed settings from here on (recorded in config.yaml): "
         + ", ".join(_show_change(k, v) for k, v in changed.items())
     ]
-    horizon = cfg.schedule_epochs or cfg.epochs
     if cfg.schedule in SPANNING_SCHEDULES and {"epochs", "schedule_epochs"} & set(changed):
-        lines.append(_schedule_notice(cfg, horizon, epoch))
+        lines.append(_schedule_notice(previous, cfg, epoch))
     old_lr, new_lr = lr_at(previous, step, steps_per_epoch), lr_at(cfg, step, steps_per_epoch)
     if old_lr != new_lr:
         lines.append(
@@ -181,10 +181,20 @@ def change_notices(
     return lines
 
 
-def _schedule_notice(cfg: TrainConfig, horizon: int, epoch: int) -> str:
+def _schedule_notice(previous: TrainConfig, cfg: TrainConfig, epoch: int) -> str:
     """What a change of ``epochs``/``schedule_epochs`` does to a schedule spanning the epochs."""
-    if horizon == cfg.epochs:
-        return f"the {cfg.schedule} lr schedule is re-planned over {horizon} epochs"
+    horizon = cfg.schedule_epochs or cfg.epochs
+    planned = previous.schedule_epochs or previous.epochs
+    if horizon != planned:
+        return (
+            f"the {cfg.schedule} lr schedule is re-planned over {count(horizon, 'epoch')} "
+            f"(it was planned over {planned})"
+        )
+    if cfg.epochs == horizon:
+        return (
+            f"the {cfg.schedule} lr schedule keeps its {horizon}-epoch span, which the run now "
+            "ends with"
+        )
     if cfg.epochs > horizon:
         extra = _epochs(max(horizon, epoch) + 1, cfg.epochs)
         rest = f"{extra} run at its final lr {final_lr(cfg):.4g}"
