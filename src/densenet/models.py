@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -242,19 +243,6 @@ class DenseNet(nn.Module):
         memory_efficient: bool = False,
     ) -> None:
         super().__init__()
-        _check_args(
-            growth_rate,
-            block_config,
-            num_init_features,
-            bn_size,
-            compression,
-            drop_rate,
-            stem,
-            blur,
-            in_chans,
-            num_classes,
-            global_pool,
-        )
         # The full constructor arguments, saved with checkpoints to rebuild the architecture.
         self.config = dict(
             growth_rate=growth_rate,
@@ -271,6 +259,7 @@ class DenseNet(nn.Module):
             global_pool=global_pool,
             head_drop_rate=head_drop_rate,
         )
+        _check_args(self.config)
         self.growth_rate = growth_rate
         self.block_config = tuple(int(n) for n in block_config)
         self.in_chans = in_chans
@@ -470,41 +459,31 @@ def _pair0(value) -> int:
     return int(value[0] if isinstance(value, (tuple, list)) else value)
 
 
-def _check_args(
-    growth_rate,
-    block_config,
-    num_init_features,
-    bn_size,
-    compression,
-    drop_rate,
-    stem,
-    blur,
-    in_chans,
-    num_classes,
-    global_pool,
-) -> None:
+def _check_args(args: dict) -> None:
+    """A ``ValueError`` listing every impossible value among DenseNet's constructor ``args``."""
+    a = SimpleNamespace(**args)
     problems = []
-    if not isinstance(growth_rate, int) or growth_rate < 1:
-        problems.append(f"growth_rate must be a positive integer, got {growth_rate!r}")
-    if len(block_config) < 1 or any(not isinstance(n, int) or n < 1 for n in block_config):
-        problems.append(f"block_config must list positive layer counts, got {block_config!r}")
-    if num_init_features < 1:
-        problems.append(f"num_init_features must be >= 1, got {num_init_features}")
-    if bn_size is not None and bn_size < 0:
-        problems.append(f"bn_size must be >= 0 (0 or None = no bottleneck), got {bn_size}")
-    if not 0 < compression <= 1:
-        problems.append(f"compression (theta) must be in (0, 1], got {compression}")
-    if not 0 <= drop_rate < 1:
-        problems.append(f"drop_rate must be in [0, 1), got {drop_rate}")
-    if stem not in STEMS:
-        problems.append(f"stem must be one of {STEMS}, got {stem!r}")
-    if blur not in BLUR_MODES:
-        problems.append(f"blur must be one of {BLUR_MODES}, got {blur!r}")
-    if in_chans < 1:
-        problems.append(f"in_chans must be >= 1, got {in_chans}")
-    if num_classes < 0:
-        problems.append(f"num_classes must be >= 0 (0 = no classifier), got {num_classes}")
-    if global_pool not in GLOBAL_POOLS:
-        problems.append(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+    if not isinstance(a.growth_rate, int) or a.growth_rate < 1:
+        problems.append(f"growth_rate must be a positive integer, got {a.growth_rate!r}")
+    if len(a.block_config) < 1 or any(not isinstance(n, int) or n < 1 for n in a.block_config):
+        problems.append(f"block_config must list positive layer counts, got {a.block_config!r}")
+    if a.num_init_features < 1:
+        problems.append(f"num_init_features must be >= 1, got {a.num_init_features}")
+    if a.bn_size is not None and a.bn_size < 0:
+        problems.append(f"bn_size must be >= 0 (0 or None = no bottleneck), got {a.bn_size}")
+    if not 0 < a.compression <= 1:
+        problems.append(f"compression (theta) must be in (0, 1], got {a.compression}")
+    if not 0 <= a.drop_rate < 1:
+        problems.append(f"drop_rate must be in [0, 1), got {a.drop_rate}")
+    if a.stem not in STEMS:
+        problems.append(f"stem must be one of {STEMS}, got {a.stem!r}")
+    if a.blur not in BLUR_MODES:
+        problems.append(f"blur must be one of {BLUR_MODES}, got {a.blur!r}")
+    if a.in_chans < 1:
+        problems.append(f"in_chans must be >= 1, got {a.in_chans}")
+    if a.num_classes < 0:
+        problems.append(f"num_classes must be >= 0 (0 = no classifier), got {a.num_classes}")
+    if a.global_pool not in GLOBAL_POOLS:
+        problems.append(f"global_pool must be one of {GLOBAL_POOLS}, got {a.global_pool!r}")
     if problems:
         raise ValueError("invalid DenseNet arguments: " + "; ".join(problems))
