@@ -1,5 +1,7 @@
 """Classification metrics and the evaluation loop: top-k accuracy, loss, per-class accuracy,
-confusion matrix, single-crop and ten-crop (the paper's ImageNet table).
+confusion matrix, single-crop and ten-crop (the paper's ImageNet table); for multi-label models
+the sigmoid outputs over a split, per-label AUROC, average precision, and sensitivity and
+specificity at per-label thresholds.
 
 The loop takes any model and any ``DataLoader`` yielding ``(images, targets)``. Images are
 ``(N, C, H, W)`` for one crop or ``(N, crops, C, H, W)`` for multi-crop; with several crops the
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from densenet.multilabel import apply_thresholds, multilabel_metrics
 from densenet.progress import progress as report_progress
 from densenet.runtime import DistEnv, all_reduce_sum
 
@@ -205,3 +208,119 @@ def evaluate(
         raise ValueError(f"{len(names)} class names given for a {confusion.shape[0]}-class model")
     loss = tally.loss / tally.images
     return EvalResult(top1, top5, loss, tally.images, confusion, names, crops)
+
+
+# --- multi-label --------------------------------------------------------------------------------
+@torch.no_grad()
+def collect_probabilities(
+    model: nn.Module,
+    loader: Iterable,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A multi-label model's sigmoid outputs over ``loader`` (one process).
+
+    ``loader`` yields ``(images, targets)`` with multi-hot ``targets`` ``(N, L)``; images are
+    ``(N, C, H, W)`` or ``(N, crops, C, H, W)`` (the probabilities are then averaged over the
+    crops). Returns ``(probabilities (N, L), targets (N, L), crops)``, float32 on the CPU.
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    batches = report_progress(
+        loader,
+        total=_sample_count(loader),
+        desc="eval",
+        size=lambda batch: len(batch[1]),
+        enabled=progress,
+    )
+    probabilities, targets, crops = [], [], 1
+    for inputs, labels in batches:
+        inputs = inputs.to(device, non_blocking=True)
+        crops = inputs.shape[1] if inputs.dim() == 5 else 1
+        flat = inputs.flatten(0, 1) if inputs.dim() == 5 else inputs
+        if channels_last:
+            flat = flat.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(flat).float()
+        probabilities.append(logits.sigmoid().view(len(inputs), crops, -1).mean(dim=1).cpu())
+        targets.append(torch.as_tensor(labels).float().cpu())
+    model.train(was_training)
+    if not probabilities:
+        raise ValueError("the evaluation data is empty; check the dataset path, split and --limit")
+    probabilities, targets = torch.cat(probabilities), torch.cat(targets)
+    if targets.dim() != 2 or targets.shape[1] != probabilities.shape[1]:
+        raise ValueError(
+            f"the data has targets of shape {tuple(targets.shape[1:])} but the model predicts "
+            f"{probabilities.shape[1]} labels; evaluate on the dataset the model was trained for"
+        )
+    return probabilities, targets, crops
+
+
+def sensitivity_specificity(
+    decisions: torch.Tensor, targets: torch.Tensor
+) -> tuple[list[float | None], list[float | None]]:
+    """Per label: the fraction of positives called positive (sensitivity, recall) and of
+    negatives called negative (specificity), from bool ``decisions`` and 0/1 ``targets``
+    ``(N, L)``; None for a label without positives (or negatives)."""
+    present = targets.bool()
+    positives, negatives = present.sum(0).tolist(), (~present).sum(0).tolist()
+    true_positives = (decisions & present).sum(0).tolist()
+    true_negatives = (~decisions & ~present).sum(0).tolist()
+    sensitivity = [tp / p if p else None for tp, p in zip(true_positives, positives, strict=True)]
+    specificity = [tn / n if n else None for tn, n in zip(true_negatives, negatives, strict=True)]
+    return sensitivity, specificity
+
+
+@dataclass
+class MultilabelResult:
+    """A multi-label evaluation: ``metrics`` as :func:`densenet.multilabel.multilabel_metrics`
+    returns them, the ``thresholds`` used (``ThresholdFit.to_dict`` form plus ``source``), and
+    per-label sensitivity and specificity at those thresholds (fractions in [0, 1])."""
+
+    metrics: dict
+    thresholds: dict
+    sensitivity: dict[str, float | None]
+    specificity: dict[str, float | None]
+    images: int
+    crops: int = 1
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``auroc``, ``mean_auroc``, ``average_precision``, ``map``, ``positives``,
+        ``undefined``, ``thresholds``, ``sensitivity``, ``specificity``, ``images``, ``crops``."""
+        return dict(
+            task="multilabel",
+            images=self.images,
+            crops=self.crops,
+            **self.metrics,
+            thresholds=self.thresholds,
+            sensitivity=self.sensitivity,
+            specificity=self.specificity,
+        )
+
+
+def multilabel_result(
+    probabilities: torch.Tensor,
+    targets: torch.Tensor,
+    class_names: Sequence[str],
+    thresholds: dict,
+    crops: int = 1,
+) -> MultilabelResult:
+    """Metrics of ``probabilities`` against multi-hot ``targets`` ``(N, L)``, and the decisions
+    at ``thresholds`` (``{"thresholds": {name: value}, ...}``, one per name)."""
+    names = list(class_names)
+    metrics = multilabel_metrics(probabilities, targets, names)
+    values = [float(thresholds["thresholds"][name]) for name in names]
+    sensitivity, specificity = sensitivity_specificity(
+        apply_thresholds(probabilities, values), targets
+    )
+    return MultilabelResult(
+        metrics,
+        thresholds,
+        dict(zip(names, sensitivity, strict=True)),
+        dict(zip(names, specificity, strict=True)),
+        images=len(targets),
+        crops=crops,
+    )

@@ -31,9 +31,9 @@ from PIL import Image
 from torch import nn
 
 from densenet.io import atomic_write
+from densenet.multilabel import TASKS
 
 DEFAULT_LAYER = "features"
-TASKS = ("multiclass", "multilabel")
 
 
 class GradCam(NamedTuple):

@@ -20,6 +20,7 @@ from densenet.data import dataset_info, eval_transform
 from densenet.factory import create_model
 from densenet.io import META_KEY, CheckpointError, read_header
 from densenet.models import DenseNet
+from densenet.multilabel import DEFAULT_THRESHOLD, TASKS
 
 
 @dataclass
@@ -27,7 +28,10 @@ class ModelInfo:
     """What inference needs besides the weights. ``input_size`` is ``(C, H, W)``.
 
     ``mean``/``std`` are None when neither the checkpoint nor the weights entry knows them; the
-    caller then takes the dataset's (see :meth:`transform`).
+    caller then takes the dataset's (see :meth:`transform`). ``task`` is ``"multiclass"``
+    (softmax over ``class_names``) or ``"multilabel"`` (a sigmoid per label); ``thresholds`` the
+    per-label operating points a multi-label checkpoint stores, as
+    :meth:`densenet.multilabel.ThresholdFit.to_dict` writes them (None when it stores none).
     """
 
     name: str | None
@@ -39,6 +43,15 @@ class ModelInfo:
     interpolation: str = "bilinear"
     dataset: str | None = None
     source: str = field(default="", compare=False)
+    task: str = "multiclass"
+    thresholds: dict | None = None
+
+    def label_thresholds(self) -> list[float]:
+        """One decision threshold per label, in ``class_names`` order: the stored ones, else
+        :data:`~densenet.multilabel.DEFAULT_THRESHOLD` for every label."""
+        if self.thresholds is None:
+            return [DEFAULT_THRESHOLD] * len(self.class_names)
+        return [float(self.thresholds["thresholds"][name]) for name in self.class_names]
 
     def transform(
         self,
@@ -81,6 +94,24 @@ def _normalization(meta: dict) -> dict:
     return dict(mean=None, std=None)
 
 
+def _task_and_thresholds(cfg: dict, class_names: list[str], source: str) -> dict:
+    """The checkpoint's ``task`` (absent: multiclass) and its ``thresholds``, checked against
+    its label names: a threshold for another label set would silently decide wrong."""
+    task = cfg.get("task") or "multiclass"
+    if task not in TASKS:
+        raise CheckpointError(f"{source}: unknown task {task!r}; expected one of {TASKS}")
+    stored = cfg.get("thresholds")
+    if stored is None:
+        return dict(task=task, thresholds=None)
+    values = stored.get("thresholds") if isinstance(stored, dict) else None
+    if task != "multilabel" or not isinstance(values, dict) or set(values) != set(class_names):
+        raise CheckpointError(
+            f"{source}: its stored thresholds do not match its {task} labels "
+            f"({len(class_names)} names); re-fit them with densenet eval --fit-thresholds-on val"
+        )
+    return dict(task=task, thresholds=stored)
+
+
 def _model_info(model: DenseNet, cfg: dict, source: str) -> ModelInfo:
     """:class:`ModelInfo` from a config dict (pretrained_cfg keys, our checkpoint metadata)."""
     num_classes = model.num_classes
@@ -104,6 +135,7 @@ def _model_info(model: DenseNet, cfg: dict, source: str) -> ModelInfo:
         interpolation=cfg.get("interpolation") or "bilinear",
         dataset=cfg.get("dataset"),
         source=source,
+        **_task_and_thresholds(cfg, class_names, source),
     )
 
 

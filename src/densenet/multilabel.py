@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+# What a model's outputs mean: one class per image (softmax) or independent labels (sigmoid).
+TASKS = ("multiclass", "multilabel")
 THRESHOLD_METHODS = ("f1", "youden")
 # The operating point used for a label whose validation targets cannot fit one (one class only).
 DEFAULT_THRESHOLD = 0.5

@@ -1,4 +1,4 @@
-"""Pictures: confusion matrix, feature maps with a class-activation map, the zoo's
+"""Pictures: confusion matrix, ROC curves of a multi-label model, feature maps with a class-activation map, the zoo's
 parameter-efficiency plot. Every function writes one PNG and returns its path.
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot), so nothing depends on a display
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
@@ -20,6 +21,7 @@ from PIL import Image
 
 from densenet.io import atomic_write
 from densenet.models import DenseNet
+from densenet.multilabel import multilabel_metrics, roc_curve
 
 # Confusion matrices with more classes than this get no tick labels or cell numbers.
 MAX_LABELLED_CLASSES = 30
@@ -72,6 +74,42 @@ def confusion_matrix_figure(
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"{title}\n{int(counts.sum())} images, top-1 {accuracy:.2f}%")
+    return _save(fig, path)
+
+
+def roc_curves_figure(
+    probabilities: torch.Tensor,
+    targets: torch.Tensor,
+    label_names: Sequence[str],
+    path: str | Path,
+    title: str = "ROC curves",
+) -> Path:
+    """One ROC curve per label of ``probabilities`` against 0/1 ``targets`` ``(N, L)``, its
+    AUROC in the legend, as a PNG; labels whose targets hold one class have no curve and are
+    listed under the axes instead."""
+    metrics = multilabel_metrics(probabilities, targets, label_names)
+    fig = Figure(figsize=(7.5, 6.5))
+    ax = fig.add_subplot()
+    colors = colormaps["tab20"]
+    for column, name in enumerate(label_names):
+        if metrics["auroc"][name] is None:
+            continue
+        curve = roc_curve(probabilities[:, column], targets[:, column])
+        label = f"{_short(name, 24)} ({metrics['auroc'][name]:.3f})"
+        ax.plot(curve.fpr, curve.tpr, color=colors(column % 20), label=label, linewidth=1.4)
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=0.8, label="chance (0.500)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    mean = metrics["mean_auroc"]
+    summary = f"mean AUROC {mean:.3f}" if mean is not None else "no label has both classes"
+    ax.set_title(f"{title}\n{len(targets)} images, {summary}")
+    ax.legend(loc="lower right", fontsize=8, title="label (AUROC)", title_fontsize=8)
+    ax.grid(alpha=0.3)
+    if metrics["undefined"]:
+        skipped = "; ".join(f"{n}: {why}" for n, why in metrics["undefined"].items())
+        fig.text(0.02, 0.005, f"no curve: {skipped}", fontsize=7, wrap=True, va="bottom")
     return _save(fig, path)
 
 

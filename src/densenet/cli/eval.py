@@ -1,5 +1,6 @@
 """``densenet eval``: top-1, top-5, loss, per-class accuracy and a confusion-matrix PNG of a model on
-a dataset split, single-crop or ten-crop."""
+a dataset split, single-crop or ten-crop; for a multi-label model per-label AUROC, average
+precision, sensitivity and specificity at per-label thresholds, and a ROC-curves PNG."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from densenet.cli._common import add_model_arguments, model_from_args
 if TYPE_CHECKING:  # the heavy modules are imported when the command runs, not for --help
     import torch
 
-    from densenet.evaluation import EvalResult
+    from densenet.evaluation import EvalResult, MultilabelResult
     from densenet.loader import ModelInfo
 
 
@@ -58,6 +59,18 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="skip files of a folder dataset that are not readable images (named on stderr)",
     )
+    parser.add_argument(
+        "--fit-thresholds-on",
+        metavar="SPLIT",
+        help="multi-label models: fit each label's decision threshold on this split (e.g. val) "
+        "instead of using the checkpoint's",
+    )
+    parser.add_argument(
+        "--threshold-method",
+        metavar="METHOD",
+        help="with --fit-thresholds-on: f1 (maximize F1, the default) or youden (maximize "
+        "sensitivity + specificity - 1)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -69,10 +82,22 @@ def _check(args: argparse.Namespace) -> None:
         raise CLIError(f"--workers must be >= 0, got {args.workers}")
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be at least 1, got {args.limit}")
+    if args.threshold_method and not args.fit_thresholds_on:
+        raise CLIError("--threshold-method goes with --fit-thresholds-on SPLIT (e.g. val)")
+    if args.threshold_method:
+        from densenet.multilabel import THRESHOLD_METHODS
+
+        if args.threshold_method not in THRESHOLD_METHODS:
+            raise CLIError(
+                f"--threshold-method must be one of {', '.join(THRESHOLD_METHODS)}, "
+                f"got {args.threshold_method!r}"
+            )
 
 
-def _load_data(args: argparse.Namespace, dataset_name: str, info: ModelInfo, device: torch.device):
-    """A loader over the (possibly truncated) split with the model's eval transform, and the
+def _load_data(
+    args: argparse.Namespace, dataset_name: str, info: ModelInfo, device: torch.device, split: str
+):
+    """A loader over the (possibly truncated) ``split`` with the model's eval transform, and the
     dataset's class names."""
     import torch
     from torch.utils.data import Subset
@@ -82,16 +107,19 @@ def _load_data(args: argparse.Namespace, dataset_name: str, info: ModelInfo, dev
     stats = dataset_info(dataset_name)
     transform = info.transform(args.ten_crop, stats.mean, stats.std)
     matching = _class_matching(args, info) if dataset_name == "folder" else {}
+    if dataset_name == "csv":  # targets in the model's label order, for the model's task
+        matching = dict(classes=list(info.class_names), task=info.task)
     dataset = build_dataset(
         dataset_name,
         args.data_dir,
-        args.split,
+        split,
         transform,
         skip_bad_images=args.skip_bad_images,
         **matching,
     )
     for problem in getattr(dataset, "bad_images", []):
         print(f"densenet eval: skipped {problem}", file=sys.stderr)
+    _check_task(dataset, dataset_name, info)
     classes = getattr(dataset, "classes", None) or stats.class_names
     if len(classes) > len(info.class_names):
         raise CLIError(
@@ -105,6 +133,17 @@ def _load_data(args: argparse.Namespace, dataset_name: str, info: ModelInfo, dev
         dataset, args.batch_size, train=False, workers=args.workers, device=device
     )
     return loader, list(classes)
+
+
+def _check_task(dataset, dataset_name: str, info: ModelInfo) -> None:
+    """A multi-label model needs multi-hot targets, a single-label one class indices."""
+    task = getattr(dataset, "task", "multiclass")
+    if task != info.task:
+        raise CLIError(
+            f"the model is {info.task} but {dataset_name} gives {task} targets; evaluate a "
+            "multi-label model on a multi-label labels file (--dataset csv), and a single-label "
+            "one on single-label data"
+        )
 
 
 def _class_matching(args: argparse.Namespace, info: ModelInfo) -> dict:
@@ -152,60 +191,143 @@ def _resolve_split(args: argparse.Namespace, dataset_name: str) -> str:
     return "all"
 
 
-def _print_report(result: EvalResult, title: str) -> None:
-    print(title)
-    print(f"  images {result.images}   crops {result.crops}")
-    print(f"  top-1  {result.top1:6.2f}%   top-5  {result.top5:6.2f}%   loss {result.loss:.4f}")
+def _report_lines(result: EvalResult, title: str) -> list[str]:
+    lines = [
+        title,
+        f"  images {result.images}   crops {result.crops}",
+        f"  top-1  {result.top1:6.2f}%   top-5  {result.top5:6.2f}%   loss {result.loss:.4f}",
+    ]
     scored = [
         (acc, name)
         for name, acc in zip(result.class_names, result.per_class, strict=True)
         if acc is not None
     ]
     if len(scored) > 20:  # too many to list: show the hardest classes
-        print("  lowest per-class accuracy:")
+        lines.append("  lowest per-class accuracy:")
         scored = sorted(scored)[:10]
     else:
-        print("  per-class accuracy:")
-    for acc, name in scored:
-        print(f"    {acc:6.2f}%  {name}")
+        lines.append("  per-class accuracy:")
+    return lines + [f"    {acc:6.2f}%  {name}" for acc, name in scored]
+
+
+def _thresholds(args: argparse.Namespace, model, info: ModelInfo, dataset_name: str) -> dict:
+    """The per-label thresholds to decide at, ``ThresholdFit.to_dict`` form plus ``source``:
+    fitted on ``--fit-thresholds-on``, else the checkpoint's, else the default for every label."""
+    from densenet.evaluation import collect_probabilities
+    from densenet.multilabel import DEFAULT_THRESHOLD, fit_thresholds
+
+    names = list(info.class_names)
+    if not args.fit_thresholds_on:
+        if info.thresholds is not None:
+            return {**info.thresholds, "source": "the checkpoint"}
+        return dict(
+            method="default",
+            thresholds=dict.fromkeys(names, DEFAULT_THRESHOLD),
+            scores=dict.fromkeys(names),
+            defaulted=dict.fromkeys(names, "the checkpoint stores no thresholds"),
+            source=f"default ({DEFAULT_THRESHOLD}): the checkpoint stores none",
+        )
+    split = args.fit_thresholds_on
+    if split == args.split:
+        print(
+            f"densenet eval: thresholds fitted on {split}, the split evaluated: sensitivity and "
+            "specificity are optimistic; fit on another split (e.g. val) for honest figures",
+            file=sys.stderr,
+        )
+    device = next(model.parameters()).device
+    loader, _ = _load_data(args, dataset_name, info, device, split)
+    probabilities, targets, _ = collect_probabilities(model, loader, device, progress=True)
+    fitted = fit_thresholds(probabilities, targets, args.threshold_method or "f1", names)
+    return {**fitted.to_dict(names), "source": f"fitted on {dataset_name} {split}"}
+
+
+def _multilabel(args, model, info: ModelInfo, loader, dataset_name: str, stem: Path, title: str):
+    """Evaluate a multi-label model: ``(summary dict, report lines)``; draws the ROC curves."""
+    from densenet.evaluation import collect_probabilities, multilabel_result
+    from densenet.visualize import roc_curves_figure
+
+    device = next(model.parameters()).device
+    thresholds = _thresholds(args, model, info, dataset_name)
+    probabilities, targets, crops = collect_probabilities(model, loader, device, progress=True)
+    result = multilabel_result(probabilities, targets, info.class_names, thresholds, crops)
+    png = roc_curves_figure(
+        probabilities, targets, info.class_names, stem.with_name(f"{stem.name}_roc.png"), title
+    )
+    return {**result.to_dict(), "roc_png": str(png)}, _multilabel_lines(result, title, png)
+
+
+def _multilabel_lines(result: MultilabelResult, title: str, png: Path) -> list[str]:
+    def show(value: float | None, width: int) -> str:
+        return f"{value:{width}.3f}" if value is not None else "-".rjust(width)
+
+    metrics, thresholds = result.metrics, result.thresholds
+    width = max(12, *(len(name) for name in metrics["auroc"]))
+    lines = [
+        title,
+        f"  images {result.images}   crops {result.crops}",
+        f"  mean AUROC {show(metrics['mean_auroc'], 5)}   mAP {show(metrics['map'], 5)}",
+        f"  thresholds: {thresholds['method']}, {thresholds['source']}",
+        f"    {'label':<{width}}  AUROC     AP  threshold  sensitivity  specificity  positives",
+    ]
+    for name, auroc in metrics["auroc"].items():
+        lines.append(
+            f"    {name:<{width}}  {show(auroc, 5)}  {show(metrics['average_precision'][name], 5)}"
+            f"  {show(thresholds['thresholds'][name], 9)}  {show(result.sensitivity[name], 11)}"
+            f"  {show(result.specificity[name], 11)}  {metrics['positives'][name]:9d}"
+        )
+    return [*lines, f"  ROC curves: {png}"]
+
+
+def _multiclass(model, info: ModelInfo, loader, classes: list[str], stem: Path, title: str):
+    """Evaluate a single-label model: ``(summary dict, report lines)``; draws the confusion
+    matrix."""
+    from densenet.catalog import default_class_names
+    from densenet.evaluation import evaluate
+    from densenet.visualize import confusion_matrix_figure
+
+    names = info.class_names
+    if names == default_class_names(len(names)) and len(classes) == len(names):
+        names = classes  # the model has no names of its own: use the dataset's
+    device = next(model.parameters()).device
+    result = evaluate(model, loader, device, class_names=names, progress=True)
+    png = confusion_matrix_figure(
+        result.confusion, result.class_names, stem.with_suffix(".png"), title
+    )
+    return {**result.to_dict(), "confusion_png": str(png)}, [
+        *_report_lines(result, title),
+        f"  confusion matrix: {png}",
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet.catalog import default_class_names
-    from densenet.evaluation import evaluate
     from densenet.io import atomic_write
-    from densenet.visualize import confusion_matrix_figure
 
     _check(args)
     model, info = model_from_args(args)
     dataset_name = args.dataset or info.dataset
     if not dataset_name:
         raise CLIError("which data? give --dataset NAME (the checkpoint does not name its dataset)")
+    if args.fit_thresholds_on and info.task != "multilabel":
+        raise CLIError("--fit-thresholds-on is for multi-label models; this one is single-label")
     device = next(model.parameters()).device
     args.split = _resolve_split(args, dataset_name)
-    loader, classes = _load_data(args, dataset_name, info, device)
-    names = info.class_names
-    if names == default_class_names(len(names)) and len(classes) == len(names):
-        names = classes  # the model has no names of its own: use the dataset's
-    result = evaluate(model, loader, device, class_names=names, progress=True)
+    loader, classes = _load_data(args, dataset_name, info, device, args.split)
     out = Path(args.out or (Path(args.checkpoint).parent if args.checkpoint else "."))
-    stem = f"eval_{dataset_name}_{args.split}" + ("_10crop" if args.ten_crop else "")
+    stem = out / (f"eval_{dataset_name}_{args.split}" + ("_10crop" if args.ten_crop else ""))
     title = f"{info.source} on {dataset_name} {args.split}" + (
         " (10-crop)" if args.ten_crop else ""
     )
-    png = confusion_matrix_figure(result.confusion, result.class_names, out / f"{stem}.png", title)
+    if info.task == "multilabel":
+        results, lines = _multilabel(args, model, info, loader, dataset_name, stem, title)
+    else:
+        results, lines = _multiclass(model, info, loader, classes, stem, title)
     summary = dict(
-        model=info.name,
-        source=info.source,
-        dataset=dataset_name,
-        split=args.split,
-        **result.to_dict(),
-        confusion_png=str(png),
+        model=info.name, source=info.source, dataset=dataset_name, split=args.split, **results
     )
-    atomic_write(out / f"{stem}.json", lambda f: json.dump(summary, f, indent=1), mode="w")
+    metrics_path = stem.with_suffix(".json")
+    atomic_write(metrics_path, lambda f: json.dump(summary, f, indent=1), mode="w")
     if args.json:
         print(json.dumps(summary))
     else:
-        _print_report(result, title)
-        print(f"  confusion matrix: {png}\n  metrics: {out / f'{stem}.json'}")
+        print("\n".join([*lines, f"  metrics: {metrics_path}"]))
     return 0
