@@ -112,6 +112,16 @@ def test_recipes_ship_in_the_wheel_and_are_found_there(tmp_path):
         capture_output=True, text=True, env={"PYTHONPATH": str(site)}, timeout=120, check=True,
     )  # fmt: skip
     assert Path(found.stdout.strip()) == site / "densenet/configs/imagenet_densenet121_cosine.yaml"
+    # Every package and the ImageNet class list are in the wheel, and read from there.
+    check = (
+        "import densenet, densenet.catalog as c, densenet.data, densenet.hub, densenet.train; "
+        "print(densenet.__file__, len(c.imagenet_class_names()))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True,
+        env={"PYTHONPATH": str(site)}, timeout=120, check=True,
+    )  # fmt: skip
+    assert found.stdout.split() == [str(site / "densenet" / "__init__.py"), "1000"]
 
 
 def test_int8_calibration_quiet_unless_verbose(caplog):
