@@ -53,6 +53,19 @@ class ModelInfo:
             return [DEFAULT_THRESHOLD] * len(self.class_names)
         return [float(self.thresholds["thresholds"][name]) for name in self.class_names]
 
+    def threshold_summary(self) -> dict:
+        """The thresholds in ``ThresholdFit.to_dict`` form: the stored ones, else the default
+        for every label (``method`` "default", each label in ``defaulted`` with the reason)."""
+        if self.thresholds is not None:
+            return self.thresholds
+        names = self.class_names
+        return dict(
+            method="default",
+            thresholds=dict.fromkeys(names, DEFAULT_THRESHOLD),
+            scores=dict.fromkeys(names),
+            defaulted=dict.fromkeys(names, "the checkpoint stores no thresholds"),
+        )
+
     def transform(
         self,
         ten_crop: bool = False,

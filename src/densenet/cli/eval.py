@@ -214,19 +214,12 @@ def _thresholds(args: argparse.Namespace, model, info: ModelInfo, dataset_name: 
     """The per-label thresholds to decide at, ``ThresholdFit.to_dict`` form plus ``source``:
     fitted on ``--fit-thresholds-on``, else the checkpoint's, else the default for every label."""
     from densenet.evaluation import collect_probabilities
-    from densenet.multilabel import DEFAULT_THRESHOLD, fit_thresholds
+    from densenet.multilabel import fit_thresholds
 
     names = list(info.class_names)
     if not args.fit_thresholds_on:
-        if info.thresholds is not None:
-            return {**info.thresholds, "source": "the checkpoint"}
-        return dict(
-            method="default",
-            thresholds=dict.fromkeys(names, DEFAULT_THRESHOLD),
-            scores=dict.fromkeys(names),
-            defaulted=dict.fromkeys(names, "the checkpoint stores no thresholds"),
-            source=f"default ({DEFAULT_THRESHOLD}): the checkpoint stores none",
-        )
+        stored = "the checkpoint" if info.thresholds else "default: the checkpoint stores none"
+        return {**info.threshold_summary(), "source": stored}
     split = args.fit_thresholds_on
     if split == args.split:
         print(

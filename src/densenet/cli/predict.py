@@ -1,4 +1,6 @@
-"""``densenet predict``: top-5 classes and probabilities for images or folders of images."""
+"""``densenet predict``: top-5 classes and probabilities for images or folders of images; for a
+multi-label model every label's probability and the labels at or above their thresholds;
+``--cam DIR``: a Grad-CAM overlay per explained class or label."""
 
 from __future__ import annotations
 
@@ -25,12 +27,49 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="skip files that are not readable images (each one named on stderr)",
     )
+    parser.add_argument(
+        "--cam",
+        metavar="DIR",
+        help="write a Grad-CAM overlay PNG per image into DIR (<image>_<label>.png): of the top "
+        "class, or of each positive label of a multi-label model (the top one if none is)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
+def _thresholds_notice(info) -> None:
+    """Say on stderr when a multi-label checkpoint stores no thresholds (0.5 is then a guess)."""
+    if info.task == "multilabel" and info.thresholds is None:
+        print(
+            "densenet predict: the checkpoint stores no thresholds; every label is positive at "
+            f"probability >= {info.label_thresholds()[0]} (fit them with densenet eval "
+            "--fit-thresholds-on val)",
+            file=sys.stderr,
+        )
+
+
+def _print_predictions(results: list[dict], info) -> None:
+    """Each image, then its classes; multi-label: the positive labels (with their thresholds),
+    then the most probable others."""
+    thresholds = dict(zip(info.class_names, info.label_thresholds(), strict=True))
+    indent = "    " if info.task == "multilabel" else "  "  # others line up under the "+ " lines
+    for result in results:
+        print(result["file"])
+        positive = result.get("positive", [])
+        for label in positive:
+            probability = result["probabilities"][label]
+            print(f"  + {100 * probability:6.2f}%  {label}  (threshold {thresholds[label]:.3f})")
+        if info.task == "multilabel" and not positive:
+            print("  no label at or above its threshold")
+        for entry in result["top"]:
+            if entry["label"] not in positive:
+                print(f"{indent}{100 * entry['probability']:6.2f}%  {entry['label']}")
+        for label, path in result.get("cams", {}).items():
+            print(f"  Grad-CAM of {label}: {path}")
+
+
 def run(args: argparse.Namespace) -> int:
-    from densenet.predict import list_images, predict
+    from densenet.predict import list_images, predict, save_cams
 
     if args.topk < 1 or args.batch_size < 1:
         raise CLIError("--topk and --batch-size must be at least 1")
@@ -48,13 +87,15 @@ def run(args: argparse.Namespace) -> int:
             f"densenet predict: skipped {len(skipped)} of {len(paths)} files (--skip-bad-images)",
             file=sys.stderr,
         )
+    if args.cam:
+        save_cams(model, info, results, args.cam)
+    _thresholds_notice(info)
     if args.json:
-        summary = dict(model=info.name, source=info.source, predictions=results, skipped=skipped)
-        print(json.dumps(summary))
+        summary = dict(model=info.name, source=info.source, task=info.task)
+        if info.task == "multilabel":
+            summary["thresholds"] = info.threshold_summary()
+        print(json.dumps(dict(summary, predictions=results, skipped=skipped)))
         return 0
     print(f"model: {info.source}")
-    for result in results:
-        print(result["file"])
-        for entry in result["top"]:
-            print(f"  {100 * entry['probability']:6.2f}%  {entry['label']}")
+    _print_predictions(results, info)
     return 0
