@@ -192,3 +192,11 @@ def test_file_safe_names():
     assert file_safe("T-shirt/top") == "T-shirt_top"
     assert file_safe("Pleural Thickening") == "Pleural_Thickening"
     assert file_safe("../..") == "label"
+
+
+def test_grad_cam_works_under_no_grad():
+    # Figures and inference loops run under torch.no_grad(); the map must not change there.
+    model, x = tiny_model(num_classes=3), torch.randn(1, 3, 32, 32)
+    expected = grad_cam(model, x).cam
+    with torch.no_grad():
+        assert torch.equal(grad_cam(model, x).cam, expected)

@@ -1,4 +1,4 @@
-"""Class-activation maps, the PNG figures and the visualize / models --plot commands."""
+"""The Grad-CAM panel, the PNG figures and the visualize / models --plot commands."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import torch
 from inference_helpers import CIFAR10_CLASSES, save_checkpoint, shared_data, tiny_model
 from PIL import Image
 
+from densenet import visualize
 from densenet.cli import main
 from densenet.data import load_image
 from densenet.loader import load_model
 from densenet.visualize import (
-    class_activation_map,
     confusion_matrix_figure,
     feature_map_figure,
     parameter_efficiency_figure,
@@ -28,27 +28,61 @@ def _check_png(path, min_size=(300, 200)):
         assert len(image.convert("L").getcolors(maxcolors=1_000_000)) > 10  # not blank
 
 
-def test_cam_averages_to_the_logit():
-    model = tiny_model()
-    x = torch.randn(1, 3, 32, 32)
-    cam, index, prob = class_activation_map(model, x)
-    with torch.no_grad():
-        logits = model(x)[0]
-    assert index == int(logits.argmax())
-    assert prob == pytest.approx(float(logits.softmax(0)[index]), rel=1e-5)
-    assert cam.shape == (16, 16)  # the last block's resolution (one transition)
-    assert float(cam.mean() + model.classifier.bias[index].detach()) == pytest.approx(
-        float(logits[index]), abs=1e-4
+def test_the_figure_draws_densenet_gradcam_map(tmp_path, monkeypatch):
+    # One Grad-CAM implementation: the figure's map is grad_cam's, for the task of the model.
+    model = tiny_model(in_chans=1)
+    loaded, info = load_model(
+        save_checkpoint(tmp_path / "ck.safetensors", model, task="multilabel")
     )
-    other, index3, _ = class_activation_map(model, x, class_index=3)
-    assert index3 == 3 and not torch.allclose(other, cam)
+    calls, drawn = [], []
+    real_grad_cam, real_header = visualize.grad_cam, visualize._draw_header
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real_grad_cam(*args, **kwargs)
+
+    def header(fig, shown, cam, probs, class_names):
+        drawn.append((cam, probs))
+        real_header(fig, shown, cam, probs, class_names)
+
+    monkeypatch.setattr(visualize, "grad_cam", spy)
+    monkeypatch.setattr(visualize, "_draw_header", header)
+    image = load_image(shared_data("test-samples", "mnist_00_7.png"))
+    x = info.transform()(image)[None]
+    path = tmp_path / "fm.png"
+    feature_map_figure(
+        loaded,
+        image,
+        info.transform(),
+        info.mean,
+        info.std,
+        info.class_names,
+        path,
+        4,
+        "multilabel",
+    )
+    _check_png(path)
+    assert len(calls) == 1 and calls[0][1] == {"task": "multilabel"}
+    cam, probs = drawn[0]
+    assert torch.equal(cam, real_grad_cam(loaded, x, task="multilabel").cam)
+    with torch.no_grad():
+        assert torch.allclose(probs, loaded(x)[0].sigmoid())  # labels, not a softmax
 
 
-def test_cam_needs_a_classifier():
+def test_the_figure_needs_a_classifier(tmp_path):
     model = tiny_model()
     model.reset_classifier(0)
-    with pytest.raises(ValueError, match="linear classifier"):
-        class_activation_map(model, torch.randn(1, 3, 32, 32))
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match="needs the model's classifier"):
+        feature_map_figure(
+            model,
+            image,
+            lambda i: torch.zeros(3, 32, 32),
+            (0.5,) * 3,
+            (0.5,) * 3,
+            [],
+            tmp_path / "x.png",
+        )
 
 
 def test_feature_map_figure(tmp_path):

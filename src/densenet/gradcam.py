@@ -93,8 +93,7 @@ def _forward_with_capture(
     was_training = model.training
     try:
         model.eval()
-        with torch.enable_grad():
-            logits = model(x)
+        logits = model(x)
     finally:
         handle.remove()
         model.train(was_training)
@@ -117,6 +116,7 @@ def _probability(logits: torch.Tensor, index: int, task: str) -> float:
     return float(logits.softmax(0)[index])
 
 
+@torch.enable_grad()  # also under a caller's torch.no_grad() (a figure, an inference loop)
 def grad_cam(
     model: nn.Module,
     x: torch.Tensor,

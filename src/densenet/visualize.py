@@ -1,5 +1,5 @@
-"""Pictures: confusion matrix, ROC curves of a multi-label model, feature maps with a class-activation map, the zoo's
-parameter-efficiency plot. Every function writes one PNG and returns its path.
+"""Pictures: confusion matrix, ROC curves of a multi-label model, feature maps with a Grad-CAM,
+the zoo's parameter-efficiency plot. Every function writes one PNG and returns its path.
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot), so nothing depends on a display
 or on global plotting state.
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 from PIL import Image
 
+from densenet.gradcam import grad_cam
 from densenet.io import atomic_write
 from densenet.models import DenseNet
 from densenet.multilabel import multilabel_metrics, roc_curve
@@ -113,30 +113,6 @@ def roc_curves_figure(
     return _save(fig, path)
 
 
-@torch.no_grad()
-def class_activation_map(
-    model: DenseNet, x: torch.Tensor, class_index: int | None = None
-) -> tuple[torch.Tensor, int, float]:
-    """CAM (Zhou et al. 2016) of one image ``x`` ``(1, C, H, W)``: ``(cam (h, w), class, prob)``.
-
-    ``cam`` is the classifier row of ``class_index`` (default: the top class) applied to each
-    position of the last normalized feature map, so with average pooling
-    ``cam.mean() + bias == logit``. ``prob`` is the class's softmax probability.
-    """
-    if not isinstance(model.classifier, torch.nn.Linear):
-        raise ValueError(
-            "a class-activation map needs the model's linear classifier (num_classes > 0)"
-        )
-    was_training = model.training
-    model.eval()
-    features = model.forward_intermediates(x)[-1][0]  # (C, h, w)
-    logits = model.forward_head(features[None])[0]
-    model.train(was_training)
-    index = int(logits.argmax()) if class_index is None else int(class_index)
-    cam = torch.einsum("c,chw->hw", model.classifier.weight[index], features)
-    return cam, index, float(logits.softmax(0)[index])
-
-
 def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """``(C, H, W)`` normalized -> ``(H, W, C)`` in [0, 1] for imshow (gray: ``(H, W)``)."""
     image = x.cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
@@ -159,15 +135,20 @@ def feature_map_figure(
     class_names: Sequence[str],
     path: str | Path,
     channels: int = 6,
+    task: str = "multiclass",
 ) -> Path:
-    """The model's view of ``image``, its top-5 classes, a CAM of the top class, and the
+    """The model's view of ``image``, its top-5 classes (softmax; ``task="multilabel"``: labels
+    by sigmoid), a Grad-CAM (:func:`densenet.gradcam.grad_cam`) of the top one, and the
     ``channels`` most active feature maps after each dense block (one row per block)."""
+    if not model.num_classes:
+        raise ValueError("a class-activation map needs the model's classifier (num_classes > 0)")
     device = next(model.parameters()).device
     x = transform(image)[None].to(device)
     model.eval()
     maps = [m[0].float().cpu() for m in model.forward_intermediates(x)]
-    probs = model(x)[0].float().softmax(0).cpu()
-    cam, _, _ = class_activation_map(model, x)
+    logits = model(x)[0].float().cpu()
+    probs = logits.sigmoid() if task == "multilabel" else logits.softmax(0)
+    cam = grad_cam(model, x, task=task).cam
     shown = _denormalize(x[0], mean, std)
     columns = max(channels, 4)
     fig = Figure(figsize=(1.9 * columns, 2.0 * len(maps) + 3.2))
@@ -180,19 +161,18 @@ def feature_map_figure(
 def _draw_header(
     fig, shown: np.ndarray, cam: torch.Tensor, probs: torch.Tensor, class_names
 ) -> None:
-    """Input image, CAM overlay of the top class, bar chart of the top-5 probabilities."""
+    """Input image, Grad-CAM ``(H, W)`` in [0, 1] over it, bar chart of the top-5
+    probabilities."""
     image_ax, cam_ax, bar_ax = fig.subplots(1, 3, width_ratios=[1, 1, 1.5])
     fig.subplots_adjust(left=0.03, right=0.97, wspace=0.75, top=0.85, bottom=0.15)
     cmap = "gray" if shown.ndim == 2 else None
-    heat = F.interpolate(cam[None, None].float().cpu(), size=shown.shape[:2], mode="bilinear")[0, 0]
-    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-12)
     top = probs.topk(min(5, len(probs)))
     labels = [_short(class_names[i], 24) for i in top.indices.tolist()]
     image_ax.imshow(shown, cmap=cmap)
     image_ax.set_title("input, as the model sees it", fontsize=9)
     cam_ax.imshow(shown, cmap=cmap)
-    cam_ax.imshow(heat.numpy(), cmap="jet", alpha=0.45)
-    cam_ax.set_title(f"class activation map:\n{labels[0]}", fontsize=9)
+    cam_ax.imshow(cam.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    cam_ax.set_title(f"Grad-CAM:\n{labels[0]}", fontsize=9)
     for ax in (image_ax, cam_ax):
         ax.axis("off")
     positions = list(range(len(labels)))[::-1]

@@ -1,5 +1,5 @@
-"""``densenet visualize``: an image's feature maps after each dense block and its class-activation
-map, as one PNG."""
+"""``densenet visualize``: an image's feature maps after each dense block and a Grad-CAM of its top
+class or label (densenet.gradcam, the map ``predict --cam`` writes), as one PNG."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from densenet.cli._common import add_model_arguments, model_from_args
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "visualize",
-        help="feature maps and class-activation map of one image, as a PNG",
-        description="Draw the input, the top-5 classes, a class-activation map of the top class "
+        help="feature maps and Grad-CAM of one image, as a PNG",
+        description="Draw the input, the top-5 classes, a Grad-CAM of the top class "
         "and the most active feature maps after each dense block.",
     )
     parser.add_argument("image", metavar="IMAGE")
@@ -35,7 +35,15 @@ def run(args: argparse.Namespace) -> int:
     model, info = model_from_args(args)
     transform = info.transform()
     path = feature_map_figure(
-        model, image, transform, info.mean, info.std, info.class_names, args.out, args.channels
+        model,
+        image,
+        transform,
+        info.mean,
+        info.std,
+        info.class_names,
+        args.out,
+        args.channels,
+        task=info.task,
     )
     print(f"wrote {path}")
     return 0
