@@ -90,13 +90,14 @@ def roc_curves_figure(
     metrics = multilabel_metrics(probabilities, targets, label_names)
     fig = Figure(figsize=(7.5, 6.5))
     ax = fig.add_subplot()
-    colors = colormaps["tab20"]
+    # tab20 pairs each color with a pale twin: only when ten distinct colors are not enough.
+    palette = colormaps["tab10" if len(label_names) <= 10 else "tab20"]
     for column, name in enumerate(label_names):
         if metrics["auroc"][name] is None:
             continue
         curve = roc_curve(probabilities[:, column], targets[:, column])
         label = f"{_short(name, 24)} ({metrics['auroc'][name]:.3f})"
-        ax.plot(curve.fpr, curve.tpr, color=colors(column % 20), label=label, linewidth=1.4)
+        ax.plot(curve.fpr, curve.tpr, color=palette(column % palette.N), label=label, linewidth=1.4)
     ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=0.8, label="chance (0.500)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
