@@ -37,6 +37,17 @@ def add_parser(subparsers) -> None:
         "all of it; 'val' there is the part training held out)",
     )
     parser.add_argument(
+        "--split-by",
+        metavar="COLUMN",
+        help="csv with one labels file: deal train/val/test by this column (group) as training did",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="with --split-by: the training run's seed, which chose the groups of each split",
+    )
+    parser.add_argument(
         "--ten-crop",
         action="store_true",
         help="average the softmax over 10 crops (corners, center and flips) as in the paper",
@@ -82,6 +93,8 @@ def _check(args: argparse.Namespace) -> None:
         raise CLIError(f"--workers must be >= 0, got {args.workers}")
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be at least 1, got {args.limit}")
+    if args.split_by and args.dataset not in (None, "csv"):
+        raise CLIError("--split-by applies to labels-file datasets only (--dataset csv)")
     if args.threshold_method and not args.fit_thresholds_on:
         raise CLIError("--threshold-method goes with --fit-thresholds-on SPLIT (e.g. val)")
     if args.threshold_method:
@@ -108,7 +121,9 @@ def _load_data(
     transform = info.transform(args.ten_crop, stats.mean, stats.std)
     matching = _class_matching(args, info) if dataset_name == "folder" else {}
     if dataset_name == "csv":  # targets in the model's label order, for the model's task
-        matching = dict(classes=list(info.class_names), task=info.task)
+        matching = dict(
+            classes=list(info.class_names), task=info.task, split_by=args.split_by, seed=args.seed
+        )
     dataset = build_dataset(
         dataset_name,
         args.data_dir,
