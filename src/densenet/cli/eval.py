@@ -37,17 +37,6 @@ def add_parser(subparsers) -> None:
         "all of it; 'val' there is the part training held out)",
     )
     parser.add_argument(
-        "--split-by",
-        metavar="COLUMN",
-        help="csv with one labels file: deal train/val/test by this column (group) as training did",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="with --split-by: the training run's seed, which chose the groups of each split",
-    )
-    parser.add_argument(
         "--ten-crop",
         action="store_true",
         help="average the softmax over 10 crops (corners, center and flips) as in the paper",
@@ -70,6 +59,24 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="skip files of a folder dataset that are not readable images (named on stderr)",
     )
+    _add_labels_file_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def _add_labels_file_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a labels file is split (csv) and a multi-label model's thresholds are chosen."""
+    parser.add_argument(
+        "--split-by",
+        metavar="COLUMN",
+        help="csv with one labels file: deal train/val/test by this column (group) as training did",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="with --split-by: the training run's seed, which chose the groups of each split",
+    )
     parser.add_argument(
         "--fit-thresholds-on",
         metavar="SPLIT",
@@ -82,8 +89,6 @@ def add_parser(subparsers) -> None:
         help="with --fit-thresholds-on: f1 (maximize F1, the default) or youden (maximize "
         "sensitivity + specificity - 1)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(func=run)
 
 
 def _check(args: argparse.Namespace) -> None:
