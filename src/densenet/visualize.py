@@ -146,8 +146,10 @@ def feature_map_figure(
     device = next(model.parameters()).device
     x = transform(image)[None].to(device)
     model.eval()
-    maps = [m[0].float().cpu() for m in model.forward_intermediates(x)]
-    logits = model(x)[0].float().cpu()
+    intermediates = model.forward_intermediates(x)
+    maps = [m[0].float().cpu() for m in intermediates]
+    # The head on the last block's output: grad_cam below makes the one full forward pass.
+    logits = model.forward_head(intermediates[-1])[0].float().cpu()
     probs = logits.sigmoid() if task == "multilabel" else logits.softmax(0)
     cam = grad_cam(model, x, task=task).cam
     shown = _denormalize(x[0], mean, std)
