@@ -27,7 +27,7 @@ CIFAR10_CLASSES = (
 )  # fmt: skip
 DIGITS = tuple(str(i) for i in range(10))
 
-DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion_mnist", "imagenet", "folder")
+DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion_mnist", "imagenet", "folder", "csv")
 _ALIASES = {"fashionmnist": "fashion_mnist", "fmnist": "fashion_mnist"}
 
 
@@ -43,6 +43,8 @@ class DatasetInfo:
     input_size: tuple[int, int, int]
     splits: tuple[str, ...]
     in_memory: bool  # read into one uint8 tensor; batched augmentation applies
+    # "multiclass" (one class per image) or "multilabel" (any number of labels per image)
+    task: str = "multiclass"
 
     @property
     def in_chans(self) -> int:

@@ -24,6 +24,10 @@ from densenet.messages import did_you_mean
 SCHEDULES = ("step", "multistep", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 NONFINITE = ("stop", "skip")
+TASKS = ("auto", "multiclass", "multilabel")
+POS_WEIGHTS = ("none", "auto")
+THRESHOLD_METHODS = ("f1", "youden")  # as densenet.multilabel's (kept torch-free here)
+SPLIT_BY = ("group",)
 
 
 @dataclass
@@ -57,6 +61,18 @@ class TrainConfig:
     in_memory: bool | None = None  # decode a folder dataset once into RAM; None = auto (<= 64 px)
     skip_bad_images: bool = False
     workers: int = 2
+    # Labels-file (csv) datasets: make train/val/test from one labels.csv by its group column
+    # (null: train.csv, val.csv, test.csv as given).
+    split_by: str | None = None
+
+    # Task: multiclass (softmax, cross-entropy) or multilabel (sigmoid per label,
+    # BCEWithLogitsLoss, the best checkpoint by validation mean AUROC); auto = multilabel when
+    # a training row of a csv dataset has no label or several.
+    task: str = "auto"
+    pos_weight: str = "none"  # multilabel: auto = each label's negatives / positives in training
+    threshold_method: str = (
+        "f1"  # multilabel: per-label thresholds fitted on validation (f1 | youden)
+    )
 
     # Optimization (the paper: SGD, Nesterov momentum 0.9, weight decay 1e-4, lr 0.1)
     epochs: int = 3
@@ -189,8 +205,17 @@ def load_config(
     config = merge(merge(TrainConfig(), values), overrides or {})
     if "model" not in values and "model" not in (overrides or {}):
         config = adopt_checkpoint_architecture(config)
+    if "val_split" not in values and "val_split" not in (overrides or {}):
+        config = dataclasses.replace(config, val_split=default_val_split(config.dataset))
     validate(config, check_data=check_data)
     return config
+
+
+def default_val_split(dataset: str) -> str:
+    """The split a run validates on unless told: ``val`` for labels-file (csv) datasets, whose
+    thresholds are fitted there and whose ``test`` stays unseen; ``test`` for the others (the
+    papers' protocol)."""
+    return "val" if dataset.lower() == "csv" else TrainConfig.val_split
 
 
 def adopt_checkpoint_architecture(config: TrainConfig) -> TrainConfig:
@@ -272,7 +297,12 @@ def _value_problems(c: TrainConfig) -> list[str | None]:
         _choice("nonfinite", c.nonfinite, NONFINITE),
         _choice("augment", c.augment, data.RECIPES),
         _choice("interpolation", c.interpolation, tuple(data.INTERPOLATIONS)),
+        _choice("task", c.task, TASKS),
+        _choice("pos_weight", c.pos_weight, POS_WEIGHTS),
+        _choice("threshold_method", c.threshold_method, THRESHOLD_METHODS),
     ]
+    if c.split_by is not None:
+        problems.append(_choice("split_by", c.split_by, SPLIT_BY))
     positive = ("epochs", "batch_size", "step_size", "grad_accum_steps")
     problems += [f"{k} must be >= 1, got {getattr(c, k)}" for k in positive if getattr(c, k) < 1]
     optional = ("num_classes", "input_size", "train_subset", "val_subset", "threads")
@@ -325,9 +355,9 @@ def _data_problems(c: TrainConfig, check_data: bool) -> list[str]:
     """An unknown dataset, a missing data directory (``check_data``), or none where one is needed."""
     from densenet.catalog import check_dataset_name
 
-    problems = []
+    problems, name = [], c.dataset
     try:
-        check_dataset_name(c.dataset)
+        name = check_dataset_name(c.dataset)
     except ValueError as error:
         problems.append(str(error))
     if check_data and c.data_dir is not None and not c.download and not Path(c.data_dir).exists():
@@ -335,6 +365,13 @@ def _data_problems(c: TrainConfig, check_data: bool) -> list[str]:
             f"data_dir {c.data_dir} does not exist (--data-dir DIR: the folder that holds the "
             "data; or --download to fetch it)"
         )
+    if c.task == "multilabel" and name != "csv":
+        problems.append(
+            "task multilabel needs a labels-file dataset (--dataset csv --data-dir DIR with "
+            "train.csv, val.csv, test.csv)"
+        )
+    if c.split_by is not None and name != "csv":
+        problems.append("split_by applies to labels-file datasets only (--dataset csv)")
     if c.data_dir is None and c.dataset != "fashion_mnist":  # the one with a system-wide copy
         problems.append(
             f"dataset {c.dataset} needs data_dir (--data-dir DIR; with --download the files "

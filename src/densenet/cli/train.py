@@ -12,9 +12,22 @@ FLAGS = (
         "--dataset",
         "dataset",
         str,
-        "cifar10, cifar100, svhn, mnist, fashion_mnist, imagenet, folder",
+        "cifar10, cifar100, svhn, mnist, fashion_mnist, imagenet, folder, csv",
     ),
-    ("--data-dir", "data_dir", str, "where the dataset is (a folder, or a .zip for folder)"),
+    (
+        "--data-dir",
+        "data_dir",
+        str,
+        "where the dataset is (a folder, or a .zip for folder; csv: the folder of "
+        "train.csv, val.csv, test.csv)",
+    ),
+    (
+        "--split-by",
+        "split_by",
+        str,
+        "csv: make train/val/test from one labels.csv without dividing a group (group)",
+    ),
+    ("--task", "task", str, "auto, multiclass or multilabel (auto: from the labels file)"),
     ("--epochs", "epochs", int, "training epochs"),
     ("--batch-size", "batch_size", int, "images per step"),
     ("--lr", "lr", float, "peak learning rate"),
@@ -113,9 +126,15 @@ def run(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0  # under torchrun, rank 0 reports
     final = result.final
+    if result.task == "multilabel":
+        scores = f"mean AUROC {final['val_mean_auroc']:.4f} (best {result.best_mean_auroc:.4f})"
+    else:
+        scores = (
+            f"top-1 {final['val_top1']:.2f}% (top-5 {final['val_top5']:.2f}%, best top-1 "
+            f"{result.best_top1:.2f}%)"
+        )
     print(
-        f"done: {cfg.dataset} {cfg.val_split} top-1 {final['val_top1']:.2f}% "
-        f"(top-5 {final['val_top5']:.2f}%, best top-1 {result.best_top1:.2f}%) after "
-        f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}\nrun directory: {result.run_dir}"
+        f"done: {cfg.dataset} {cfg.val_split} {scores} after {result.epochs} "
+        f"epoch{'s' if result.epochs != 1 else ''}\nrun directory: {result.run_dir}"
     )
     return 0

@@ -9,7 +9,8 @@ per-image torchvision transforms from :func:`build_transforms` (:mod:`~densenet.
 
 Every image file is decoded by :func:`load_image` and converted by :func:`to_channels`'s one
 documented rule (:mod:`~densenet.data.images`), in training, evaluation, prediction and
-visualization alike. Folder datasets match class folders by name and hold out part of a folder
+visualization alike. Labels-file datasets (``csv``: images listed in CSV files with ``|``-separated
+labels, multi-label or not; :mod:`~densenet.data.labels`) split by group when asked. Folder datasets match class folders by name and hold out part of a folder
 that has no split sub-folders (see :func:`build_dataset`). Loaders (:mod:`~densenet.data.loaders`)
 draw an order that depends only on the seed and the epoch. What is known about a dataset without
 reading it (classes, statistics) lives in :mod:`densenet.catalog`.
@@ -20,6 +21,7 @@ from densenet.data.build import build_dataset, dataset_info
 from densenet.data.datasets import InMemoryImages
 from densenet.data.folders import FolderImages, folder_splits
 from densenet.data.images import IMAGE_EXTENSIONS, SKIP_HINT, BadImageError, load_image, to_channels
+from densenet.data.labels import LabelsFileImages
 from densenet.data.loaders import EpochSampler, build_loader, set_epoch
 from densenet.data.transforms import (
     BATCHED_RECIPES,
@@ -43,6 +45,7 @@ __all__ = [
     "EpochSampler",
     "FolderImages",
     "InMemoryImages",
+    "LabelsFileImages",
     "build_dataset",
     "build_loader",
     "build_transforms",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,19 +28,31 @@ from densenet.data.datasets import (
     read_svhn,
 )
 from densenet.data.folders import SPLIT_FOLDERS, FolderImages, folder_classes, folder_dataset
+from densenet.data.labels import CSV_SPLITS, LabelsFileImages, channel_statistics, read_table
 
 
-def dataset_info(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
+def dataset_info(
+    name: str,
+    data_dir: str | Path | None = None,
+    split_by: str | None = None,
+    seed: int = 0,
+    task: str = "auto",
+) -> DatasetInfo:
     """Classes, normalization and input size of dataset ``name``.
 
     ``folder`` needs ``data_dir`` (its classes: the class folders of its ``train`` split, else of
     its first split, else its top-level folders); without it the class list is empty and the other
     fields are ImageNet's defaults. ``cifar100`` reads its class names from ``data_dir``.
+    ``csv`` reads its labels files (``split_by``, ``seed``: see :func:`build_dataset`): the label
+    names and ``task`` of the training rows (``task`` given: that one), the channels (1 when the
+    images are gray), mean and std of a sample of training images, input size 224.
     """
     name = check_dataset_name(name)
     if name in KNOWN:
         return KNOWN[name]
     root = Path(data_dir).expanduser() if data_dir else None
+    if name == "csv":
+        return _labels_file_info(root, split_by, seed, task)
     if name == "cifar100":
         check_data_dir(name, root, False)
         classes = cifar100_classes(root) if root else tuple(str(i) for i in range(100))
@@ -52,6 +65,16 @@ def dataset_info(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
         classes = tuple(folder_classes(root)) if root else ()
         splits = SPLIT_FOLDERS
     return dataset_entry(name, classes, IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224), splits, False)
+
+
+def _labels_file_info(root: Path | None, split_by: str | None, seed: int, task: str) -> DatasetInfo:
+    if root is None:
+        return dataset_entry("csv", (), IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224), CSV_SPLITS)
+    check_data_dir("csv", root, False)
+    train = LabelsFileImages(read_table(root, split_by, seed), "train", task)
+    channels, mean, std = channel_statistics(train)
+    info = dataset_entry("csv", tuple(train.classes), mean, std, (channels, 224, 224), CSV_SPLITS)
+    return dataclasses.replace(info, in_memory=False, task=train.task)
 
 
 def check_data_dir(name: str, data_dir: Path | None, download: bool) -> None:
@@ -86,6 +109,9 @@ def build_dataset(
     skip_bad_images: bool = False,
     classes: Sequence[str] | None = None,
     classes_from: str = "the given classes",
+    split_by: str | None = None,
+    seed: int = 0,
+    task: str = "auto",
 ) -> Dataset:
     """Dataset ``name``'s ``split`` ('train', 'test'/'val'; SVHN also 'train+extra', 'extra').
 
@@ -103,6 +129,14 @@ def build_dataset(
     data_dir = Path(data_dir).expanduser() if data_dir else None
     check_data_dir(name, data_dir, download)
     split = _split_of(name, split)
+    if name == "csv":
+        if data_dir is None:
+            raise ValueError("dataset csv needs --data-dir (a folder with train.csv, val.csv, ...)")
+        table = read_table(data_dir, split_by, seed)
+        images = LabelsFileImages(table, split, task, classes, transform)
+        if skip_bad_images:
+            images.drop_unreadable()
+        return images
     if name in ("imagenet", "folder"):
         images = _image_folder(name, data_dir, split, transform, classes, classes_from)
         if skip_bad_images:

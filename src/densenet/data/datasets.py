@@ -26,7 +26,8 @@ DOWNLOAD_DIR = Path.home() / ".cache" / "densenet" / "data"  # downloads without
 
 
 class InMemoryImages(Dataset):
-    """Images as one uint8 tensor ``(N, C, H, W)`` and int64 ``targets (N,)``.
+    """Images as one uint8 tensor ``(N, C, H, W)`` and int64 ``targets (N,)`` (class indices), or
+    float ``targets (N, L)`` (multi-hot labels: ``task`` multilabel).
 
     With ``transform`` None, :func:`build_loader` serves whole uint8 batches (see
     :class:`BatchTransform`); otherwise ``transform`` gets one uint8 ``(C, H, W)`` tensor
@@ -45,16 +46,23 @@ class InMemoryImages(Dataset):
                 f"expected uint8 images (N, C, H, W) and N targets, got {images.shape}"
             )
         self.images = images
-        self.targets = targets.long()
+        self.targets = targets.float() if targets.dim() == 2 else targets.long()
         self.classes = list(classes)
         self.transform = transform
+
+    @property
+    def task(self) -> str:
+        return "multilabel" if self.targets.dim() == 2 else "multiclass"
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
         image = self.images[index]
-        return (self.transform(image) if self.transform else image), int(self.targets[index])
+        target = self.targets[index]
+        return (self.transform(image) if self.transform else image), (
+            target if self.task == "multilabel" else int(target)
+        )
 
     def __getitems__(self, indices: list[int]) -> Any:
         if self.transform is not None:

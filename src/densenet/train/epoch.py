@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from densenet import data, runtime
+from densenet import data, multilabel, runtime
 from densenet.config import TrainConfig
-from densenet.evaluation import EvalResult, evaluate
+from densenet.evaluation import evaluate
 from densenet.progress import progress
 from densenet.runtime import DistEnv
 from densenet.train.errors import TrainingError
@@ -44,7 +45,7 @@ def train_one_epoch(state: TrainState, run: Run, stop: StopSignal) -> int:
     )
     started, seen = time.perf_counter(), 0
     for images, targets in batches:
-        images, targets = _to_device(images, targets, run)
+        images, targets = _to_device(images, targets, run, run.data.train_transform)
         set_lr(state.optimizer, lr_at(cfg, state.step, run.steps_per_epoch))
         loss_sum, correct = _forward_backward(state, run, images, targets)
         loss_sum, correct, count, stopping = sum_over_ranks(
@@ -59,9 +60,10 @@ def train_one_epoch(state: TrainState, run: Run, stop: StopSignal) -> int:
         state.epoch_step += 1
         seen += int(count)
         if run.progress and hasattr(batches, "set_postfix"):
+            accuracy = {} if run.data.task == "multilabel" else {"acc": f"{state.totals.top1:.1f}%"}
             batches.set_postfix(
                 loss=f"{state.totals.loss:.4f}",
-                acc=f"{state.totals.top1:.1f}%",
+                **accuracy,
                 img_s=f"{seen / (time.perf_counter() - started):.0f}",
             )
         if stopping:
@@ -88,7 +90,8 @@ def _forward_backward(
                 loss = run.criterion(logits, y)
             state.scaler.scale(loss / accum).backward()
         loss_sum += float(loss.detach()) * len(y)
-        correct += int((logits.argmax(1) == y).sum())
+        if y.dim() == 1:  # class indices; multi-hot targets have no top-1
+            correct += int((logits.argmax(1) == y).sum())
     return loss_sum, correct
 
 
@@ -113,10 +116,31 @@ def _nonfinite(loss_sum: float, state: TrainState, run: Run) -> None:
     run.log(f"skipping step {state.step}: loss is {loss_sum}")
 
 
-def evaluate_epoch(model: nn.Module, run: Run) -> EvalResult:
+@dataclass
+class Validation:
+    """One epoch's validation. multiclass: ``loss`` (cross-entropy), ``top1``/``top5`` (%);
+    multilabel: ``loss`` (the training criterion), ``mean_auroc`` and ``thresholds`` fitted on
+    the split (:meth:`densenet.multilabel.ThresholdFit.to_dict`). What a task lacks is NaN/None."""
+
+    loss: float
+    top1: float = math.nan
+    top5: float = math.nan
+    mean_auroc: float = math.nan
+    thresholds: dict | None = None
+
+    def score(self, task: str) -> float:
+        """What the best checkpoint maximizes: top-1, or mean AUROC (0 when no label has one)."""
+        if task != "multilabel":
+            return self.top1
+        return 0.0 if math.isnan(self.mean_auroc) else self.mean_auroc
+
+
+def evaluate_epoch(model: nn.Module, run: Run) -> Validation:
     """``model`` scored on the validation data; every rank scores rank 0's model."""
     runtime.broadcast_buffers(model, run.env)
-    return evaluate(
+    if run.data.task == "multilabel":
+        return _validate_multilabel(model, run)
+    result = evaluate(
         model,
         run.data.val_loader,
         run.device,
@@ -126,19 +150,61 @@ def evaluate_epoch(model: nn.Module, run: Run) -> EvalResult:
         channels_last=run.cfg.channels_last,
         env=run.env,
     )
+    return Validation(result.loss, result.top1, result.top5)
+
+
+@torch.no_grad()
+def _validate_multilabel(model: nn.Module, run: Run) -> Validation:
+    """Sigmoid probabilities of every validation image (gathered from all ranks): the loss, mean
+    AUROC and per-label thresholds (``threshold_method``) of the split."""
+    was_training = model.training
+    model.eval()
+    width = run.data.num_classes
+    probabilities, targets = [torch.zeros(0, width)], [torch.zeros(0, width)]
+    loss_sum = 0.0
+    for images, target in run.data.val_loader:
+        images, target = _to_device(images, target, run, run.data.val_transform)
+        with run.autocast():
+            logits = model(images).float()
+        loss_sum += float(run.criterion(logits, target)) * len(target)
+        probabilities.append(torch.sigmoid(logits).cpu())
+        targets.append(target.cpu())
+    model.train(was_training)
+    shares = runtime.gather_objects((torch.cat(probabilities), torch.cat(targets)), run.env)
+    probs = torch.cat([p for p, _ in shares])
+    labels = torch.cat([t for _, t in shares])
+    (loss_sum,) = sum_over_ranks((loss_sum,), run.env, run.device)
+    names = list(run.data.info.class_names)
+    names = names if len(names) == width else None
+    metrics = multilabel.multilabel_metrics(probs, labels, names)
+    fit = multilabel.fit_thresholds(probs, labels, run.cfg.threshold_method, names)
+    mean_auroc = metrics["mean_auroc"]
+    return Validation(
+        loss_sum / max(len(labels), 1),
+        mean_auroc=math.nan if mean_auroc is None else mean_auroc,
+        thresholds=fit.to_dict(names),
+    )
 
 
 def epoch_row(
-    state: TrainState, run: Run, result: EvalResult, seen: int, train_time: float, started: float
+    state: TrainState, run: Run, result: Validation, seen: int, train_time: float, started: float
 ) -> dict:
-    """The metrics.csv row of epoch ``state.epoch`` (before it is counted as done)."""
+    """The metrics.csv row of epoch ``state.epoch`` (before it is counted as done). A multilabel
+    row has ``val_mean_auroc`` and no top-1/top-5 keys; a multiclass row the reverse (their
+    columns stay empty in metrics.csv)."""
+    if run.data.task == "multilabel":
+        scores = {"val_mean_auroc": result.mean_auroc}
+    else:
+        scores = {
+            "train_top1": state.totals.top1,
+            "val_top1": result.top1,
+            "val_top5": result.top5,
+        }
     return {
         "epoch": state.epoch + 1,
         "train_loss": state.totals.loss,
-        "train_top1": state.totals.top1,
         "val_loss": result.loss,
-        "val_top1": result.top1,
-        "val_top5": result.top5,
+        **scores,
         "lr": lr_at(run.cfg, state.step - 1, run.steps_per_epoch),
         "img_per_s": seen / max(train_time, 1e-9),
         "time_s": time.perf_counter() - started,
@@ -146,11 +212,19 @@ def epoch_row(
 
 
 def epoch_line(row: dict, epochs: int) -> str:
+    if "val_mean_auroc" in row:
+        scores = (
+            f"train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f} "
+            f"mean AUROC {row['val_mean_auroc']:.4f}"
+        )
+    else:
+        scores = (
+            f"train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}%  val loss "
+            f"{row['val_loss']:.4f} top1 {row['val_top1']:.2f}% top5 {row['val_top5']:.2f}%"
+        )
     return (
-        f"epoch {int(row['epoch'])}/{epochs}  train loss {row['train_loss']:.4f} "
-        f"top1 {row['train_top1']:.2f}%  val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}% "
-        f"top5 {row['val_top5']:.2f}%  lr {row['lr']:.4g}  {row['img_per_s']:.0f} img/s  "
-        f"{row['time_s']:.1f}s"
+        f"epoch {int(row['epoch'])}/{epochs}  {scores}  lr {row['lr']:.4g}  "
+        f"{row['img_per_s']:.0f} img/s  {row['time_s']:.1f}s"
     )
 
 
@@ -173,13 +247,14 @@ def autocast_factory(cfg: TrainConfig, device: torch.device):
 
 
 def _to_device(
-    images: torch.Tensor, targets: torch.Tensor, run: Run
+    images: torch.Tensor, targets: torch.Tensor, run: Run, transform: data.BatchTransform | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training batch on the run's device, preprocessed there when the data is batched."""
+    """A batch on the run's device, preprocessed there by ``transform`` when the data is
+    batched."""
     images = images.to(run.device, non_blocking=True)
     targets = targets.to(run.device, non_blocking=True)
-    if run.data.train_transform is not None:
-        images = run.data.train_transform(images)
+    if transform is not None:
+        images = transform(images)
     if run.cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets

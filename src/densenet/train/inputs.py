@@ -30,6 +30,9 @@ class RunData:
     # Batches of a whole epoch (the loader's length shrinks while it resumes inside an epoch).
     steps_per_epoch: int
     skipped_images: int = 0
+    task: str = "multiclass"  # or "multilabel": targets are multi-hot (N, L) float
+    # Multilabel with pos_weight auto: each label's negatives / positives in the training data.
+    pos_weight: torch.Tensor | None = None
 
 
 def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv | None = None) -> RunData:
@@ -43,7 +46,12 @@ def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv | None = Non
             f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum_steps "
             f"({env.world_size} x {cfg.grad_accum_steps}); it is the global batch of one step"
         )
-    info = data.dataset_info(cfg.dataset, cfg.data_dir)
+    info = data.dataset_info(cfg.dataset, cfg.data_dir, cfg.split_by, cfg.seed, cfg.task)
+    if cfg.pos_weight == "auto" and info.task != "multilabel":
+        raise TrainingError(
+            f"pos_weight auto weighs the labels of a multilabel task; {cfg.dataset} is "
+            f"{info.task} here (drop pos_weight, or set task: multilabel)"
+        )
     (train_ds, val_ds), skipped = _datasets(cfg, info)
     if len(info.class_names) != len(train_ds.classes):  # keep ImageNet's readable names
         info = _with_classes(info, train_ds.classes)
@@ -71,6 +79,22 @@ def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv | None = Non
         num_classes=cfg.num_classes or info.num_classes,
         steps_per_epoch=len(train_loader),
         skipped_images=skipped,
+        task=info.task,
+        pos_weight=label_pos_weight(train_ds.targets) if cfg.pos_weight == "auto" else None,
+    )
+
+
+def label_pos_weight(targets: torch.Tensor) -> torch.Tensor | None:
+    """BCEWithLogitsLoss's ``pos_weight`` ``(L,)`` from multi-hot ``targets`` ``(N, L)``: each
+    label's negatives / positives (1 for a label without positives: nothing to weigh); None for
+    class-index targets."""
+    targets = torch.as_tensor(targets)
+    if targets.dim() != 2:
+        return None
+    positives = targets.sum(0)
+    negatives = len(targets) - positives
+    return torch.where(
+        positives > 0, negatives / positives.clamp(min=1), torch.ones_like(positives)
     )
 
 
@@ -80,14 +104,21 @@ def _datasets(cfg: TrainConfig, info: data.DatasetInfo) -> tuple[list, int]:
     datasets, skipped = [], 0
     for split, limit in ((cfg.train_split, cfg.train_subset), (cfg.val_split, cfg.val_subset)):
         ds = data.build_dataset(
-            cfg.dataset, cfg.data_dir, split, None, cfg.download, cfg.skip_bad_images
+            cfg.dataset,
+            cfg.data_dir,
+            split,
+            None,
+            cfg.download,
+            cfg.skip_bad_images,
+            split_by=cfg.split_by,
+            seed=cfg.seed,
+            task=info.task,
         )
         skipped += getattr(ds, "skipped", 0)
         ds = _first(ds, limit, cfg.seed)
-        small = isinstance(ds, data.FolderImages) and _image_side(ds) <= IN_MEMORY_MAX_SIDE
-        if isinstance(ds, data.FolderImages) and (
-            cfg.in_memory or (cfg.in_memory is None and small)
-        ):
+        files = isinstance(ds, (data.FolderImages, data.LabelsFileImages))
+        small = files and _image_side(ds) <= IN_MEMORY_MAX_SIDE
+        if files and (cfg.in_memory or (cfg.in_memory is None and small)):
             ds = ds.to_memory(info.in_chans)
         datasets.append(ds)
     return datasets, skipped
@@ -138,7 +169,9 @@ def _first(dataset: data.InMemoryImages | data.FolderImages, n: int | None, seed
     return dataset.subset(index.sort().values)
 
 
-def _image_side(ds: data.FolderImages) -> int:
+def _image_side(ds: data.FolderImages | data.LabelsFileImages) -> int:
+    if isinstance(ds, data.LabelsFileImages):
+        return ds.image_side()
     return max(ds.load(ds.samples[0][0]).size)
 
 

@@ -17,6 +17,7 @@ from densenet.io import load_state
 from densenet.messages import count
 from densenet.runtime import DistEnv
 from densenet.train.epoch import (
+    Validation,
     autocast_factory,
     epoch_line,
     epoch_row,
@@ -37,8 +38,10 @@ from densenet.train.state import EpochTotals, Run, TrainState, build_state, rest
 class RunResult:
     run_dir: Path
     epochs: int
-    best_top1: float
+    best_top1: float  # multiclass (%)
     final: dict  # the last metrics row
+    task: str = "multiclass"
+    best_mean_auroc: float = -1.0  # multilabel: the best validation mean AUROC
 
 
 def train(
@@ -91,7 +94,8 @@ def _start(
     if run_data.skipped_images:
         log(f"skipped {count(run_data.skipped_images, 'unreadable image')} (--skip-bad-images)")
     state = build_state(cfg, run_data, env, device, log)
-    autocast, criterion = autocast_factory(cfg, device), build_criterion(cfg)
+    autocast = autocast_factory(cfg, device)
+    criterion = build_criterion(cfg, run_data.task, run_data.pos_weight).to(device)
     run = Run(cfg, env, device, run_data, run_dir, log, progress, autocast, criterion)
     if saved is not None:
         restore(state, saved, run)
@@ -115,16 +119,17 @@ def _train_epochs(run: Run, state: TrainState) -> RunResult:
             train_time = time.perf_counter() - started
             evaluated = state.evaluated
             result = evaluate_epoch(evaluated, run)
+            state.thresholds = result.thresholds
             row = epoch_row(state, run, result, seen, train_time, started)
             state.epoch, state.epoch_step, state.totals = state.epoch + 1, 0, EpochTotals()
-            improved = row["val_top1"] > state.best_top1
-            state.best_top1 = max(state.best_top1, row["val_top1"])
+            improved = _note_best(state, run, result)
             rows.append(row)
             if env.is_main:  # before the checkpoint: a resume drops rows past its epoch
                 run.dir.write_metrics(rows)
                 if writer is not None:
                     for key in METRIC_FIELDS[1:]:
-                        writer.add_scalar(key, row[key], state.epoch)
+                        if key in row:  # the metrics of the run's task
+                            writer.add_scalar(key, row[key], state.epoch)
             if improved:
                 save_checkpoint(state, run, run.dir.best, evaluated)
             save_checkpoint(state, run, run.dir.last)
@@ -132,4 +137,23 @@ def _train_epochs(run: Run, state: TrainState) -> RunResult:
             (stopping,) = sum_over_ranks((stop.signum is not None,), env, run.device)
             if stopping and state.epoch < cfg.epochs:  # arrived during evaluation
                 raise stop.interrupted(state, run.dir)
-    return RunResult(run.dir.path, state.epoch, state.best_top1, rows[-1] if rows else {})
+    return RunResult(
+        run.dir.path,
+        state.epoch,
+        state.best_top1,
+        rows[-1] if rows else {},
+        run.data.task,
+        state.best_mean_auroc,
+    )
+
+
+def _note_best(state: TrainState, run: Run, result: Validation) -> bool:
+    """Record the epoch's score (top-1, or mean AUROC for multilabel); is it the best so far?"""
+    if run.data.task == "multilabel":
+        score = result.score(run.data.task)
+        improved = score > state.best_mean_auroc
+        state.best_mean_auroc = max(state.best_mean_auroc, score)
+        return improved
+    improved = result.top1 > state.best_top1
+    state.best_top1 = max(state.best_top1, result.top1)
+    return improved

@@ -62,7 +62,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group["lr_scale"]
 
 
-def build_criterion(cfg: TrainConfig) -> nn.Module:
-    """Cross-entropy with ``label_smoothing`` eps: the target puts 1 - eps on the true class and
-    eps spread evenly over all K classes, so loss = (1 - eps) * NLL(true) + eps * mean_k NLL(k)."""
+def build_criterion(
+    cfg: TrainConfig, task: str = "multiclass", pos_weight: torch.Tensor | None = None
+) -> nn.Module:
+    """The loss of ``task``.
+
+    multiclass: cross-entropy with ``label_smoothing`` eps: the target puts 1 - eps on the true
+    class and eps spread evenly over all K classes, so loss = (1 - eps) * NLL(true) + eps *
+    mean_k NLL(k). multilabel: ``BCEWithLogitsLoss`` over the ``(N, L)`` logits and multi-hot
+    targets, averaged over images and labels; ``pos_weight`` ``(L,)`` scales each label's
+    positive term (negatives / positives balances a rare finding).
+    """
+    if task == "multilabel":
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ METRIC_FIELDS = (
     "val_loss",
     "val_top1",
     "val_top5",
+    "val_mean_auroc",  # multilabel runs; their top-1/top-5 columns are empty
     "lr",
     "img_per_s",
     "time_s",
@@ -54,7 +56,8 @@ class RunDir:
         if not self.metrics.exists():
             return []
         with open(self.metrics, newline="") as f:
-            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            # An empty column is a metric the run's task lacks (or a row written before it).
+            rows = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
         return [r for r in rows if r["epoch"] <= up_to_epoch]
 
     def write_metrics(self, rows: list[dict]) -> None:
@@ -62,9 +65,11 @@ class RunDir:
         writer = csv.DictWriter(buffer, METRIC_FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _fmt(row[k]) for k in METRIC_FIELDS})
+            # A metric a row lacks (its task has none, or it predates the column) stays empty.
+            writer.writerow({k: _fmt(row[k]) if k in row else "" for k in METRIC_FIELDS})
         atomic_write(self.metrics, lambda f: f.write(buffer.getvalue()), mode="w")
-        plot_curves(rows, self.curves)
+        # The plot draws every curve; a metric the task lacks is a gap (NaN).
+        plot_curves([{k: row.get(k, math.nan) for k in METRIC_FIELDS} for row in rows], self.curves)
 
 
 def _fmt(value: float) -> str:

@@ -85,6 +85,9 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch_step: int = 0  # steps done in the current epoch
     best_top1: float = -1.0  # the best validation top-1 so far (%)
+    best_mean_auroc: float = -1.0  # multilabel: the best validation mean AUROC so far
+    # multilabel: the per-label thresholds fitted at the last validation (ThresholdFit.to_dict)
+    thresholds: dict | None = None
     totals: EpochTotals = field(default_factory=EpochTotals)
 
     @property
@@ -135,12 +138,17 @@ def save_checkpoint(
             "epoch_step": state.epoch_step,
             "train_sums": [state.totals.loss_sum, state.totals.correct, state.totals.images],
             "best_top1": state.best_top1,
+            "best_mean_auroc": state.best_mean_auroc,
+            "thresholds": state.thresholds,
         }
         if run.env.enabled:
             tree["rng_ranks"] = rngs
         if state.ema is not None:
             tree["ema"] = state.ema.module.state_dict()
-        save_state(path, tree, {**_metadata(state.model, run), "epoch": state.epoch})
+        meta = {**_metadata(state.model, run), "epoch": state.epoch}
+        if state.thresholds is not None:
+            meta["thresholds"] = state.thresholds
+        save_state(path, tree, meta)
     runtime.barrier(run.env)  # no rank exits before the file is complete
 
 
@@ -153,6 +161,7 @@ def _metadata(model: nn.Module, run: Run) -> dict:
         "dataset": info.name,
         "num_classes": run.data.num_classes,
         "class_names": list(info.class_names),
+        "task": run.data.task,
         "mean": list(info.mean),
         "std": list(info.std),
         "input_size": list(run.data.input_size),
@@ -180,6 +189,9 @@ def restore(state: TrainState, saved: dict, run: Run) -> None:
         state.ema.module.load_state_dict(saved["ema"])
     state.epoch, state.step, state.epoch_step = saved["epoch"], saved["step"], saved["epoch_step"]
     state.best_top1, state.totals = saved["best_top1"], EpochTotals(*saved["train_sums"])
+    # Checkpoints written before multi-label training lack these.
+    state.best_mean_auroc = saved.get("best_mean_auroc", -1.0)
+    state.thresholds = saved.get("thresholds")
     rngs = saved.get("rng_ranks", [saved["rng"]])
     if len(rngs) == run.env.world_size:
         set_rng_state(rngs[run.env.rank])
