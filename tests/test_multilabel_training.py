@@ -19,8 +19,10 @@ from PIL import Image
 from test_checkpoint_forms import torchvision_published_file
 
 from densenet.cli import main
+from densenet.config import load_config
 from densenet.data import build_dataset, dataset_info
 from densenet.io import load_state
+from densenet.train import train
 from densenet.train.inputs import label_pos_weight
 from densenet.train.optim import build_criterion
 
@@ -180,6 +182,30 @@ def test_multilabel_run_scores_auroc_and_stores_thresholds(tmp_path: Path, capsy
     assert "val_split: val" in config and "task: auto" in config
 
 
+def test_multilabel_run_resumes_with_its_best_score_and_thresholds(tmp_path: Path, capsys) -> None:
+    data = chest_like(tmp_path / "chest", (16, 8, 4))
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    assert train_cli(data, straight, "--epochs", "2", "--batch-size", "8") == 0
+
+    def crash_after_epoch_one(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise KeyboardInterrupt  # as if killed right after epoch 1's checkpoint
+
+    overrides = {"dataset": "csv", "data_dir": str(data), "epochs": 2, "batch_size": 8}
+    cfg = load_config(None, {**overrides, "workers": 0, "out": str(parts)})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, log=crash_after_epoch_one)
+    assert main(["train", "--resume", str(parts), "--no-progress"]) == 0
+    capsys.readouterr()
+    for name in ("best", "last"):
+        a_state, a_meta = load_state(straight / "checkpoints" / f"{name}.safetensors")
+        b_state, b_meta = load_state(parts / "checkpoints" / f"{name}.safetensors")
+        assert a_meta["thresholds"] == b_meta["thresholds"] and a_meta["epoch"] == b_meta["epoch"]
+        assert a_state["best_mean_auroc"] == b_state["best_mean_auroc"] > 0
+    with open(parts / "metrics.csv") as f:
+        assert [r["val_mean_auroc"] != "" for r in csv.DictReader(f)] == [True, True]
+
+
 def test_grayscale_data_from_torchvision_imagenet_weights(tmp_path: Path, capsys) -> None:
     """densenet121 from a torchvision-form ImageNet file trains on 1-channel images: its first
     conv takes one channel and the run normalizes with the dataset's own mean/std."""
@@ -187,9 +213,15 @@ def test_grayscale_data_from_torchvision_imagenet_weights(tmp_path: Path, capsys
     data = chest_like(tmp_path / "chest", (4, 2, 2))
     out = tmp_path / "run"
     extra = ["--model", "densenet121", "--pretrained", str(weights), "--epochs", "1"]
-    assert train_cli(data, out, *extra, "--batch-size", "2") == 0, capsys.readouterr().err
+    # a frozen backbone keeps the first conv as the file gave it, to compare with
+    assert train_cli(data, out, *extra, "--batch-size", "2", "--freeze-backbone") == 0, (
+        capsys.readouterr().err
+    )
     state, meta = load_state(out / "checkpoints" / "last.safetensors")
-    assert state["model"]["features.conv0.weight"].shape == (64, 1, 7, 7)
+    rgb = torch.load(weights, weights_only=True)["features.conv0.weight"]
+    conv = state["model"]["features.conv0.weight"]
+    assert conv.shape == (64, 1, 7, 7)  # a gray image gives what its RGB copy gave
+    torch.testing.assert_close(conv, rgb.sum(1, keepdim=True), atol=1e-6, rtol=0)
     assert meta["mean"] == list(dataset_info("csv", data).mean) and len(meta["std"]) == 1
     assert meta["mean"] != [0.485]
 
