@@ -96,18 +96,44 @@ def test_labels_file_rows_become_multi_hot_targets(tmp_path: Path) -> None:
 
 
 def test_single_label_csv_is_ordinary_classification(tmp_path: Path) -> None:
-    root = chest_like(tmp_path / "c", (6, 2, 2))
-    for split in ("train", "val", "test"):
-        with open(root / f"{split}.csv", newline="") as f:
-            rows = [
-                (r["image"], ["cat", "dog"][i % 2], r["group"])
-                for i, r in enumerate(csv.DictReader(f))
-            ]
-        write_csv(root / f"{split}.csv", rows)
+    root = relabel_single(chest_like(tmp_path / "c", (6, 2, 2)))
     info = dataset_info("csv", root)
     assert info.task == "multiclass" and info.class_names == ("cat", "dog")
     dataset = build_dataset("csv", root, "train")
     assert [dataset[i][1] for i in range(3)] == [0, 1, 0]
+
+
+def relabel_single(root: Path) -> Path:
+    """Every row of ``root``'s CSVs given exactly one label, cat or dog."""
+    for split in ("train", "val", "test"):
+        with open(root / f"{split}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        labelled = [(r["image"], ["cat", "dog"][i % 2], r["group"]) for i, r in enumerate(rows)]
+        write_csv(root / f"{split}.csv", labelled)
+    return root
+
+
+def test_single_label_csv_trains_as_classification(tmp_path: Path, capsys) -> None:
+    data = relabel_single(chest_like(tmp_path / "c", (8, 4, 4)))
+    out = tmp_path / "run"
+    assert train_cli(data, out, "--epochs", "1", "--batch-size", "4") == 0
+    assert "top-1" in capsys.readouterr().out
+    _, meta = load_state(out / "checkpoints" / "last.safetensors")
+    assert meta["task"] == "multiclass" and meta["class_names"] == ["cat", "dog"]
+    assert "thresholds" not in meta
+    with open(out / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    assert row["val_mean_auroc"] == "" and 0 <= float(row["val_top1"]) <= 100
+
+
+def test_multilabel_settings_that_cannot_apply_are_errors(tmp_path: Path, capsys) -> None:
+    single = relabel_single(chest_like(tmp_path / "c", (8, 4, 4)))
+    assert train_cli(single, tmp_path / "r", "--set", "pos_weight=auto") == 2
+    assert "pos_weight auto weighs the labels of a multilabel task" in capsys.readouterr().err
+    assert main(["train", "--task", "multilabel", "--out", str(tmp_path / "r")]) == 2
+    assert "task multilabel needs a labels-file dataset" in capsys.readouterr().err
+    assert train_cli(single, tmp_path / "r", "--set", "threshold_method=roc") == 2
+    assert "threshold_method must be one of f1, youden, got 'roc'" in capsys.readouterr().err
 
 
 def test_labels_file_errors_name_the_problem(tmp_path: Path) -> None:
