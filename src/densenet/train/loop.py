@@ -149,11 +149,8 @@ def _train_epochs(run: Run, state: TrainState) -> RunResult:
 
 def _note_best(state: TrainState, run: Run, result: Validation) -> bool:
     """Record the epoch's score (top-1, or mean AUROC for multilabel); is it the best so far?"""
-    if run.data.task == "multilabel":
-        score = result.score(run.data.task)
-        improved = score > state.best_mean_auroc
-        state.best_mean_auroc = max(state.best_mean_auroc, score)
-        return improved
-    improved = result.top1 > state.best_top1
-    state.best_top1 = max(state.best_top1, result.top1)
+    best = "best_mean_auroc" if run.data.task == "multilabel" else "best_top1"
+    score = result.score(run.data.task)
+    improved = score > getattr(state, best)
+    setattr(state, best, max(getattr(state, best), score))
     return improved
