@@ -130,6 +130,9 @@ def test_multilabel_settings_that_cannot_apply_are_errors(tmp_path: Path, capsys
     single = relabel_single(chest_like(tmp_path / "c", (8, 4, 4)))
     assert train_cli(single, tmp_path / "r", "--set", "pos_weight=auto") == 2
     assert "pos_weight auto weighs the labels of a multilabel task" in capsys.readouterr().err
+    multi = chest_like(tmp_path / "m", (8, 4, 4))
+    assert train_cli(multi, tmp_path / "r", "--set", "label_smoothing=0.1") == 2
+    assert "label_smoothing applies to multiclass cross-entropy" in capsys.readouterr().err
     assert main(["train", "--task", "multilabel", "--out", str(tmp_path / "r")]) == 2
     assert "task multilabel needs a labels-file dataset" in capsys.readouterr().err
     assert train_cli(single, tmp_path / "r", "--set", "threshold_method=roc") == 2

@@ -47,6 +47,11 @@ def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv | None = Non
             f"({env.world_size} x {cfg.grad_accum_steps}); it is the global batch of one step"
         )
     info = data.dataset_info(cfg.dataset, cfg.data_dir, cfg.split_by, cfg.seed, cfg.task)
+    if cfg.label_smoothing and info.task == "multilabel":
+        raise TrainingError(
+            "label_smoothing applies to multiclass cross-entropy; this multilabel task trains with "
+            "BCEWithLogitsLoss (set label_smoothing: 0)"
+        )
     if cfg.pos_weight == "auto" and info.task != "multilabel":
         raise TrainingError(
             f"pos_weight auto weighs the labels of a multilabel task; {cfg.dataset} is "
