@@ -19,15 +19,16 @@ from typing import Any
 import torch
 import yaml
 
+from densenet.data.labels import SPLIT_BY
 from densenet.messages import did_you_mean
+from densenet.multilabel import TASKS as LABEL_TASKS
+from densenet.multilabel import THRESHOLD_METHODS
 
 SCHEDULES = ("step", "multistep", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 NONFINITE = ("stop", "skip")
-TASKS = ("auto", "multiclass", "multilabel")
+TASKS = ("auto", *LABEL_TASKS)  # auto: multilabel when a training row has no or several labels
 POS_WEIGHTS = ("none", "auto")
-THRESHOLD_METHODS = ("f1", "youden")  # as densenet.multilabel's (kept torch-free here)
-SPLIT_BY = ("group",)
 
 
 @dataclass

@@ -27,12 +27,12 @@ from torch.utils.data import Dataset
 from densenet.data.datasets import InMemoryImages
 from densenet.data.images import SKIP_HINT, BadImageError, load_image
 from densenet.messages import did_you_mean, notice
+from densenet.multilabel import TASKS
 from densenet.progress import progress
 
 CSV_SPLITS = ("train", "val", "test")
 NO_LABEL = "No Finding"  # ChestX-ray14's name for an image without findings
 LABEL_SEPARATOR = "|"
-TASKS = ("multiclass", "multilabel")
 SPLIT_BY = ("group",)
 # --split-by group: the share of groups (not rows) each split gets from one labels file.
 GROUP_SHARES = {"train": 0.8, "val": 0.1, "test": 0.1}
