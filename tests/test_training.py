@@ -211,6 +211,45 @@ def test_signal_during_evaluation_stops_at_the_epoch_boundary(folder, tmp_path):
     assert load_state(tmp_path / "r" / "checkpoints" / "last.safetensors")[0]["epoch"] == 1
 
 
+def test_ctrl_c_during_validation_answers_at_once_and_twice_stops_cleanly(
+    folder, tmp_path, monkeypatch, capsys
+):
+    """The first Ctrl-C in validation says at once what happens; a second stops the CLI with one
+    line and status 130, the last checkpoint (epoch 1's) left as it was."""
+    from densenet.cli import main
+    from densenet.train import loop
+
+    evaluate_epoch = loop.evaluate_epoch
+    run = tmp_path / "r"
+    heard: list[str] = []
+
+    def ctrl_c_twice_in_epoch_two(evaluated, run_):
+        if (run / "checkpoints" / "last.safetensors").exists():
+            os.kill(os.getpid(), signal.SIGINT)
+            heard.append(capsys.readouterr().err)  # printed before validation goes on
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate_epoch(evaluated, run_)
+
+    monkeypatch.setattr(loop, "evaluate_epoch", ctrl_c_twice_in_epoch_two)
+    args = [
+        "train", "--dataset", "folder", "--data-dir", str(folder), "--out", str(run),
+        "--epochs", "3", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+        "--set", f"model_args={TINY_MODEL}", "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 128 + signal.SIGINT
+    assert heard[0].strip().splitlines()[-1] == (
+        "densenet train: SIGINT received: finishing this epoch's validation to save a "
+        "checkpoint; press Ctrl-C again to stop now (the epoch's training is then lost)"
+    )
+    error = capsys.readouterr().err
+    assert error.strip().splitlines()[-1] == (
+        "densenet train: SIGINT received again: stopped without saving this epoch's training; "
+        "the last checkpoint is unchanged"
+    )
+    assert "Traceback" not in error
+    assert load_state(run / "checkpoints" / "last.safetensors")[0]["epoch"] == 1
+
+
 def test_finished_run_asks_for_more_epochs(folder, tmp_path):
     train(tiny(folder, tmp_path / "r", epochs=1), progress=False, log=quiet)
     with pytest.raises(TrainingError, match="already finished 1 epoch; raise --epochs"):

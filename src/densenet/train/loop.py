@@ -118,7 +118,8 @@ def _train_epochs(run: Run, state: TrainState) -> RunResult:
             seen = train_one_epoch(state, run, stop)
             train_time = time.perf_counter() - started
             evaluated = state.evaluated
-            result = evaluate_epoch(evaluated, run)
+            with stop.validating():
+                result = evaluate_epoch(evaluated, run)
             state.thresholds = result.thresholds
             row = epoch_row(state, run, result, seen, train_time, started)
             state.epoch, state.epoch_step, state.totals = state.epoch + 1, 0, EpochTotals()

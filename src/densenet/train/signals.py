@@ -3,8 +3,11 @@ once the step's checkpoint is saved."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from densenet.train.errors import Interrupted
@@ -20,6 +23,7 @@ class StopSignal:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict = {}
+        self._validating = False
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -27,10 +31,32 @@ class StopSignal:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    @contextlib.contextmanager
+    def validating(self) -> Iterator[None]:
+        """Mark the epoch's validation: a first SIGINT there is answered at once on stderr, as
+        the checkpoint it waits for is saved only when validation ends."""
+        self._validating = True
+        try:
+            yield
+        finally:
+            self._validating = False
+
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            # A second Ctrl-C: stop now, as an Interrupted (one line from the CLI, exit 130).
+            raise Interrupted(
+                "SIGINT received again: stopped without saving this epoch's training; the last "
+                "checkpoint is unchanged",
+                signum,
+            )
         self.signum = signum
+        if self._validating and signum == signal.SIGINT:
+            print(
+                "densenet train: SIGINT received: finishing this epoch's validation to save a "
+                "checkpoint; press Ctrl-C again to stop now (the epoch's training is then lost)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
