@@ -321,3 +321,49 @@ def test_fashion_mnist_data_dir_without_its_files_is_an_error(tmp_path, monkeypa
     monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", (SHARED / "fashion-mnist",))
     with pytest.raises(FileNotFoundError, match=f"fashion_mnist not found.*{tmp_path}"):
         data.build_dataset("fashion_mnist", tmp_path, "test")  # not the system copy
+
+
+# --- MNIST vs Fashion-MNIST files: same names and shapes, told apart by published MD5 ----------
+@pytest.mark.parametrize(
+    "asked, folder, holds, instead",
+    [
+        ("fashion_mnist", "mnist", "MNIST", "mnist"),
+        ("mnist", "fashion-mnist", "Fashion-MNIST", "fashion_mnist"),
+    ],
+)
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_the_other_mnist_likes_files_are_refused(asked, folder, holds, instead, split):
+    _need(SHARED / folder)
+    with pytest.raises(ValueError) as error:
+        data.build_dataset(asked, SHARED / folder, split)
+    message = str(error.value)
+    assert f"--data-dir {SHARED / folder} holds {holds}'s files" in message
+    assert "matches its published MD5" in message and "\n" not in message
+    assert f"use --dataset {instead} or the" in message
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "mnist"), ("fashion_mnist", "fashion-mnist")])
+def test_each_mnist_like_folder_loads_as_itself(name, folder):
+    _need(SHARED / folder)
+    assert len(data.build_dataset(name, SHARED / folder, "test")) == 10000
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, lambda raw: raw], ids=["gz", "raw"])
+def test_an_unknown_copy_of_the_other_datasets_files_still_loads(tmp_path, compress):
+    """Decompressed or re-compressed files match no published MD5: read as asked, no false alarm."""
+    source = SHARED / "fashion-mnist"
+    _need(source)
+    suffix = ".gz" if compress is gzip.compress else ""
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        raw = gzip.decompress((source / f"{stem}.gz").read_bytes())
+        (tmp_path / (stem + suffix)).write_bytes(compress(raw))
+    assert len(data.build_dataset("mnist", tmp_path, "test")) == 10000
+
+
+def test_small_idx_files_of_neither_dataset_load(tmp_path):
+    images = (2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (3, 28, 28))
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(images + bytes(3 * 784)))
+    labels = (2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([1, 2, 3])
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    for name in ("mnist", "fashion_mnist"):
+        assert data.build_dataset(name, tmp_path, "test").targets.tolist() == [1, 2, 3]

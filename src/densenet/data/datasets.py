@@ -7,7 +7,9 @@ download (``--download``) that fails offline says so in one line.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import math
 import pickle
 from collections.abc import Callable, Sequence
@@ -23,6 +25,15 @@ from densenet.catalog import CIFAR10_CLASSES, KNOWN
 
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)  # Debian dataset-fashion-mnist
 DOWNLOAD_DIR = Path.home() / ".cache" / "densenet" / "data"  # downloads without a --data-dir
+# The MD5 of each .gz file Debian's package dataset-fashion-mnist (0.0~git20200523.55506a9-1, its
+# DEBIAN/md5sums) ships: Debian re-compressed Zalando's files, so torchvision's MD5s miss them.
+DEBIAN_FASHION_MNIST_MD5 = (
+    "f78720b4224f21cce2f2ccf2d7a94c9a",  # t10k-images-idx3-ubyte.gz
+    "0d30e22e447f3c33dab9ed536400ac01",  # t10k-labels-idx1-ubyte.gz
+    "cf8536b0aa1a6ac5fa3f23001093305c",  # train-images-idx3-ubyte.gz
+    "10bea18fdb374794d4bb42e356e600c9",  # train-labels-idx1-ubyte.gz
+)
+MNIST_LIKE_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 
 
 class InMemoryImages(Dataset):
@@ -132,6 +143,38 @@ def _download(name: str, root: Path, fetch: Callable[[str], Any]) -> None:
         ) from None
 
 
+@functools.cache
+def _published_mnist_like_md5s() -> dict[str, str]:
+    """Published MD5 of each MNIST-like .gz file -> the dataset it belongs to (``mnist`` ...)."""
+    owners = {md5: "fashion_mnist" for md5 in DEBIAN_FASHION_MNIST_MD5}
+    for name, tv_class in (("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")):
+        owners.update({md5: name for _, md5 in getattr(torchvision_datasets, tv_class).resources})
+    return owners
+
+
+@functools.lru_cache(maxsize=32)
+def _file_md5(path: Path, size: int, mtime_ns: int) -> str:
+    """MD5 of ``path``; cached by (path, size, mtime) so a file is hashed once per process."""
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def _refuse_other_mnist_like(name: str, files: Sequence[Path], data_dir: Path | None) -> None:
+    """MNIST and Fashion-MNIST files share names and shapes: if ``files`` are the published files
+    of the other dataset, a ValueError (reading them would silently score digits as clothes).
+    Files matching no published MD5 (a re-compressed or decompressed copy) pass."""
+    owners = _published_mnist_like_md5s()
+    for path in files:
+        stat = path.stat()
+        owner = owners.get(_file_md5(path, stat.st_size, stat.st_mtime_ns))
+        if owner is not None and owner != name:
+            folder = f"--data-dir {path.parent}" if data_dir is not None else str(path.parent)
+            theirs, asked = MNIST_LIKE_TITLES[owner], MNIST_LIKE_TITLES[name]
+            raise ValueError(
+                f"{folder} holds {theirs}'s files ({path.name} matches its published MD5), not "
+                f"{asked}'s; use --dataset {owner} or the {asked} folder"
+            )
+
+
 def read_mnist_like(name: str, data_dir: Path | None, split: str, download: bool) -> InMemoryImages:
     """MNIST or Fashion-MNIST ``split`` from its IDX files (gzipped or not): ``(N, 1, 28, 28)``."""
     prefix = "train" if split == "train" else "t10k"
@@ -158,6 +201,7 @@ def read_mnist_like(name: str, data_dir: Path | None, split: str, download: bool
         system_copy = name == "fashion_mnist" and data_dir is None
         hint = " or install Debian's dataset-fashion-mnist" if system_copy else ""
         raise missing_files(name, [f + ".gz" for f in files], places, hint + ", or pass --download")
+    _refuse_other_mnist_like(name, found, data_dir)
     images, labels = (_read_idx(path) for path in found)
     return InMemoryImages(images[:, None], labels, KNOWN[name].class_names)
 
