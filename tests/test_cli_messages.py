@@ -3,8 +3,10 @@ recipes by name, export format from the file name, notices for random weights, q
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import signal
 import subprocess
 import sys
 import zipfile
@@ -180,3 +182,67 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
     err = process.stderr.read().decode()
     assert process.wait(timeout=60) == 141, err
     assert err == ""
+
+
+def test_a_flag_typo_names_the_command_and_the_closest_flag(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--modle", "densenet121"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: densenet train ")
+    assert error.splitlines()[-1] == (
+        "densenet train: error: unrecognized argument --modle; did you mean --model?"
+    )
+    with pytest.raises(SystemExit):
+        main(["export", "--model", "densenet121", "--out", "m.onnx", "--optimise=1"])
+    assert "unrecognized argument --optimise; did you mean --optimize?" in capsys.readouterr().err
+
+
+def test_random_weights_note_offers_only_published_weights(capsys):
+    from argparse import Namespace
+
+    from densenet.cli._common import random_weights_notice
+
+    for model in ("densenet121", "densenet_bc16_k12"):
+        random_weights_notice(Namespace(command="export", model=model, pretrained=None))
+    published, unpublished = capsys.readouterr().err.splitlines()
+    assert published.endswith("add --pretrained default for the published ones")
+    assert unpublished == (
+        "densenet export: note: densenet_bc16_k12 has random weights (no --pretrained); none are "
+        "published for it (--pretrained takes a weights file or URL)"
+    )
+
+
+# The least each command's parser accepts: enough to reach its handler.
+MODEL_COMMANDS = {
+    "eval": ["eval", "--model", "densenet_bc16_k12"],
+    "predict": ["predict", "--model", "densenet_bc16_k12", "image.png"],
+    "export": ["export", "--model", "densenet_bc16_k12", "--out", "m.onnx"],
+    "bench": ["bench", "--model", "densenet_bc16_k12"],
+}
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_ctrl_c_in_a_command_is_one_line_and_status_130(command, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(f"densenet.cli.{command}"), "run", interrupted)
+    assert main(MODEL_COMMANDS[command]) == 130
+    assert capsys.readouterr().err == f"densenet {command}: interrupted\n"
+
+
+def test_ctrl_c_to_a_running_bench_process_exits_130_without_a_traceback():
+    """A real SIGINT to ``densenet bench`` once it has started (its note is on stderr)."""
+    command = [str(Path(sys.executable).parent / "densenet"), *MODEL_COMMANDS["bench"]]
+    command += ["--batch", "1", "--iters", "100000000", "--threads", "1", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = process.stderr.readline()
+        assert "has random weights" in first, first
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, rest
+    assert rest == "densenet bench: interrupted\n"

@@ -69,6 +69,41 @@ def test_export_command_rejects_wrong_suffix(tmp_path: Path, capsys) -> None:
     assert "writes a .pt2 file" in capsys.readouterr().err
 
 
+def _interrupted_check(model, path, inputs):
+    assert Path(path).is_file()  # the file is written, its check under way
+    raise KeyboardInterrupt
+
+
+def _failed_check(model, path, inputs):
+    return {"random batch 1": dict(max_abs_error=1.0, max_rel_error=0.5, batch=1)}
+
+
+@pytest.mark.parametrize(
+    "check,status,message",
+    [
+        (_interrupted_check, 130, "interrupted; {out} not written (its check against PyTorch"),
+        (_failed_check, 2, "max rel error 0.5 > 0.0001; {out} not written"),
+    ],
+)
+def test_export_leaves_no_unchecked_file_at_out(
+    tmp_path, capsys, monkeypatch, check, status, message
+):
+    """Interrupted or failing during the check against PyTorch: --out keeps what it held (here an
+    older export) and no unchecked file is left beside it."""
+    import densenet.export
+
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
+    out = tmp_path / "exports" / "tiny.onnx"
+    out.parent.mkdir()
+    out.write_bytes(b"an older export")
+    monkeypatch.setattr(densenet.export, "verify_export", check)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == status
+    error = capsys.readouterr().err
+    assert error.startswith("densenet export: ") and message.format(out=out) in error
+    assert [p.name for p in out.parent.iterdir()] == ["tiny.onnx"]
+    assert out.read_bytes() == b"an older export"
+
+
 def test_bench_command_json(tmp_path: Path, capsys) -> None:
     checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
     backends = (

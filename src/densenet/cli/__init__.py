@@ -107,12 +107,32 @@ def _unknown_command(word: str) -> str | None:
     return f"unknown command {word!r}{hint} (commands: {', '.join(COMMAND_MODULES)})"
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The sub-command's own parser (argparse keeps it in the subparsers action)."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[command]
+
+
+def _reject_unknown(parser: argparse.ArgumentParser, command: str | None, extras: list[str]):
+    """Exit 2 naming the first unrecognized flag with the command's usage and the closest
+    flag the command has (argparse alone prints the top-level usage and no suggestion)."""
+    if command is not None:
+        parser = _command_parser(parser, command)
+    flags = [word.split("=", 1)[0] for word in extras if word.startswith("-")]
+    if not flags:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    known = [flag for flag in parser._option_string_actions if flag.startswith("--")]
+    parser.error(f"unrecognized argument {flags[0]}{did_you_mean(flags[0], known)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if argv and (error := _unknown_command(argv[0])):
         parser.error(error)
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _reject_unknown(parser, args.command, extras)
     if args.command is None:
         parser.print_help()
         return 0
@@ -122,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError, FileNotFoundError) as error:
         print(f"densenet {args.command}: error: {in_cli_terms(str(error))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        # Ctrl-C: one line, not a traceback; a command may say in the exception what it undid.
+        detail = f"; {stop}" if str(stop) else ""
+        print(f"densenet {args.command}: interrupted{detail}", file=sys.stderr)
+        return 130  # 128 + SIGINT, the shell's status for a command stopped by Ctrl-C
     except BrokenPipeError:
         # The reader of stdout left (`densenet ... | head`): stop quietly, as cat does. Python
         # would report the pipe again when it flushes stdout at exit, so point it at devnull.

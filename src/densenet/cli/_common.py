@@ -40,10 +40,20 @@ def model_from_args(args: argparse.Namespace):
 def random_weights_notice(args: argparse.Namespace) -> None:
     """Say on stderr that ``--model NAME`` without ``--pretrained`` means random weights (as
     ``densenet predict`` shows in its ``model:`` line): exports and timings of an untrained model
-    are rarely what was meant."""
-    if getattr(args, "model", None) and not getattr(args, "pretrained", None):
-        print(
-            f"densenet {args.command}: note: {args.model} has random weights (no --pretrained); "
-            "add --pretrained default for the published ones",
-            file=sys.stderr,
-        )
+    are rarely what was meant. ``--pretrained default`` is offered only where the registry has
+    weights for the model."""
+    from densenet.hub.registry import WEIGHTS, list_weights
+
+    model = getattr(args, "model", None)
+    if not model or getattr(args, "pretrained", None):
+        return
+    published = model in WEIGHTS or list_weights(f"{model}.*")
+    advice = (
+        "add --pretrained default for the published ones"
+        if published
+        else ("none are published for it (--pretrained takes a weights file or URL)")
+    )
+    print(
+        f"densenet {args.command}: note: {model} has random weights (no --pretrained); {advice}",
+        file=sys.stderr,
+    )
