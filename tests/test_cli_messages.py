@@ -196,6 +196,9 @@ def test_a_flag_typo_names_the_command_and_the_closest_flag(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--model", "densenet121", "--out", "m.onnx", "--optimise=1"])
     assert "unrecognized argument --optimise; did you mean --optimize?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the typo, not the required --model it was meant to give
+        main(["eval", "--modle", "densenet121"])
+    assert "unrecognized argument --modle; did you mean --model?" in capsys.readouterr().err
 
 
 def test_random_weights_note_offers_only_published_weights(capsys):

@@ -125,11 +125,24 @@ def _reject_unknown(parser: argparse.ArgumentParser, command: str | None, extras
     parser.error(f"unrecognized argument {flags[0]}{did_you_mean(flags[0], known)}")
 
 
+def _unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The ``--flags`` in ``argv`` its command does not have (nor abbreviates), found before
+    parsing: argparse would first complain of a required option the typo was meant to give."""
+    if not argv or argv[0] not in COMMAND_MODULES:
+        return []
+    known = _command_parser(parser, argv[0])._option_string_actions
+    words = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+    flags = [word.split("=", 1)[0] for word in words if word.startswith("--")]
+    return [flag for flag in flags if not any(name.startswith(flag) for name in known)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if argv and (error := _unknown_command(argv[0])):
         parser.error(error)
+    if unknown := _unknown_flags(parser, argv):
+        _reject_unknown(parser, argv[0], unknown)
     args, extras = parser.parse_known_args(argv)
     if extras:
         _reject_unknown(parser, args.command, extras)
