@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -120,3 +121,83 @@ def test_folder_without_splits_uses_the_top_level_classes(tmp_path: Path) -> Non
 def test_real_cifar10_jpeg_zip_classes() -> None:
     path = shared_data("cifar10-jpeg", "cifar10_yoongikim_jpeg_q75.zip")
     assert list(data.dataset_info("folder", path).class_names) == CIFAR10_CLASSES
+
+
+def zip_r(folder: Path, path: Path, extra: dict[str, bytes] | None = None) -> Path:
+    """What ``cd parent && zip -qr path folder`` writes: every entry under ``folder.name/``,
+    folders as ``name/`` entries; ``extra`` adds members (a macOS zip's ``__MACOSX/`` copies)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.write(folder, folder.name + "/")
+        for item in sorted(folder.rglob("*")):
+            archive.write(item, item.relative_to(folder.parent).as_posix())
+        for name, content in (extra or {}).items():
+            archive.writestr(name, content)
+    return path
+
+
+MACOS_EXTRAS = {"__MACOSX/small/train/cat/._0.png": b"\0\5\26\7", "small/.DS_Store": b"\0"}
+
+
+@pytest.mark.parametrize("kind", ["zip -r", "zip -r on macOS", "directory"])
+def test_one_wrapping_top_folder_is_read_inside_with_a_notice(tmp_path, capsys, kind) -> None:
+    tree = make_tree(tmp_path / "small")
+    if kind == "directory":
+        root = tmp_path
+        (tmp_path / ".ipynb_checkpoints").mkdir()  # hidden: does not count
+    else:
+        root = zip_r(tree, tmp_path / "small.zip", MACOS_EXTRAS if "macOS" in kind else None)
+    info = data.dataset_info("folder", root)
+    assert info.class_names == SPLITS["train"]
+    train = data.build_dataset("folder", root, "train")
+    test = data.build_dataset("folder", root, "test")
+    assert (tuple(train.classes), len(train), len(test)) == (SPLITS["train"], 6, 4)
+    assert train[0][0].size == (32, 32)
+    assert data.folder_splits(root) == ["train", "test"]
+    notices = capsys.readouterr().err.splitlines()
+    assert notices == [
+        f"densenet: {root} holds only the folder small/: reading the images inside it"
+    ]
+
+
+def test_a_one_class_flat_tree_is_not_unwrapped(tmp_path) -> None:
+    flat = flat_tree(tmp_path / "flat")
+    for cls in SPLITS["train"][1:]:
+        shutil.rmtree(flat / cls)
+    assert data.build_dataset("folder", flat, "all").classes == ["cat"]
+
+
+def nested_images(horse: Path) -> None:
+    (horse / "batch1").mkdir(parents=True)
+    shutil.copy(real_images()[0], horse / "batch1" / "0.jpg")
+
+
+def heic_photos(horse: Path) -> None:
+    horse.mkdir()
+    for name in ("a.heic", "b.heic"):
+        (horse / name).write_bytes(b"\0\0\0\x18ftypheic")
+
+
+@pytest.mark.parametrize("kind", ["zip -r", "directory"])
+@pytest.mark.parametrize(
+    ("make", "holds"),
+    [
+        (Path.mkdir, "it is empty"),
+        (nested_images, "it has 1 sub-folder: batch1/; images in nested folders are not read"),
+        (heic_photos, "it has 2 other files: a.heic, b.heic"),
+    ],
+    ids=["empty", "nested", "heic"],
+)
+def test_a_class_folder_without_images_directly_inside_is_an_error_naming_it(
+    tmp_path, kind, make, holds
+) -> None:
+    tree = make_tree(tmp_path / "small")
+    make(tree / "train" / "horse")
+    root = tree if kind == "directory" else zip_r(tree, tmp_path / "small.zip")
+    where = f"{root}/small/train" if kind != "directory" else f"{root}/train"
+    message = (
+        f"class folder {where}/horse has no images (.jpg, .jpeg, .png, ...) directly inside "
+        f"({holds}); put its images directly in it, or remove the folder"
+    )
+    for split in ("train", "test"):  # test: the training classes are read first
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            data.build_dataset("folder", root, split)

@@ -8,6 +8,7 @@ Images are decoded by :func:`densenet.data.images.load_image`.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 import zipfile
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset
 
 from densenet.data.datasets import InMemoryImages
 from densenet.data.images import IMAGE_EXTENSIONS, SKIP_HINT, BadImageError, load_image
-from densenet.messages import did_you_mean, notice
+from densenet.messages import count, did_you_mean, notice
 from densenet.progress import progress
 
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -31,6 +32,8 @@ SPLIT_FOLDERS = ("train", "val", "test")
 # file keeps its side when others are added or removed.
 HOLDOUT_PERCENT = 10
 HOLDOUT_SALT = "densenet-holdout-0"
+# Folders that tools add beside the data (macOS zips, hidden folders): never a class or a wrapper.
+MACOS_ZIP_FOLDER = "__MACOSX"
 
 
 class FolderImages(Dataset):
@@ -72,44 +75,31 @@ class FolderImages(Dataset):
 
     @staticmethod
     def scan(root: str | Path, subdir: str | None) -> tuple[list[str], list[tuple[str, int]]]:
-        """``(class names, [(member path, class index)])`` of ``root[/subdir]``, sorted."""
+        """``(class names, [(member path, class index)])`` of ``root[/subdir]``, sorted.
+
+        A class folder holding no image directly inside is a ``ValueError`` naming it and what it
+        holds (an empty folder, nested sub-folders, other files): never silently fewer classes.
+        """
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"{root}: no such image folder or .zip (give --data-dir)")
-        if zipfile.is_zipfile(root):
-            with zipfile.ZipFile(root) as archive:
-                names = [n for n in archive.namelist() if not n.endswith("/")]
-            for n in names:
-                parts = PurePosixPath(n).parts
-                if n.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
-                    raise ValueError(f"{root}: unsafe path {n!r} in the zip (escapes the archive)")
-            paths = [PurePosixPath(n) for n in names]
-            if subdir:
-                paths = [p.relative_to(subdir) for p in paths if p.parts[0] == subdir]
-                prefix = PurePosixPath(subdir)
-            else:
-                prefix = PurePosixPath()
-            members = [(p.parts[0], str(prefix / p)) for p in paths if len(p.parts) == 2]
-        else:
-            base = root / subdir if subdir else root
-            if not base.is_dir():
-                raise FileNotFoundError(
-                    f"{base}: no such folder (expected {root}/<split>/<class>/)"
-                )
-            members = [
-                (d.name, str(f))
-                for d in base.iterdir()
-                if d.is_dir()
-                for f in d.iterdir()
-                if f.is_file()
-            ]
-        members = [(c, m) for c, m in members if m.lower().endswith(IMAGE_EXTENSIONS)]
+        inside = PurePosixPath(_inner_folder(root) or "", subdir or "")
+        where = "/".join((str(root), *inside.parts))
+        folders = _class_folders(root, inside)
+        members = [
+            (name, member)
+            for name, (files, _) in folders.items()
+            for member in files
+            if member.lower().endswith(IMAGE_EXTENSIONS)
+        ]
         classes = sorted({c for c, _ in members})
         if not classes:
-            where = f"{root}/{subdir}" if subdir else str(root)
             raise FileNotFoundError(
                 f"{where}: no images in class sub-folders (<class>/<image>.jpg)"
             )
+        imageless = sorted(n for n in folders if n not in classes and _counts(n))
+        if imageless:
+            raise ValueError(_imageless_message(where, imageless, folders))
         index = {c: i for i, c in enumerate(classes)}
         return classes, sorted((m, index[c]) for c, m in members)
 
@@ -221,14 +211,132 @@ def folder_splits(root: str | Path) -> list[str]:
     Empty for a flat ``<class>/<image>`` tree; ``FileNotFoundError`` if ``root`` does not exist.
     """
     root = Path(root)
-    if zipfile.is_zipfile(root):
-        with zipfile.ZipFile(root) as archive:
-            tops = {PurePosixPath(n).parts[0] for n in archive.namelist() if "/" in n}
-    elif root.is_dir():
-        tops = {d.name for d in root.iterdir() if d.is_dir()}
-    else:
+    if not root.exists():
         raise FileNotFoundError(f"--data-dir {root}: no such image folder or .zip")
+    inner = _inner_folder(root)
+    tops = _listing(root, PurePosixPath(inner or ""))[0]
     return [s for s in SPLIT_FOLDERS if s in tops]
+
+
+def _counts(name: str) -> bool:
+    """Is this folder or file name part of the data (not hidden, not a macOS zip's extra)?"""
+    return not name.startswith(".") and name != MACOS_ZIP_FOLDER
+
+
+def _zip_names(root: Path) -> list[str]:
+    """The entries of the zip ``root`` (folders end with ``/``); ``ValueError`` for a path that
+    escapes the archive. Read once per version of the file (a large zip's index takes seconds)."""
+    stat = root.stat()
+    return _read_zip_names(str(root), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_zip_names(path: str, mtime_ns: int, size: int) -> list[str]:
+    """:func:`_zip_names` of the zip at ``path`` as it is at ``mtime_ns`` with ``size`` bytes."""
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    for n in names:
+        parts = PurePosixPath(n).parts
+        if n.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
+            raise ValueError(f"{path}: unsafe path {n!r} in the zip (escapes the archive)")
+    return names
+
+
+def _listing(root: Path, inside: PurePosixPath) -> tuple[set[str], list[str]]:
+    """``(folder names, file names)`` directly inside ``inside`` of the folder or zip ``root``."""
+    if not zipfile.is_zipfile(root):
+        base = root.joinpath(*inside.parts)
+        entries = list(base.iterdir()) if base.is_dir() else []
+        return {e.name for e in entries if e.is_dir()}, [e.name for e in entries if e.is_file()]
+    depth, folders, files = len(inside.parts), set(), []
+    for name in _zip_names(root):
+        parts = PurePosixPath(name).parts
+        if parts[:depth] != inside.parts or len(parts) <= depth:
+            continue
+        if len(parts) > depth + 1 or name.endswith("/"):
+            folders.add(parts[depth])
+        else:
+            files.append(parts[depth])
+    return folders, files
+
+
+_NOTED: set[str] = set()  # the wrapper-folder notices already printed (one per folder or zip)
+
+
+def _inner_folder(root: Path) -> str | None:
+    """The one top folder to read inside, if ``root`` holds nothing else that counts and that
+    folder holds no image directly (it wraps the tree: ``zip -r small.zip small`` puts everything
+    under ``small/``); else None. Says so in one notice."""
+    folders, files = _listing(root, PurePosixPath())
+    folders = {f for f in folders if _counts(f)}
+    if len(folders) != 1 or any(_counts(f) for f in files):
+        return None
+    (top,) = folders
+    if top in SPLIT_FOLDERS:
+        return None  # a tree with one split
+    if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in _listing(root, PurePosixPath(top))[1]):
+        return None  # a one-class flat tree: the folder is the class
+    if str(root) not in _NOTED:
+        _NOTED.add(str(root))
+        notice(f"{root} holds only the folder {top}/: reading the images inside it")
+    return top
+
+
+def _class_folders(root: Path, prefix: PurePosixPath) -> dict[str, tuple[list[str], list[str]]]:
+    """Each folder in ``prefix`` of the folder or zip ``root``: its name -> (member paths of the
+    files directly inside it, names of its sub-folders)."""
+    folders: dict[str, tuple[list[str], list[str]]] = {}
+    if zipfile.is_zipfile(root):
+        depth = len(prefix.parts)
+        for name in _zip_names(root):
+            parts = PurePosixPath(name).parts
+            if parts[:depth] != prefix.parts or len(parts) <= depth:
+                continue
+            if len(parts) == depth + 1 and not name.endswith("/"):
+                continue  # a file beside the class folders
+            files, subfolders = folders.setdefault(parts[depth], ([], []))
+            if len(parts) == depth + 2 and not name.endswith("/"):
+                files.append(name)
+            elif len(parts) > depth + 1 and parts[depth + 1] not in subfolders:
+                subfolders.append(parts[depth + 1])
+        return folders
+    base = root.joinpath(*prefix.parts)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: no such folder (expected {root}/<split>/<class>/)")
+    for folder in os.scandir(base):
+        if folder.is_dir():
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            folders[folder.name] = (
+                [e.path for e in entries if e.is_file()],
+                [e.name for e in entries if e.is_dir()],
+            )
+    return folders
+
+
+def _imageless_message(
+    where: str, names: list[str], folders: dict[str, tuple[list[str], list[str]]]
+) -> str:
+    """One line naming the first class folder without images and what it holds instead."""
+    files, subfolders = folders[names[0]]
+    held = []
+    if subfolders:
+        shown = ", ".join(f + "/" for f in subfolders[:3]) + (
+            ", ..." if len(subfolders) > 3 else ""
+        )
+        held.append(f"{count(len(subfolders), 'sub-folder')}: {shown}")
+    if files:
+        shown = ", ".join(PurePosixPath(f).name for f in files[:3])
+        held.append(
+            f"{count(len(files), 'other file')}: {shown}" + (", ..." if len(files) > 3 else "")
+        )
+    contents = f"it has {' and '.join(held)}" if held else "it is empty"
+    nested = "; images in nested folders are not read" if subfolders else ""
+    others = f" (and {len(names) - 1} more: {', '.join(names[1:4])})" if len(names) > 1 else ""
+    kinds = ", ".join(IMAGE_EXTENSIONS[:3])
+    return (
+        f"class folder {where}/{names[0]}{others} has no images ({kinds}, ...) directly inside "
+        f"({contents}{nested}); put its images directly in it, or remove the folder"
+    )
 
 
 def folder_classes(root: Path) -> list[str]:
