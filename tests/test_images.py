@@ -414,3 +414,40 @@ def test_real_sample_images_decode_as_their_modes_say():
             image = load_image(path)
             assert image.mode == mode, path
             assert np.array_equal(np.asarray(image), np.asarray(Image.open(path).convert(mode)))
+
+
+def test_16_bit_image_of_12_bit_data_is_kept_dark_but_named_once(tmp_path, monkeypatch, capsys):
+    """8- or 12-bit data stored in 16-bit files (mode I;16, values < 4096) keeps the 0-65535 rule,
+    with one notice per file: the first 3 files by name, then a count at 10, 100, ..."""
+    from densenet.data import images
+
+    monkeypatch.setattr(images, "_dark_files", set())
+    root = tmp_path / "xray"
+    for c, cls in enumerate(("lung", "heart")):
+        (root / cls).mkdir(parents=True)
+        for n in range(6):
+            twelve_bit = (COLUMNS * 130 + n + c).astype(np.uint16)  # up to 4030 + n + c
+            Image.fromarray(twelve_bit).save(root / cls / f"{n}.png")
+    deep = root / "lung" / "deep.png"
+    Image.fromarray((COLUMNS * 2114).astype(np.uint16)).save(deep)  # real 16-bit: no notice
+    first = root / "heart" / "0.png"
+    assert Image.open(first).mode == "I;16"
+    pixels = np.asarray(load_image(first))
+    assert pixels.max() == round(4031 / 257) == 16  # the documented rule: nearly black
+    load_image(first)  # the same file again (every epoch): no second notice
+    dataset = data.build_dataset("folder", root, "all")
+    for index in range(len(dataset)):
+        dataset[index]
+    notices = capsys.readouterr().err.splitlines()
+    assert notices[:3] == [
+        f"densenet: {path}: 16-bit image whose values stay below 4096 (max {high}): scaled as "
+        "16-bit (0-65535), so it is dark; if it holds 8- or 12-bit data, rescale it to 0-65535 "
+        "or save it as 8-bit"
+        for path, high in ((first, 4031), (root / "heart" / "1.png", 4032),
+                           (root / "heart" / "2.png", 4033))
+    ]  # fmt: skip
+    assert notices[3:] == [
+        "densenet: 10 16-bit images so far with values below 4096, read dark "
+        "(the first 3 are named above)"
+    ]
+    assert not any("deep.png" in line for line in notices)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from densenet.messages import count, notice
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # Transparent pixels are composited onto white: the background browsers, viewers and documents show
 # them on, so a cut-out photo or a logo reaches the model as it looks to the person who made it. The
@@ -25,6 +27,10 @@ ALPHA_BACKGROUND = (255, 255, 255)
 FLOAT_SLACK = 0.5 / 255
 SKIP_HINT = "remove it or pass --skip-bad-images"
 ORIENTATION_TAG = 0x0112  # EXIF "Orientation"; 1 is upright
+# 8- or 12-bit data saved in a 16-bit file stays below this; scaled as 16-bit it is nearly black.
+LOW_BIT_DEPTH_LIMIT = 4096
+DARK_FILES_NAMED = 3  # files named one by one; after them only a count, at 10, 100, 1000, ...
+_dark_files: set[str] = set()  # the files already noticed (each is decoded every epoch)
 
 
 class BadImageError(ValueError):
@@ -108,6 +114,7 @@ def load_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
                 image.load()
+                _note_low_bit_depth(image, label)
                 return to_channels(image, channels)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         pixels = re.search(r"\((\d+) pixels\)", str(error))
@@ -124,3 +131,28 @@ def load_image(
     except ValueError as error:  # the conversion rule's range checks, or an unconvertible mode
         message = f"{label}: {error}"
     raise BadImageError(message + (f"; {hint}" if hint else ""))
+
+
+def _note_low_bit_depth(image: Image.Image, label: str) -> None:
+    """A notice naming an integer (16-bit) image whose values all stay below
+    :data:`LOW_BIT_DEPTH_LIMIT`: the 0-65535 rule keeps it, but it reaches the model nearly black.
+    Once per file; the first :data:`DARK_FILES_NAMED` files by name, then a count."""
+    if not image.mode.startswith("I") or label in _dark_files:
+        return
+    pixels = np.asarray(image)
+    low, high = int(pixels.min()), int(pixels.max())
+    if low < 0 or not 0 < high < LOW_BIT_DEPTH_LIMIT:  # out of range (an error), blank, or deep
+        return
+    _dark_files.add(label)
+    seen = len(_dark_files)
+    if seen <= DARK_FILES_NAMED:
+        notice(
+            f"{label}: 16-bit image whose values stay below {LOW_BIT_DEPTH_LIMIT} (max {high}): "
+            "scaled as 16-bit (0-65535), so it is dark; if it holds 8- or 12-bit data, rescale "
+            "it to 0-65535 or save it as 8-bit"
+        )
+    elif str(seen).rstrip("0") == "1":  # 10, 100, 1000, ...
+        notice(
+            f"{count(seen, '16-bit image')} so far with values below {LOW_BIT_DEPTH_LIMIT}, "
+            f"read dark (the first {DARK_FILES_NAMED} are named above)"
+        )
