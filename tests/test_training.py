@@ -783,3 +783,21 @@ def test_fine_tuning_from_our_checkpoint_rebuilds_its_architecture(folder, tmp_p
     args = ["train", *common, "--out", str(tmp_path / "x"), "--pretrained", str(best)]
     assert main([*args, "--model", "densenet_bc100_k12"]) == 2
     assert "do not fit" in capsys.readouterr().err
+
+
+def test_skip_bad_images_names_each_skipped_file_then_counts(tmp_path):
+    """--skip-bad-images names the skipped files (the first 10, then a count), as eval does."""
+    root = make_image_folder(tmp_path / "images", size=8, per_class=8, classes=2)
+    broken = [root / "train" / "c1" / f"broken{n:02d}.png" for n in range(12)]
+    for path in broken:
+        path.write_bytes(b"not a png at all")
+    lines: list[str] = []
+    cfg = tiny(root, tmp_path / "r", epochs=1, skip_bad_images=True)
+    train(cfg, progress=False, log=lines.append)
+    unreadable = "is not a readable image (unknown or unsupported format)"
+    skipped = [line for line in lines if "skipped" in line or line.startswith("...")]
+    assert skipped == [
+        *(f"skipped {path} {unreadable}" for path in broken[:10]),
+        "... and 2 more unreadable images",
+        "skipped 12 unreadable images (--skip-bad-images)",
+    ]

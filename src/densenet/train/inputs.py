@@ -30,6 +30,8 @@ class RunData:
     # Batches of a whole epoch (the loader's length shrinks while it resumes inside an epoch).
     steps_per_epoch: int
     skipped_images: int = 0
+    # With --skip-bad-images: each skipped file and why ("<file> is not a readable image (...)").
+    bad_images: list[str] = dataclasses.field(default_factory=list)
     task: str = "multiclass"  # or "multilabel": targets are multi-hot (N, L) float
     # Multilabel with pos_weight auto: each label's negatives / positives in the training data.
     pos_weight: torch.Tensor | None = None
@@ -57,7 +59,7 @@ def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv | None = Non
             f"pos_weight auto weighs the labels of a multilabel task; {cfg.dataset} is "
             f"{info.task} here (drop pos_weight, or set task: multilabel)"
         )
-    (train_ds, val_ds), skipped = _datasets(cfg, info)
+    (train_ds, val_ds), bad_images = _datasets(cfg, info)
     if len(info.class_names) != len(train_ds.classes):  # keep ImageNet's readable names
         info = _with_classes(info, train_ds.classes)
     if isinstance(train_ds, data.InMemoryImages):
@@ -83,7 +85,8 @@ def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv | None = Non
         input_size=(info.in_chans, size, size),
         num_classes=cfg.num_classes or info.num_classes,
         steps_per_epoch=len(train_loader),
-        skipped_images=skipped,
+        skipped_images=len(bad_images),
+        bad_images=bad_images,
         task=info.task,
         pos_weight=label_pos_weight(train_ds.targets) if cfg.pos_weight == "auto" else None,
     )
@@ -103,10 +106,10 @@ def label_pos_weight(targets: torch.Tensor) -> torch.Tensor | None:
     )
 
 
-def _datasets(cfg: TrainConfig, info: data.DatasetInfo) -> tuple[list, int]:
+def _datasets(cfg: TrainConfig, info: data.DatasetInfo) -> tuple[list, list[str]]:
     """The training and validation datasets (subsets as configured, small folder images decoded
-    into RAM) and the count of unreadable images skipped."""
-    datasets, skipped = [], 0
+    into RAM) and the unreadable images skipped (each file and why)."""
+    datasets, bad_images = [], []
     for split, limit in ((cfg.train_split, cfg.train_subset), (cfg.val_split, cfg.val_subset)):
         ds = data.build_dataset(
             cfg.dataset,
@@ -119,14 +122,14 @@ def _datasets(cfg: TrainConfig, info: data.DatasetInfo) -> tuple[list, int]:
             seed=cfg.seed,
             task=info.task,
         )
-        skipped += getattr(ds, "skipped", 0)
+        bad_images += getattr(ds, "bad_images", [])
         ds = _first(ds, limit, cfg.seed)
         files = isinstance(ds, (data.FolderImages, data.LabelsFileImages))
         small = files and _image_side(ds) <= IN_MEMORY_MAX_SIDE
         if files and (cfg.in_memory or (cfg.in_memory is None and small)):
             ds = ds.to_memory(info.in_chans)
         datasets.append(ds)
-    return datasets, skipped
+    return datasets, bad_images
 
 
 def _loader(

@@ -33,6 +33,8 @@ from densenet.train.run_dir import METRIC_FIELDS, open_run_dir, open_tensorboard
 from densenet.train.signals import StopSignal
 from densenet.train.state import EpochTotals, Run, TrainState, build_state, restore, save_checkpoint
 
+SKIPPED_NAMED = 10  # unreadable images named one by one in the log; the rest are counted
+
 
 @dataclass
 class RunResult:
@@ -91,8 +93,7 @@ def _start(
     # Each rank draws its own augmentation and dropout; DDP copies rank 0's initial weights.
     seed_everything(cfg.seed + env.rank, cfg.deterministic)
     run_data = build_data(cfg, device, env)
-    if run_data.skipped_images:
-        log(f"skipped {count(run_data.skipped_images, 'unreadable image')} (--skip-bad-images)")
+    _log_skipped(run_data.bad_images, log)
     state = build_state(cfg, run_data, env, device, log)
     autocast = autocast_factory(cfg, device)
     criterion = build_criterion(cfg, run_data.task, run_data.pos_weight).to(device)
@@ -104,6 +105,16 @@ def _start(
         run_dir.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir.config)
     return run, state
+
+
+def _log_skipped(bad_images: list[str], log: Callable[[str], None]) -> None:
+    """Name the images --skip-bad-images dropped (the first ``SKIPPED_NAMED``, then a count)."""
+    for problem in bad_images[:SKIPPED_NAMED]:
+        log(f"skipped {problem}")
+    if len(bad_images) > SKIPPED_NAMED:
+        log(f"... and {count(len(bad_images) - SKIPPED_NAMED, 'more unreadable image')}")
+    if bad_images:
+        log(f"skipped {count(len(bad_images), 'unreadable image')} (--skip-bad-images)")
 
 
 def _train_epochs(run: Run, state: TrainState) -> RunResult:
