@@ -166,3 +166,19 @@ def test_visualize_command(tmp_path, capsys):
         "ck.safetensors is not a readable image (unknown or unsupported format)"
         in capsys.readouterr().err
     )
+
+
+def test_curves_show_the_runs_score(tmp_path):
+    """A multi-label run's middle panel is its validation mean AUROC (its top-1 columns are
+    empty, NaN here); a single-label run's is top-1 accuracy."""
+    import math
+
+    from densenet.visualize import curve_panels, plot_curves
+
+    nan = math.nan
+    common = {"epoch": 1, "train_loss": 0.5, "val_loss": 0.6, "lr": 0.1}
+    multilabel = [{**common, "train_top1": nan, "val_top1": nan, "val_mean_auroc": 0.71}]
+    single = [{**common, "train_top1": 50.0, "val_top1": 40.0, "val_mean_auroc": nan}]
+    assert curve_panels(multilabel)[1] == ("validation mean AUROC", (("val_mean_auroc", "val"),))
+    assert curve_panels(single)[1][0] == "top-1 accuracy (%)"
+    assert plot_curves(multilabel, tmp_path / "curves.png").stat().st_size > 0

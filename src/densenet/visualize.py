@@ -7,6 +7,7 @@ or on global plotting state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -300,16 +301,27 @@ def _efficiency_panel(ax, points: Sequence[dict], title: str) -> None:
     _label_points(ax, xs, [p["error"] for p in points], [p["name"] for p in points])
 
 
-def plot_curves(rows: Sequence[dict], path: str | Path) -> Path:
-    """A run's loss, top-1 accuracy and learning rate by epoch (``metrics.csv`` rows) as a PNG."""
-    epochs = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(13, 3.6))
-    panels = (
+def curve_panels(rows: Sequence[dict]) -> tuple:
+    """``(title, ((metrics.csv column, legend label), ...))`` of each panel of :func:`plot_curves`."""
+    multilabel = any(not math.isnan(r.get("val_mean_auroc", math.nan)) for r in rows)
+    score = (
+        ("validation mean AUROC", (("val_mean_auroc", "val"),))
+        if multilabel
+        else ("top-1 accuracy (%)", (("train_top1", "train"), ("val_top1", "val")))
+    )
+    return (
         ("loss", (("train_loss", "train"), ("val_loss", "val"))),
-        ("top-1 accuracy (%)", (("train_top1", "train"), ("val_top1", "val"))),
+        score,
         ("learning rate", (("lr", "lr"),)),
     )
-    for ax, (title, series) in zip(fig.subplots(1, 3), panels, strict=True):
+
+
+def plot_curves(rows: Sequence[dict], path: str | Path) -> Path:
+    """A run's loss, score and learning rate by epoch (``metrics.csv`` rows, a missing value NaN)
+    as a PNG; the score is top-1 accuracy, or the validation mean AUROC of a multi-label run."""
+    epochs = [r["epoch"] for r in rows]
+    fig = Figure(figsize=(13, 3.6))
+    for ax, (title, series) in zip(fig.subplots(1, 3), curve_panels(rows), strict=True):
         for key, label in series:
             ax.plot(epochs, [r[key] for r in rows], marker="o", label=label)
         ax.set_title(title)
