@@ -78,7 +78,7 @@ def checkpoint(run: Path) -> tuple[dict, dict]:
 
 def metrics(run: Path) -> list[dict]:
     with open(run / "metrics.csv") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
 
 
 def test_two_ranks_train_as_one_process_with_two_micro_batches(folder, tmp_path):
