@@ -142,16 +142,24 @@ def _log_probs(
 ) -> torch.Tensor:
     """Log-softmax ``(N, K)`` of a batch ``(N, C, H, W)``, or of ``(N, crops, C, H, W)`` with the
     softmax averaged over the crops (``log mean exp``)."""
+    log_probs = _crop_logits(model, inputs, autocast, channels_last).log_softmax(dim=2)
+    return log_probs.logsumexp(dim=1) - math.log(log_probs.shape[1])
+
+
+def _crop_logits(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    channels_last: bool,
+) -> torch.Tensor:
+    """float32 logits ``(N, crops, K)`` of ``(N, C, H, W)`` (one crop) or ``(N, crops, C, H, W)``."""
     crops = inputs.shape[1] if inputs.dim() == 5 else 1
     flat = inputs.flatten(0, 1) if inputs.dim() == 5 else inputs
     if channels_last:
         flat = flat.contiguous(memory_format=torch.channels_last)
     with autocast():
         logits = model(flat).float()
-    log_probs = logits.log_softmax(dim=1)
-    if crops > 1:
-        log_probs = log_probs.view(len(inputs), crops, -1).logsumexp(dim=1) - math.log(crops)
-    return log_probs
+    return logits.view(len(inputs), crops, -1)
 
 
 @torch.no_grad()
@@ -239,13 +247,9 @@ def collect_probabilities(
     probabilities, targets, crops = [], [], 1
     for inputs, labels in batches:
         inputs = inputs.to(device, non_blocking=True)
-        crops = inputs.shape[1] if inputs.dim() == 5 else 1
-        flat = inputs.flatten(0, 1) if inputs.dim() == 5 else inputs
-        if channels_last:
-            flat = flat.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = model(flat).float()
-        probabilities.append(logits.sigmoid().view(len(inputs), crops, -1).mean(dim=1).cpu())
+        logits = _crop_logits(model, inputs, autocast, channels_last)
+        crops = logits.shape[1]
+        probabilities.append(logits.sigmoid().mean(dim=1).cpu())
         targets.append(torch.as_tensor(labels).float().cpu())
     model.train(was_training)
     if not probabilities:
