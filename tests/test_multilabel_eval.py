@@ -4,8 +4,6 @@ fits, the ROC-curves PNG, and `densenet eval` on a multi-label checkpoint."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from inference_helpers import save_checkpoint, tiny_model
@@ -13,14 +11,12 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
-from densenet.cli import main
 from densenet.evaluation import (
     collect_probabilities,
     multilabel_result,
     sensitivity_specificity,
 )
 from densenet.loader import load_model
-from densenet.multilabel import fit_thresholds
 from densenet.visualize import roc_curves_figure
 
 LABELS = ["Atelectasis", "Effusion", "Pleural Thickening", "Hernia"]
@@ -85,7 +81,10 @@ def test_sensitivity_and_specificity_by_hand():
 def test_result_matches_scikit_learn_and_decides_at_the_given_thresholds():
     logits, targets = scored_split()
     probabilities = logits.sigmoid()
-    thresholds = {"method": "f1", "thresholds": dict(zip(LABELS, [0.3, 0.5, 0.7, 0.5]))}
+    thresholds = {
+        "method": "f1",
+        "thresholds": dict(zip(LABELS, [0.3, 0.5, 0.7, 0.5], strict=True)),
+    }
     summary = multilabel_result(probabilities, targets, LABELS, thresholds).to_dict()
     for column, name in enumerate(LABELS[:3]):
         truth, scores = targets[:, column].numpy(), probabilities[:, column].numpy()
@@ -123,7 +122,7 @@ def multilabel_checkpoint(path, thresholds: dict | None = None, **metadata):
 
 
 def test_a_checkpoint_keeps_its_task_and_thresholds(tmp_path):
-    stored = dict(zip(LABELS, [0.1, 0.2, 0.3, 0.4]))
+    stored = dict(zip(LABELS, [0.1, 0.2, 0.3, 0.4], strict=True))
     _, path = multilabel_checkpoint(tmp_path / "ck.safetensors", stored)
     _, info = load_model(path)
     assert info.task == "multilabel" and info.label_thresholds() == [0.1, 0.2, 0.3, 0.4]
