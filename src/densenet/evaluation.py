@@ -146,6 +146,17 @@ def _log_probs(
     return log_probs.logsumexp(dim=1) - math.log(log_probs.shape[1])
 
 
+def _batches_with_progress(loader: Iterable, progress: bool) -> Iterable:
+    """``loader``'s batches, counted in images on the progress bar or lines when ``progress``."""
+    return report_progress(
+        loader,
+        total=_sample_count(loader),
+        desc="eval",
+        size=lambda batch: len(batch[1]),
+        enabled=progress,
+    )
+
+
 def _crop_logits(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -187,13 +198,7 @@ def evaluate(
     model.eval()
     device = torch.device(device)
     tally, crops = _Tally(), 1
-    batches = report_progress(
-        loader,
-        total=_sample_count(loader),
-        desc="eval",
-        size=lambda batch: len(batch[1]),
-        enabled=progress,
-    )
+    batches = _batches_with_progress(loader, progress)
     for inputs, targets in batches:
         inputs = inputs.to(device, non_blocking=True)
         targets = torch.as_tensor(targets).to(device).long()
@@ -237,13 +242,7 @@ def collect_probabilities(
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    batches = report_progress(
-        loader,
-        total=_sample_count(loader),
-        desc="eval",
-        size=lambda batch: len(batch[1]),
-        enabled=progress,
-    )
+    batches = _batches_with_progress(loader, progress)
     probabilities, targets, crops = [], [], 1
     for inputs, labels in batches:
         inputs = inputs.to(device, non_blocking=True)
