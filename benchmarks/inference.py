@@ -30,8 +30,9 @@ from densenet import DenseNet
 from densenet.benchmark import measure
 from densenet.cli import main
 from densenet.hub.loading import load_pretrained
-from densenet.inference import OnnxRuntimeModel, onnx_bytes, optimize_for_inference
+from densenet.inference import optimize_for_inference
 from densenet.quantization import quantize_model
+from densenet.runtimes import OnnxRuntimeModel, onnx_bytes
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_ZIP = DATA / "cifar10-jpeg" / "cifar10_yoongikim_jpeg_q75.zip"

@@ -77,3 +77,27 @@ def trained_cifar10_checkpoint(path: Path) -> Path:
         model, path, class_names=CIFAR10_CLASSES, mean=[0.4914, 0.4822, 0.4465],
         std=[0.2023, 0.1994, 0.2010], input_size=[3, 32, 32], dataset="cifar10",
     )  # fmt: skip
+
+
+def cifar_checkpoint_and_samples() -> tuple[DenseNet, torch.Tensor]:
+    """The third-party CIFAR-10 DenseNet-BC checkpoint in ../shared (eval mode) and the 20 real
+    CIFAR-10 sample images, normalized as its author did: (20, 3, 32, 32)."""
+    import numpy as np
+    from PIL import Image
+
+    from densenet.hub.loading import load_pretrained
+
+    folder = shared_data("test-samples")
+    checkpoint = shared_data("checkpoints", "jasonwei05_densenet_cifar10.pth")
+    model = DenseNet(
+        growth_rate=12, block_config=(6, 12, 24), num_init_features=24, stem="cifar",
+        num_classes=10,
+    )  # fmt: skip
+    load_pretrained(model, checkpoint)
+    mean = torch.tensor((0.4914, 0.4822, 0.4465)).view(3, 1, 1)
+    std = torch.tensor((0.2023, 0.1994, 0.2010)).view(3, 1, 1)
+    images = []
+    for path in sorted(folder.glob("cifar10_*.png")):
+        array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)  # (32, 32, 3)
+        images.append((torch.from_numpy(array).permute(2, 0, 1) / 255 - mean) / std)
+    return model.eval(), torch.stack(images)

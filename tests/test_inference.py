@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from inference_helpers import FLOAT32_REL_TOL, shared_data
+from inference_helpers import FLOAT32_REL_TOL, cifar_checkpoint_and_samples
 
 import densenet.inference
 from densenet import DenseNet, create_model
@@ -13,13 +12,12 @@ from densenet.inference import (
     CACHE_BUDGET_BYTES,
     InferenceTransition,
     MicroBatched,
-    OnnxRuntimeModel,
-    OpenVinoModel,
     feature_bytes_per_pixel,
     fuse_for_inference,
     micro_batch_size,
     optimize_for_inference,
 )
+from densenet.runtimes import OnnxRuntimeModel, OpenVinoModel
 
 
 def randomize_bn(model: DenseNet, seed: int = 0) -> DenseNet:
@@ -278,26 +276,9 @@ def test_densenet121_matches_at_small_size() -> None:
 @torch.no_grad()
 def test_int8_on_real_cifar_images() -> None:
     """Quantized model: finite outputs and mostly the float model's classes on real images."""
-    from PIL import Image
+    from densenet.quantization import quantize_onnx
 
-    from densenet.hub.loading import load_pretrained
-    from densenet.quantization import quantize_model, quantize_onnx
-
-    folder = shared_data("test-samples")
-    checkpoint = shared_data("checkpoints", "jasonwei05_densenet_cifar10.pth")
-    model = DenseNet(
-        growth_rate=12, block_config=(6, 12, 24), num_init_features=24, stem="cifar",
-        num_classes=10,
-    )  # fmt: skip
-    load_pretrained(model, checkpoint)
-    model.eval()
-    mean = torch.tensor((0.4914, 0.4822, 0.4465)).view(3, 1, 1)
-    std = torch.tensor((0.2023, 0.1994, 0.2010)).view(3, 1, 1)
-    images = []
-    for path in sorted(folder.glob("cifar10_*.png")):
-        array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)  # (32, 32, 3)
-        images.append((torch.from_numpy(array).permute(2, 0, 1) / 255 - mean) / std)
-    x = torch.stack(images)
+    model, x = cifar_checkpoint_and_samples()
     assert len(x) == 20
     int8 = quantize_onnx(model, [x[:10]])
     for runtime in (OnnxRuntimeModel, OpenVinoModel):
@@ -307,8 +288,8 @@ def test_int8_on_real_cifar_images() -> None:
         assert agree >= 0.8
         # The quantized graph really differs from float32 (it is not the fp32 model re-run).
         assert not torch.allclose(logits, model(x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="int8 backend must be"):
-        quantize_model(model, [x[:2]], backend="tensorrt")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        optimize_for_inference(model, "tensorrt", precision="int8", calibration=[x[:2]])
 
 
 SIGNAL_AFTER_OPENVINO = """

@@ -53,7 +53,7 @@ class PeakRSS:
         self.thread.join()
 
 
-REFERENCES = ("torchvision", "onnxruntime", "openvino")
+REFERENCES = ("torchvision", "torchvision-bf16", "onnxruntime", "openvino", "openvino-default")
 SETTLE_S = 0.05  # pause between timed calls, not timed
 
 

@@ -15,13 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from densenet.inference import (
-    OnnxRuntimeModel,
-    fuse_for_inference,
-    import_onnxruntime,
-    onnx_bytes,
-)
+from densenet.inference import fuse_for_inference
 from densenet.io import atomic_write
+from densenet.runtimes import OnnxRuntimeModel, import_onnxruntime, onnx_bytes
 
 FORMATS = ("onnx", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}

@@ -37,20 +37,16 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
-import importlib.util
-import io
 import math
-import tempfile
-import warnings
 from collections import OrderedDict
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densenet import runtime
+from densenet.messages import notice
 from densenet.models import (
     BlurPool2d,
     DenseBlock,
@@ -60,14 +56,29 @@ from densenet.models import (
     check_batch,
     input_too_small,
 )
+from densenet.runtimes import RUNTIMES, OpenVinoModel, auto_backend, onnx_bytes
 
 BACKENDS = ("auto", "eager", "compile", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16", "int8")
+# The backends that compute each precision, the one 'auto' falls back to first (see auto_backend).
+PRECISION_BACKENDS = {
+    "fp32": ("eager", "compile", "onnxruntime", "openvino"),
+    "bf16": ("eager", "compile", "openvino"),
+    "int8": ("onnxruntime", "openvino"),
+}
+# Why a backend does not compute a precision (appended to the error).
+PRECISION_LIMITS = {
+    ("bf16", "onnxruntime"): " (its CPU provider has no bfloat16 convolution kernels)",
+    ("int8", "eager"): " (int8 is a calibrated ONNX graph)",
+    ("int8", "compile"): " (int8 is a calibrated ONNX graph)",
+}
+# OpenVINO's INFERENCE_PRECISION_HINT for each precision: int8 graphs keep their quantized convs
+# in int8 whatever the hint; the hint sets the arithmetic of the ops between them (BN-ReLU, pools).
+OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 # Feature bytes of a micro-batch's largest dense-block buffer. Measured (docs/benchmarks.md): with
 # 8 MiB densenet121 at 224x224 runs 2 images per chunk, densenet_bc100_k12 at 32x32 8 images, the
 # best or within noise of the best chunk for OpenVINO; a quarter of the 32 MiB L3 of the machine.
 CACHE_BUDGET_BYTES = 8 * 2**20
-# What 'auto' picks, fastest first as measured in docs/benchmarks.md (eager when neither is there).
-AUTO_ORDER = ("openvino", "onnxruntime")
 
 
 def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -108,8 +119,8 @@ def _fold_stem(stem: nn.Sequential) -> nn.Sequential:
             layers.append((name, fold_bn_into_conv(module, nxt)))
             i += 2
             continue
-        if isinstance(module, nn.ReLU):
-            module = nn.ReLU(inplace=True)
+        # A copy: the inference graph never shares a module (or its weights) with the source.
+        module = nn.ReLU(inplace=True) if isinstance(module, nn.ReLU) else copy.deepcopy(module)
         layers.append((name, module))
         i += 1
     return nn.Sequential(OrderedDict(layers))
@@ -314,6 +325,31 @@ def fuse_for_inference(model: nn.Module, preallocate: bool = True) -> InferenceD
     return InferenceDenseNet(_as_densenet(model), preallocate=preallocate)
 
 
+class Bfloat16(nn.Module):
+    """Runs ``module`` in bfloat16 on float inputs and returns float32.
+
+    Convolution and linear weights of ``module`` are converted to bfloat16 in place (once, not per
+    call); each
+    BatchNorm keeps its float32 statistics and reads bfloat16 activations, as it does under
+    autocast; activations are channels_last unless ``channels_last`` is False (oneDNN's bfloat16
+    convolutions are fastest on NHWC).
+    """
+
+    def __init__(self, module: nn.Module, channels_last: bool = True) -> None:
+        super().__init__()
+        for layer in module.modules():
+            if isinstance(layer, nn.Conv2d | nn.Linear):
+                layer.to(torch.bfloat16)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.module = module.to(memory_format=self.memory_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Autocast covers what is not bfloat16 yet (a blur pool's float32 filter).
+        with torch.autocast(x.device.type, torch.bfloat16):
+            x = x.to(torch.bfloat16).contiguous(memory_format=self.memory_format)
+            return self.module(x).float()
+
+
 class ChannelsLast(nn.Module):
     """Runs ``module`` on a channels_last copy of the weights and input (same outputs)."""
 
@@ -325,187 +361,10 @@ class ChannelsLast(nn.Module):
         return self.module(x.contiguous(memory_format=torch.channels_last))
 
 
-class OnnxRuntimeModel(nn.Module):
-    """An onnxruntime session behind a module interface: float32 tensor in, tensor out.
-
-    ``model_bytes`` is a serialized ONNX model with one input and one output; ``threads`` sets
-    onnxruntime's intra-op threads (default: ``torch.get_num_threads()``).
-    """
-
-    def __init__(
-        self, model_bytes: bytes, threads: int | None = None, check_input: InputCheck | None = None
-    ) -> None:
-        super().__init__()
-        self.check_input = check_input
-        ort = import_onnxruntime()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            model_bytes, options, providers=["CPUExecutionProvider"]
-        )
-        self.input_name = self.session.get_inputs()[0].name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.check_input is not None:
-            self.check_input(x)
-        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        (out,) = self.session.run(None, {self.input_name: array})
-        return torch.from_numpy(out)
-
-
-def import_optional(module: str, extra: str):
-    """An optional dependency, or a ``ValueError`` naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ValueError(f"this backend needs {module}: pip install 'densenet[{extra}]'") from error
-
-
-def import_onnxruntime():
-    return import_optional("onnxruntime", "onnx")
-
-
-@functools.cache
-def openvino_core():
-    """The process's one ``openvino.Core``. Each Core's CPU plugin installs an alternate signal
-    stack on the thread that creates it and, when freed, frees it and restores the one it found;
-    Cores freed in creation order thus left a freed stack installed, and Python's SIGINT/SIGTERM
-    handlers (which run on it) crashed the process. One shared Core, as OpenVINO recommends,
-    keeps the stack valid."""
-    return import_optional("openvino", "bench").Core()
-
-
-class OpenVinoModel(nn.Module):
-    """An ONNX model compiled by OpenVINO for CPU, one static shape per input shape (compiled on
-    first use, about a second), behind a module-like call.
-
-    ``streams`` > 1: :meth:`map` runs that many inputs at once, each on its own OpenVINO stream
-    of ``threads // streams`` threads. Streams share no work, so they never wait for each other;
-    one input on all threads synchronizes them after every operation (hundreds per densenet121
-    image), so on a machine whose cores are shared with others each step waits for the slowest
-    core. Measured in docs/benchmarks.md: on this project's 2-core VM, two streams kept their
-    gain when load came and went, one stream on two threads did not.
-    """
-
-    def __init__(
-        self,
-        model_bytes: bytes,
-        threads: int | None = None,
-        check_input: InputCheck | None = None,
-        streams: int = 1,
-    ) -> None:
-        super().__init__()
-        self.check_input = check_input
-        self.core = openvino_core()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp, "model.onnx")
-            path.write_bytes(model_bytes)
-            self.model = self.core.read_model(str(path))
-        self.threads = threads or torch.get_num_threads()
-        self.streams = streams
-        # Compiled models by (input shape, streams), and each multi-stream model's request queue.
-        self.compiled: dict[tuple, object] = {}
-        self.queues: dict[tuple, object] = {}
-
-    def _compiled(self, shape: tuple[int, ...], streams: int):
-        key = (shape, streams)
-        if key not in self.compiled:
-            model = self.model.clone()
-            model.reshape(list(shape))
-            # OpenVINO silently computes in bfloat16 on CPUs that have it (rel. error ~1e-2):
-            # pin float32 so it is the same arithmetic as the other backends.
-            config = {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": "f32"}
-            if streams == 1:
-                config["PERFORMANCE_HINT"] = "LATENCY"
-            else:
-                config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams)
-            self.compiled[key] = self.core.compile_model(model, "CPU", config)
-        return self.compiled[key]
-
-    def _queue(self, shape: tuple[int, ...]):
-        if shape not in self.queues:
-            ov = import_optional("openvino", "bench")
-            self.queues[shape] = ov.AsyncInferQueue(
-                self._compiled(shape, self.streams), self.streams
-            )
-        return self.queues[shape]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.map([x])[0]
-
-    def map(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The output for each input; inputs of one shape run ``streams`` at a time."""
-        arrays = []
-        for x in inputs:
-            if self.check_input is not None:
-                self.check_input(x)
-            arrays.append(x.detach().to("cpu", torch.float32).contiguous().numpy())
-        outputs: list[torch.Tensor | None] = [None] * len(arrays)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, array in enumerate(arrays):
-            by_shape.setdefault(array.shape, []).append(i)
-        for shape, indices in by_shape.items():
-            if self.streams == 1 or len(indices) == 1:
-                compiled = self._compiled(shape, 1)
-                for i in indices:
-                    outputs[i] = _first_output(compiled([arrays[i]]).values())
-                continue
-            queue = self._queue(shape)
-            queue.set_callback(functools.partial(_store_output, outputs))
-            for i in indices:
-                queue.start_async([arrays[i]], userdata=i)
-            queue.wait_all()
-        if any(out is None for out in outputs):
-            raise RuntimeError("OpenVINO returned no output for some inputs")  # a lost callback
-        return outputs
-
-
-def _first_output(values) -> torch.Tensor:
-    return torch.from_numpy(next(iter(values)).copy())
-
-
-def _store_output(outputs: list, request, index: int) -> None:
-    outputs[index] = _first_output([request.get_output_tensor(0).data])
-
-
-# The runtimes that run an ONNX graph, by backend name.
-RUNTIMES: dict[str, type[nn.Module]] = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel}
-
-
-def onnx_bytes(module: nn.Module, example: torch.Tensor, opset: int = 18) -> bytes:
-    """Serialized ONNX of ``module`` with a dynamic batch dimension (TorchScript exporter)."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        # DenseNet.check_input's shape checks are Python, not graph ops: nothing is lost.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        # The TorchScript exporter is deprecated but exports densenet121 in seconds, not minutes.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            module,
-            (example,),
-            buffer,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
-    return buffer.getvalue()
-
-
 def _example_input(model: DenseNet, input_size: tuple[int, int] | None) -> torch.Tensor:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = input_size or tuple(cfg.get("input_size", (3, 224, 224)))[1:]
     return torch.randn(1, model.in_chans, *size)
-
-
-def auto_backend(fallback: str) -> str:
-    """The runtime 'auto' stands for: the first installed of :data:`AUTO_ORDER`, else
-    ``fallback`` ('eager' for float models; 'onnxruntime' for int8, whose missing package then
-    gets its install hint)."""
-    return next((b for b in AUTO_ORDER if importlib.util.find_spec(b)), fallback)
 
 
 def _check_count(name: str, value: int | None, least: int) -> None:
@@ -515,26 +374,95 @@ def _check_count(name: str, value: int | None, least: int) -> None:
         raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """The precision that will run: ``precision``, except 'bf16' on a device without native
+    bfloat16 arithmetic, which runs fp32 instead (with a notice: emulated bf16 is slower than
+    fp32 and no more exact)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and not runtime.native_bf16(device):
+        notice(
+            f"precision bf16: this {torch.device(device).type} has no native bfloat16 "
+            "arithmetic (AVX512_BF16 or AMX on x86, bf16 on CUDA), so fp32 runs instead"
+        )
+        return "fp32"
+    return precision
+
+
+def _backend_for(precision: str, backend: str) -> str:
+    """``backend`` ('auto' resolved) if it runs ``precision``; else a ``ValueError`` naming those
+    that do."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    able = PRECISION_BACKENDS[precision]
+    if backend == "auto":
+        return auto_backend(able[0])
+    if backend not in able:
+        why = PRECISION_LIMITS.get((precision, backend), "")
+        raise ValueError(
+            f"precision {precision} does not run on backend {backend!r}{why}; "
+            f"use backend {' or '.join(repr(b) for b in able)}"
+        )
+    return backend
+
+
+def _check_options(
+    backend: str,
+    precision: str,
+    calibration: Iterable[torch.Tensor] | None,
+    threads: int,
+    micro_batch: int | None,
+    streams: int | None,
+) -> None:
+    """A ``ValueError`` naming the first option of :func:`optimize_for_inference` that cannot
+    work with the others."""
+    _check_count("micro_batch", micro_batch, 0)
+    _check_count("streams", streams, 1)
+    if backend != "openvino" and streams not in (None, 1):
+        raise ValueError(f"streams={streams} needs the openvino backend (this one is {backend!r})")
+    if streams is not None and streams > threads:
+        raise ValueError(f"streams={streams} needs at least one thread each; threads={threads}")
+    if precision == "int8" and calibration is None:
+        raise ValueError(
+            "precision int8 needs calibration: batches of real images, normalized like the "
+            "model's inputs (a few hundred images)"
+        )
+
+
 def optimize_for_inference(
     model: nn.Module,
     backend: str = "auto",
     *,
+    precision: str = "fp32",
+    calibration: Iterable[torch.Tensor] | None = None,
     channels_last: bool | None = None,
     input_size: tuple[int, int] | None = None,
     threads: int | None = None,
     micro_batch: int | None = None,
     streams: int | None = None,
+    quantize_options: dict | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A fast float32 callable with the outputs of ``model`` in eval mode (rel. error <= 1e-4).
+    """A fast callable with the outputs of ``model`` in eval mode, computed in ``precision``.
 
     Args:
         model: a :class:`DenseNet` (left unchanged).
-        backend: 'auto' (openvino if installed, else onnxruntime, else eager; never a long
-            compile), 'eager', 'compile' (``torch.compile``; densenet121 compiles for ~2 min on
-            2 cores),
-            'onnxruntime' or 'openvino' (the rewritten graph exported to ONNX and run there).
-        channels_last: NHWC activations for the eager/compile backends (default: off, measured
-            slower here at batch 1 and about even at batch 16).
+        backend: 'auto' (openvino if installed, else onnxruntime for fp32/int8, else eager; never
+            a long compile), 'eager', 'compile' (``torch.compile``; densenet121 compiles for ~2 min
+            on 2 cores), 'onnxruntime' or 'openvino' (the rewritten graph exported to ONNX and
+            run there).
+        precision: 'fp32' (default; relative error <= 1e-4, in practice ~1e-6), 'bf16'
+            (bfloat16 arithmetic: openvino, eager, compile; relative error ~1e-2; fp32 with a
+            notice where the device has no native bfloat16) or 'int8' (a static int8 graph
+            calibrated on ``calibration``: openvino or onnxruntime). Measured speed and accuracy:
+            docs/benchmarks.md.
+        calibration: int8 only: float ``(N, C, H, W)`` batches of real images, normalized like
+            the model's inputs (a few hundred images); they also fix the traced input size.
+        channels_last: NHWC activations for the eager/compile backends (default: on for bf16,
+            whose oneDNN kernels want it; off for fp32, measured slower at batch 1 here).
         input_size: (H, W) traced for onnxruntime/openvino (default: the model's; batch dynamic).
         threads: runtime intra-op threads (default ``torch.get_num_threads()``).
         micro_batch: run larger batches as chunks of at most this many images; default: the
@@ -545,33 +473,62 @@ def optimize_for_inference(
             ``threads // streams`` threads (default: ``threads``, one thread per stream; a
             single image always runs on all threads). Measured on 2 cores only; on many cores,
             fewer streams may serve small batches better.
+        quantize_options: int8 only: keyword arguments of
+            :func:`densenet.quantization.quantize_onnx` (``per_channel``, ``reduce_range``,
+            ``verbose``).
 
-    Returns an ``nn.Module``: call it on ``(N, in_chans, H, W)`` float tensors.
+    Returns an ``nn.Module``: call it on float ``(N, in_chans, H, W)`` tensors; it returns
+    float32 logits whatever the precision.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_count("micro_batch", micro_batch, 0)
-    _check_count("streams", streams, 1)
     model = _as_densenet(model)
-    if backend == "auto":
-        backend = auto_backend("eager")
+    on_torch = backend in ("eager", "compile")
+    precision = resolve_precision(precision, _model_device(model) if on_torch else "cpu")
+    backend = _backend_for(precision, backend)
     threads = threads or torch.get_num_threads()
-    if backend != "openvino" and streams not in (None, 1):
-        raise ValueError(f"streams={streams} needs the openvino backend (this one is {backend!r})")
-    if streams is not None and streams > threads:
-        raise ValueError(f"streams={streams} needs at least one thread each; threads={threads}")
-    fused: nn.Module
+    _check_options(backend, precision, calibration, threads, micro_batch, streams)
     if backend in RUNTIMES:
-        graph = fuse_for_inference(model, preallocate=False)
-        onnx = onnx_bytes(graph, _example_input(model, input_size))
-        if backend == "openvino":
-            fused = OpenVinoModel(onnx, threads, graph.check_input, streams or threads)
-        else:
-            fused = RUNTIMES[backend](onnx, threads, graph.check_input)
+        example = _example_input(model, input_size)
+        calibrated = (calibration, quantize_options or {})
+        fused = _runtime_model(model, backend, precision, calibrated, example, threads, streams)
     else:
-        fused = fuse_for_inference(model)
-        if channels_last:
-            fused = ChannelsLast(fused)
-        if backend == "compile":
-            fused = torch.compile(fused)
+        fused = _torch_model(model, backend, precision, channels_last)
     return micro_batched(fused, model, micro_batch)
+
+
+def _torch_model(
+    model: DenseNet, backend: str, precision: str, channels_last: bool | None
+) -> nn.Module:
+    """The rewritten graph run by PyTorch (eager or compiled), in ``precision``."""
+    fused: nn.Module = fuse_for_inference(model)
+    if precision == "bf16":
+        fused = Bfloat16(fused, channels_last is not False)
+    elif channels_last:
+        fused = ChannelsLast(fused)
+    return torch.compile(fused) if backend == "compile" else fused
+
+
+def _runtime_model(
+    model: DenseNet,
+    backend: str,
+    precision: str,
+    calibrated: tuple[Iterable[torch.Tensor] | None, dict],
+    example: torch.Tensor,
+    threads: int,
+    streams: int | None,
+) -> nn.Module:
+    """The rewritten graph exported to ONNX (int8: quantized on ``calibrated``'s batches with its
+    options) and run by onnxruntime or OpenVINO."""
+    graph = fuse_for_inference(model, preallocate=False)
+    if precision == "int8":
+        # Imported here: quantization builds on this module's graph rewrites.
+        from densenet.quantization import quantize_onnx
+
+        batches, options = calibrated
+        onnx = quantize_onnx(model, batches, **options)
+    else:
+        onnx = onnx_bytes(graph, example)
+    if backend == "openvino":
+        return OpenVinoModel(
+            onnx, threads, graph.check_input, streams or threads, OPENVINO_PRECISION[precision]
+        )
+    return RUNTIMES[backend](onnx, threads, graph.check_input)

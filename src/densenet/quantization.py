@@ -5,7 +5,9 @@ convs that precede it, pool-first transitions), exported to ONNX and quantized w
 ``onnxruntime.quantization.quantize_static``: int8 per-channel weights, uint8 activations whose
 ranges come from the calibration batches, in QDQ format, which both onnxruntime and OpenVINO turn
 into integer convolutions.
-Each layer's ``norm1`` stays in float32 between the quantized convs.
+Each layer's ``norm1`` stays in float32 between the quantized convs. Run it with
+``optimize_for_inference(model, precision="int8", calibration=batches)`` (OpenVINO or
+onnxruntime, micro-batched like the float graphs), or save it with :func:`save_quantized`.
 """
 
 from __future__ import annotations
@@ -19,14 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from densenet.inference import (
-    RUNTIMES,
-    auto_backend,
-    fuse_for_inference,
-    import_onnxruntime,
-    onnx_bytes,
-)
+from densenet.inference import fuse_for_inference
 from densenet.io import atomic_write
+from densenet.runtimes import import_onnxruntime, onnx_bytes
 
 
 def quantize_onnx(
@@ -101,25 +98,6 @@ def _onnxruntime_quiet():
     finally:
         root.setLevel(level)
         onnxruntime.set_default_logger_severity(2)  # onnxruntime's default: warnings
-
-
-def quantize_model(
-    model: nn.Module,
-    calibration: Iterable[torch.Tensor],
-    backend: str = "auto",
-    threads: int | None = None,
-    **kwargs,
-) -> nn.Module:
-    """The int8 model as a module run by ``backend``: 'onnxruntime', 'openvino' or 'auto' (the
-    first installed of :data:`densenet.inference.AUTO_ORDER`; OpenVINO runs the same QDQ graph
-    about 2.5x faster than onnxruntime here). ``kwargs`` go to :func:`quantize_onnx`."""
-    if backend == "auto":
-        backend = auto_backend("onnxruntime")
-    if backend not in RUNTIMES:
-        raise ValueError(
-            f"int8 backend must be 'auto', 'onnxruntime' or 'openvino', got {backend!r}"
-        )
-    return RUNTIMES[backend](quantize_onnx(model, calibration, **kwargs), threads)
 
 
 def save_quantized(model_bytes: bytes, path: str | Path) -> Path:

@@ -9,6 +9,7 @@ per GPU (nccl), or several CPU processes (gloo).
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,23 @@ SEED_STRIDE = 1_000_003
 def is_main_process() -> bool:
     """True unless this is a ``torchrun`` worker of rank above 0 (the one that reports)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 in hardware, so that bf16 is faster than float32.
+
+    x86 CPUs: AVX512_BF16 or AMX (without them oneDNN emulates bfloat16, slower than float32);
+    other CPUs: oneDNN's own check (Arm with BF16); CUDA: compute capability 8.0 or above;
+    anything else: False.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -7,6 +7,13 @@ img/s (batch x rounds / total time), latency p50/p90 (ms), the extra resident me
 OpenVINO on the plain export (when they run): the ratio of the img/s (``vs_*``) and the median
 over rounds of each round's ratio (``vs_*_round_median``, the one least moved by load that comes
 and goes).
+
+``--precision fp32,bf16,int8`` runs each of our ``optimized*`` backends at each precision (rows
+``optimized``, ``optimized:bf16``, ``optimized:int8``) beside the references at their own
+precision: torchvision eager fp32 (``torchvision``) and under bf16 autocast with channels_last
+(``torchvision-bf16``), onnxruntime fp32, OpenVINO pinned to f32 (``openvino``) and OpenVINO's own
+default (``openvino-default``: bf16 on CPUs with AVX512_BF16 or AMX). Every row has its
+``precision``.
 """
 
 from __future__ import annotations
@@ -39,10 +46,28 @@ BACKENDS = (
     "onnxruntime-microbatch",
     "openvino-microbatch",
     "int8",
+    "torchvision-bf16",
+    "openvino-default",
 )
 DEFAULT_BACKENDS = (
     "torchvision,optimized,optimized-eager,optimized-onnxruntime,onnxruntime,openvino"
 )
+PRECISIONS = ("fp32", "bf16", "int8")  # densenet.inference.PRECISIONS (a test keeps them equal)
+# References added to the default backends when a precision is asked for: that precision's
+# own best known way to run the model.
+LOW_PRECISION_REFERENCES = {"bf16": ("torchvision-bf16", "openvino-default")}
+# The precision each reference computes in ("default": the runtime picks; see _reference_row).
+REFERENCE_PRECISION = {
+    "torchvision": "fp32",
+    "eager": "fp32",
+    "channels_last": "fp32",
+    "onnxruntime": "fp32",
+    "openvino": "fp32",
+    "onnxruntime-microbatch": "fp32",
+    "openvino-microbatch": "fp32",
+    "int8": "int8",
+    "torchvision-bf16": "bf16",
+}
 
 
 def add_parser(subparsers) -> None:
@@ -57,10 +82,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--backends",
-        default=DEFAULT_BACKENDS,
-        help=f"comma-separated, from {', '.join(BACKENDS)} (default {DEFAULT_BACKENDS}); "
-        "openvino is skipped with a note when not installed",
+        help=f"comma-separated, from {', '.join(BACKENDS)} (default {DEFAULT_BACKENDS}, and "
+        "torchvision-bf16,openvino-default when --precision has bf16); openvino is skipped "
+        "with a note when not installed",
     )
+
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--iters", type=int, default=10, help="timed rounds per batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -87,19 +113,30 @@ def add_parser(subparsers) -> None:
         help="openvino streams for the optimized and openvino-microbatch backends (default: "
         "--threads, one thread per stream; see optimize_for_inference)",
     )
+    _add_precision_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def _add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help="comma-separated precisions for the optimized* backends, from "
+        f"{', '.join(PRECISIONS)} (default fp32; int8 needs --calibration); a backend that "
+        "cannot run one is skipped with a note",
+    )
     parser.add_argument(
         "--calibration",
         nargs="+",
         metavar="IMAGE_OR_FOLDER",
-        help="real images to calibrate the int8 backend on (required for int8)",
+        help="real images to calibrate int8 on (required for int8)",
     )
     parser.add_argument(
         "--verbose",
         action="store_true",
         help="show onnxruntime's own warnings (int8 calibration prints dozens)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(func=run)
 
 
 def torchvision_model(model: nn.Module) -> nn.Module:
@@ -146,53 +183,141 @@ def build_backends(
     calibration: Callable[[], list[torch.Tensor]] | None = None,
     micro_batch: int | None = None,
     streams: int | None = None,
-    verbose: bool = False,
-) -> tuple[dict[str, Callable], dict[str, str]]:
-    """Callables for the requested backends, and a note for each one skipped (and why).
+    precisions: tuple[str, ...] = ("fp32",),
+    quantize_options: dict | None = None,
+) -> tuple[dict[str, Callable], dict[str, str], dict[str, str]]:
+    """Callables for the requested backends, a note for each one skipped (and why), and the
+    precision each computes in.
 
     ``example`` is a ``(1, C, H, W)`` input for tracing; ``calibration`` returns the int8
-    calibration batches (called only when int8 is requested); ``micro_batch`` and ``streams`` as
-    in :func:`~densenet.inference.optimize_for_inference`; ``verbose`` shows onnxruntime's
-    warnings during int8 calibration.
+    calibration batches (called once, only when int8 is requested); ``micro_batch`` and
+    ``streams`` as in :func:`~densenet.inference.optimize_for_inference`; each ``optimized*``
+    backend runs at each of ``precisions`` (rows ``NAME`` for fp32, ``NAME:bf16``, ``NAME:int8``);
+    ``quantize_options`` go to :func:`~densenet.quantization.quantize_onnx`.
     """
-    from densenet.inference import RUNTIMES, ChannelsLast, onnx_bytes, optimize_for_inference
+    import functools
 
     made: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
-    plain_onnx = None
-    size = tuple(example.shape[2:])
+    precision_of: dict[str, str] = {}
+    calibration = functools.cache(calibration) if calibration else None
+    common = dict(
+        threads=threads,
+        calibration=calibration,
+        micro_batch=micro_batch,
+        streams=streams,
+        quantize_options=quantize_options,
+    )
     for name in names:
-        if name == "torchvision":
-            made[name] = torchvision_model(model)
-        elif name == "eager":
-            made[name] = model
-        elif name == "channels_last":
-            made[name] = ChannelsLast(copy.deepcopy(model))
-        elif name == "optimized" or name.startswith("optimized-"):
+        if name == "optimized" or name.startswith("optimized-"):
             backend = name.removeprefix("optimized").removeprefix("-") or "auto"
-            made[name] = optimize_for_inference(
-                model,
-                backend,
-                input_size=size,
-                threads=threads,
-                micro_batch=micro_batch,
-                streams=streams if backend in ("auto", "openvino") else None,
-            )
-        elif name.removesuffix("-microbatch") in RUNTIMES:
-            plain_onnx = plain_onnx or onnx_bytes(model, example[:1])
-            try:
-                made[name] = _plain_runtime(name, plain_onnx, model, threads, micro_batch, streams)
-            except ValueError as error:
-                skipped[name] = str(error)
-        elif name == "int8":
-            from densenet.quantization import quantize_model
+            for precision in precisions:
+                row = name if precision == "fp32" else f"{name}:{precision}"
+                try:
+                    made[row], precision_of[row] = _optimized(
+                        model, backend, precision, size_of(example), **common
+                    )
+                except ValueError as error:
+                    skipped[row] = str(error)
+            continue
+        try:
+            made[name], precision_of[name] = _reference(name, model, example, **common)
+        except ValueError as error:
+            skipped[name] = str(error)
+    return made, skipped, precision_of
 
-            if calibration is None:
-                raise ValueError("the int8 backend needs calibration batches of real images")
-            made[name] = quantize_model(model, calibration(), threads=threads, verbose=verbose)
-        else:
-            raise CLIError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    return made, skipped
+
+def size_of(example: torch.Tensor) -> tuple[int, int]:
+    return tuple(example.shape[2:])
+
+
+def _optimized(
+    model: nn.Module,
+    backend: str,
+    precision: str,
+    size: tuple[int, int],
+    threads: int,
+    calibration: Callable[[], list[torch.Tensor]] | None,
+    micro_batch: int | None,
+    streams: int | None,
+    quantize_options: dict | None,
+) -> tuple[Callable, str]:
+    """Our graph on ``backend`` at ``precision``; a ``ValueError`` when that cannot run here."""
+    from densenet import runtime
+    from densenet.inference import optimize_for_inference
+
+    if precision == "bf16" and not runtime.native_bf16("cpu"):
+        raise ValueError("this CPU has no native bfloat16 (AVX512_BF16 or AMX)")
+    if precision == "int8" and calibration is None:
+        raise ValueError("int8 calibrates on real images: add --calibration IMAGES")
+    fn = optimize_for_inference(
+        model,
+        backend,
+        precision=precision,
+        calibration=calibration() if precision == "int8" else None,
+        input_size=size,
+        threads=threads,
+        micro_batch=micro_batch,
+        streams=streams if backend in ("auto", "openvino") else None,
+        quantize_options=quantize_options,
+    )
+    return fn, precision
+
+
+def _reference(
+    name: str,
+    model: nn.Module,
+    example: torch.Tensor,
+    threads: int,
+    calibration: Callable[[], list[torch.Tensor]] | None,
+    micro_batch: int | None,
+    streams: int | None,
+    quantize_options: dict | None,
+) -> tuple[Callable, str]:
+    """A reference backend (not our ``optimized*`` graph) and its precision; a ``ValueError``
+    when it cannot run here (a missing runtime)."""
+    from densenet.inference import ChannelsLast
+    from densenet.runtimes import RUNTIMES, onnx_bytes
+
+    if name == "torchvision":
+        return torchvision_model(model), "fp32"
+    if name == "torchvision-bf16":
+        return Bf16Autocast(ChannelsLast(torchvision_model(model))), "bf16"
+    if name == "eager":
+        return model, "fp32"
+    if name == "channels_last":
+        return ChannelsLast(copy.deepcopy(model)), "fp32"
+    if name == "int8":
+        return _optimized(
+            model,
+            "auto",
+            "int8",
+            size_of(example),
+            threads,
+            calibration,
+            micro_batch,
+            streams,
+            quantize_options,
+        )
+    plain = onnx_bytes(model, example[:1])
+    if name == "openvino-default":
+        runtime = RUNTIMES["openvino"](plain, threads, precision=None)
+        return runtime, f"default ({runtime.default_precision()})"
+    return _plain_runtime(name, plain, model, threads, micro_batch, streams), "fp32"
+
+
+class Bf16Autocast:
+    """``module`` under ``torch.autocast`` in bfloat16 (float32 logits out): how a PyTorch user
+    runs bf16 without this package."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with torch.autocast(x.device.type, torch.bfloat16):
+            return self.module(x.contiguous(memory_format=torch.channels_last)).float()
 
 
 def _plain_runtime(
@@ -207,7 +332,8 @@ def _plain_runtime(
     export run in our default micro-batches (and OpenVINO streams), which shows how much of our
     gain a user of the runtime alone would get by scheduling the batch the same. A missing
     runtime is a ``ValueError`` (the backend is skipped)."""
-    from densenet.inference import RUNTIMES, micro_batched
+    from densenet.inference import micro_batched
+    from densenet.runtimes import RUNTIMES
 
     options = {"streams": streams or threads} if name == "openvino-microbatch" else {}
     runtime = RUNTIMES[name.removesuffix("-microbatch")](onnx, threads, **options)
@@ -219,15 +345,19 @@ def _plain_runtime(
 # Table columns: title, report key.
 RATIO_COLUMNS = (
     ("vs tv", "vs_torchvision"),
+    ("vs tvbf", "vs_torchvision-bf16"),
     ("vs ort", "vs_onnxruntime"),
     ("ort rnd", "vs_onnxruntime_round_median"),
     ("vs ov", "vs_openvino"),
     ("ov rnd", "vs_openvino_round_median"),
+    ("vs ovd", "vs_openvino-default"),
+    ("ovd rnd", "vs_openvino-default_round_median"),
 )
 
 
-def _parse_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
-    """The batch sizes and backend names asked for; a ``CLIError`` for any impossible value."""
+def _parse_args(args: argparse.Namespace) -> tuple[list[int], list[str], tuple[str, ...]]:
+    """The batch sizes, backend names and precisions asked for; a ``CLIError`` for any
+    impossible value."""
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
@@ -243,17 +373,30 @@ def _parse_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
         raise CLIError(f"--micro-batch must be >= 0 (0: never split), got {args.micro_batch}")
     if args.streams is not None and not 1 <= args.streams <= args.threads:
         raise CLIError(f"--streams must be between 1 and --threads, got {args.streams}")
-    names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(names) - set(BACKENDS))
-    if unknown:
+    precisions = tuple(_comma_list(args.precision, PRECISIONS, "precision"))
+    if args.backends is None:
+        extra = [ref for p in precisions for ref in LOW_PRECISION_REFERENCES.get(p, ())]
+        args.backends = ",".join([DEFAULT_BACKENDS, *extra])
+    return batches, _comma_list(args.backends, BACKENDS, "backend"), precisions
+
+
+def _comma_list(text: str, choices: tuple[str, ...], what: str) -> list[str]:
+    """The names in comma-separated ``text``; a ``CLIError`` naming any not in ``choices``."""
+    from densenet.messages import did_you_mean
+
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [name for name in names if name not in choices]
+    if unknown or not names:
+        hint = did_you_mean(unknown[0], choices) if unknown else ""
         raise CLIError(
-            f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}"
+            f"unknown {what}(s) {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(choices)}{hint}"
         )
-    return batches, names
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
-    batches, names = _parse_args(args)
+    batches, names, precisions = _parse_args(args)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -262,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
     model = model.cpu().eval()
     size = args.size or info.input_size[-1]
     example = torch.randn(1, model.in_chans, size, size)
-    backends, skipped = build_backends(
+    backends, skipped, precision_of = build_backends(
         names,
         model,
         example,
@@ -270,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
         lambda: _calibration_batches(args, info),
         args.micro_batch,
         args.streams,
-        args.verbose,
+        precisions,
+        {"verbose": args.verbose},
     )
     report = dict(
         model=info.name,
@@ -285,7 +429,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for n in batches:
         batch = torch.randn(n, model.in_chans, size, size)
-        report["results"][str(n)] = measure(backends, batch, args.iters, args.warmup, args.min_time)
+        rows = measure(backends, batch, args.iters, args.warmup, args.min_time)
+        for name, row in rows.items():
+            row["precision"] = precision_of[name]
+        report["results"][str(n)] = rows
     report["load_after"] = load_average()
     if args.json:
         print(json.dumps(report))
@@ -298,7 +445,7 @@ def _print_table(report: dict) -> None:
     """The report of :func:`run` as a table, one row per batch size and backend."""
     size, threads = report["size"], report["threads"]
     print(f"{report['source']}, {size}x{size}, {threads} threads, load {report['load_before']}")
-    header = f"{'batch':>5} {'backend':22} {'img/s':>8} {'p50 ms':>9} {'p90 ms':>9} {'+MB':>7}"
+    header = f"{'batch':>5} {'backend':28} {'precision':>16} {'img/s':>8} {'p50 ms':>9} {'p90 ms':>9} {'+MB':>7}"
     print(header + "".join(f" {title:>7}" for title, _ in RATIO_COLUMNS))
     for n, rows in report["results"].items():
         for name, r in rows.items():
@@ -306,11 +453,12 @@ def _print_table(report: dict) -> None:
                 f"{r[key]:7.2f}" if key in r else f"{'-':>7}" for _, key in RATIO_COLUMNS
             )
             print(
-                f"{n:>5} {name:22} {r['img_per_s']:8.2f} {r['p50_ms']:9.1f} {r['p90_ms']:9.1f} "
+                f"{n:>5} {name:28} {r['precision']:>16} {r['img_per_s']:8.2f} {r['p50_ms']:9.1f} {r['p90_ms']:9.1f} "
                 f"{r['extra_memory_mb']:7.1f} {ratios}"
             )
-    print("vs tv/ort/ov: img/s ratio to torchvision, onnxruntime, openvino (plain export, whole")
-    print("batch); ort rnd, ov rnd: median over the rounds of each round's ratio")
+    print("vs tv/tvbf/ort/ov/ovd: img/s ratio to torchvision fp32, torchvision bf16 autocast,")
+    print("onnxruntime fp32, openvino f32 and openvino's default (plain export, whole batch);")
+    print("* rnd: median over the rounds of each round's ratio")
     for name, why in report["skipped"].items():
         print(f"skipped {name}: {why}")
     print(f"load after: {report['load_after']}")
