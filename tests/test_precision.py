@@ -12,7 +12,9 @@ from inference_helpers import (
     FLOAT32_REL_TOL,
     cifar_checkpoint_and_samples,
     save_checkpoint,
+    shared_data,
     tiny_model,
+    trained_cifar10_checkpoint,
 )
 
 from densenet import runtime
@@ -41,10 +43,10 @@ def test_native_bf16_follows_the_cpu_flags() -> None:
     assert runtime.native_bf16("meta") is False
 
 
-def test_bench_precisions_match_the_library() -> None:
-    from densenet.cli import bench
+def test_cli_precisions_match_the_library() -> None:
+    from densenet.cli import _common
 
-    assert bench.PRECISIONS == PRECISIONS  # the CLI keeps its own copy to stay torch-free
+    assert _common.PRECISIONS == PRECISIONS  # the CLI keeps its own copy to stay torch-free
 
 
 @needs_bf16
@@ -158,3 +160,71 @@ def test_bench_precision_errors(tmp_path: Path, capsys) -> None:
     )
     assert main([*base, "--precision", "int8", "--backends", "optimized-openvino"]) == 2
     assert "calibrat" in capsys.readouterr().err
+
+
+# --- the commands ----------------------------------------------------------------------------
+def test_eval_precisions_on_real_cifar10_jpegs(tmp_path: Path, capsys) -> None:
+    """``eval --precision``: the same images scored at each precision, int8 calibrated on the
+    train split (not the test images), each one's report under its own name."""
+    data = shared_data("cifar10-jpeg", "cifar10_yoongikim_jpeg_q75.zip")
+    checkpoint = trained_cifar10_checkpoint(tmp_path / "trained.safetensors")
+    args = ["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--data-dir", str(data)]
+    args += ["--limit", "200", "--workers", "0", "--device", "cpu", "--json"]
+    top1 = {}
+    for precision in PRECISIONS:
+        assert main([*args, "--precision", precision]) == 0
+        captured = capsys.readouterr()
+        result = json.loads(captured.out)
+        expected = precision if precision != "bf16" or NATIVE_BF16 else "fp32"
+        assert result["precision"] == expected and result["images"] == 200
+        top1[precision] = result["top1"]
+        if precision == "int8":
+            assert "int8 calibrated on 256 images of folder train" in captured.err
+        suffix = "" if expected == "fp32" else f"_{expected}"
+        assert (tmp_path / f"eval_folder_test{suffix}.json").is_file()
+    # 78% in fp32 on these 200; low precision moves a few images at most.
+    assert top1["fp32"] >= 65
+    assert abs(top1["bf16"] - top1["fp32"]) <= 2 and abs(top1["int8"] - top1["fp32"]) <= 3
+
+
+def test_predict_precision(tmp_path: Path, capsys) -> None:
+    images = sorted(shared_data("test-samples").glob("cifar10_*.png"))
+    checkpoint = trained_cifar10_checkpoint(tmp_path / "trained.safetensors")
+    argv = ["predict", *map(str, images), "--checkpoint", str(checkpoint), "--json", "--topk", "1"]
+    labels = {}
+    for precision in ("fp32", "int8"):
+        assert main([*argv, "--precision", precision]) == 0
+        captured = capsys.readouterr()
+        report = json.loads(captured.out)
+        assert report["precision"] == precision
+        labels[precision] = [p["top"][0]["label"] for p in report["predictions"]]
+    assert "int8 calibrated on the 20 images predicted" in captured.err
+    agree = sum(a == b for a, b in zip(labels["fp32"], labels["int8"], strict=True))
+    assert agree >= 18
+
+
+def test_export_low_precision_files_read_back(tmp_path: Path, capsys) -> None:
+    from densenet.export import load_exported
+
+    images = sorted(shared_data("test-samples").glob("cifar10_*.png"))
+    checkpoint = trained_cifar10_checkpoint(tmp_path / "trained.safetensors")
+    model, x = cifar_checkpoint_and_samples()
+    base = ["export", "--checkpoint", str(checkpoint), "--images", *map(str, images), "--json"]
+    cases = [("int8", "m.onnx", 0.1)] + ([("bf16", "m.pt2", BF16_REL_TOL)] if NATIVE_BF16 else [])
+    with torch.no_grad():
+        expected = model(x)
+        for precision, name, tolerance in cases:
+            out = tmp_path / name
+            assert main([*base, "--out", str(out), "--precision", precision]) == 0
+            report = json.loads(capsys.readouterr().out)
+            assert report["precision"] == precision and report["max_rel_error"] <= tolerance
+            actual = load_exported(out)(x)
+            assert actual.dtype == torch.float32
+            assert FLOAT32_REL_TOL < rel_error(actual, expected) <= tolerance
+            assert (actual.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
+    # bf16 is a .pt2 program, int8 an ONNX graph: the other suffix names the problem.
+    assert main([*base, "--out", str(tmp_path / "b.onnx"), "--precision", "bf16"]) == 2
+    assert "precision bf16 exports as exported-program (.pt2)" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "i.pt2"), "--precision", "int8"]) == 2
+    assert "precision int8 exports as onnx (.onnx)" in capsys.readouterr().err
+    assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "i.pt2").exists()

@@ -4,23 +4,34 @@ Both formats keep the batch dimension dynamic; the spatial size is fixed at the 
 ONNX (1x1-conv graphs with pooling are valid for other sizes too, but only the traced size is
 verified). ``optimize=True`` exports :func:`densenet.inference.fuse_for_inference`'s graph (BN
 folded, pool-first transitions) instead of the model's own.
+
+Low precision: ``precision="bf16"`` writes that graph with bfloat16 weights and arithmetic as a
+``.pt2`` program (float32 in and out); ONNX files stay float32, because ONNX runtimes pick their
+arithmetic when they compile (OpenVINO computes an fp32 ONNX file in bf16 on CPUs that have it).
+``precision="int8"`` writes the calibrated QDQ graph of :mod:`densenet.quantization` as ONNX.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from densenet.inference import fuse_for_inference
+from densenet.inference import Bfloat16, fuse_for_inference
 from densenet.io import atomic_write
 from densenet.runtimes import OnnxRuntimeModel, import_onnxruntime, onnx_bytes
 
 FORMATS = ("onnx", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
+# The format each precision is written in (fp32: both).
+PRECISION_FORMATS = {
+    "fp32": FORMATS,
+    "bf16": ("exported-program",),
+    "int8": ("onnx",),
+}
 
 
 def _graph(model: nn.Module, optimize: bool) -> nn.Module:
@@ -35,14 +46,27 @@ def export_model(
     *,
     input_size: Sequence[int] = (224, 224),
     optimize: bool = False,
+    precision: str = "fp32",
+    calibration: Iterable[torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` (eval mode) as ``fmt`` to ``path``, batch dimension dynamic.
 
-    ``input_size`` is the traced ``(H, W)``. Returns the path.
+    ``input_size`` is the traced ``(H, W)``; ``precision`` 'fp32', 'bf16' (``.pt2``, the
+    optimized graph) or 'int8' (ONNX, calibrated on ``calibration``'s batches of real,
+    normalized images). Returns the path.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    graph = _graph(model, optimize)
+    _check_precision(precision, fmt)
+    if precision == "int8":
+        from densenet.quantization import quantize_onnx, save_quantized
+
+        if calibration is None:
+            raise ValueError("an int8 export calibrates on real images: give calibration batches")
+        return save_quantized(quantize_onnx(model, calibration), path)
+    graph = _graph(model, optimize or precision == "bf16")
+    if precision == "bf16":
+        graph = Bfloat16(graph)
     example = torch.randn(2, model.in_chans, *input_size)
     with warnings.catch_warnings():
         # The shape checks in DenseNet.check_input are Python, not graph ops: harmless here.
@@ -54,6 +78,21 @@ def export_model(
         with torch.no_grad():
             program = torch.export.export(graph, (example,), dynamic_shapes=({0: batch},))
         return atomic_write(path, lambda f: torch.export.save(program, f))
+
+
+def _check_precision(precision: str, fmt: str) -> None:
+    if precision not in PRECISION_FORMATS:
+        raise ValueError(f"precision must be one of {tuple(PRECISION_FORMATS)}, got {precision!r}")
+    if fmt not in PRECISION_FORMATS[precision]:
+        wanted = PRECISION_FORMATS[precision][0]
+        why = {
+            "bf16": "ONNX runtimes choose their own arithmetic: export fp32 ONNX and run it with "
+            "OpenVINO, whose CPU default is bf16 where the CPU has it",
+            "int8": "the int8 graph is ONNX (QDQ), run by OpenVINO or onnxruntime",
+        }[precision]
+        raise ValueError(
+            f"precision {precision} exports as {wanted} ({SUFFIXES[wanted]}), not {fmt}: {why}"
+        )
 
 
 def load_exported(path: str | Path, threads: int | None = None) -> Callable:

@@ -64,7 +64,7 @@ def predict(
     instead.
     """
     transform = info.transform()
-    device = next(model.parameters()).device
+    device = next(iter(model.parameters()), torch.empty(0)).device  # none: a runtime, the CPU
     k = min(topk, len(info.class_names))
     results: list[dict] = []
     starts = report_progress(

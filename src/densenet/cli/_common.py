@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from densenet.cli import CLIError
+
+if TYPE_CHECKING:  # torch is imported when a command runs, not for --help
+    import torch
+    from torch import nn
+
+PRECISIONS = ("fp32", "bf16", "int8")  # densenet.inference.PRECISIONS (a test keeps them equal)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,3 +65,67 @@ def random_weights_notice(args: argparse.Namespace) -> None:
         f"densenet {args.command}: note: {model} has random weights (no --pretrained); {advice}",
         file=sys.stderr,
     )
+
+
+def add_precision_arguments(parser: argparse.ArgumentParser, calibration_default: str) -> None:
+    """``--precision`` and ``--calibration`` (int8's images; ``calibration_default`` says which
+    images are used without it)."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="arithmetic to run the model in: fp32 (exact), bf16 (on CPUs with AVX512_BF16 or "
+        "AMX and on GPUs; fp32 with a notice elsewhere) or int8 (CPU, calibrated on "
+        "--calibration); accuracy and speed of each: docs/benchmarks.md",
+    )
+    parser.add_argument(
+        "--calibration",
+        nargs="+",
+        metavar="IMAGE_OR_FOLDER",
+        help=f"int8: real images to calibrate the activation ranges on (default: {calibration_default})",
+    )
+
+
+def calibration_batches(paths: list[str], info) -> list[torch.Tensor]:
+    """The images in ``paths`` (files or folders) through the model's eval transform, as
+    batches of 32: int8 calibration data."""
+    import torch
+
+    from densenet.data import load_image
+    from densenet.predict import list_images
+
+    transform = info.transform()
+    images = [transform(load_image(p)) for p in list_images(paths)]
+    return list(torch.stack(images).split(32))
+
+
+def at_precision(
+    model: nn.Module, precision: str, calibration: Callable[[], list[torch.Tensor]]
+) -> tuple[nn.Module, str]:
+    """``model`` to run in ``precision`` and the precision that runs: fp32 is the model itself
+    (exact); bf16 and int8 its :func:`~densenet.inference.optimize_for_inference` graph (CPU:
+    the fastest installed runtime; a GPU: PyTorch, bf16 only). ``calibration`` gives int8's
+    batches and is called only for int8."""
+    from densenet.inference import optimize_for_inference, resolve_precision
+
+    device = model_device(model)
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return model, precision
+    if precision == "int8" and device.type != "cpu":
+        raise CLIError("int8 runs on the CPU (OpenVINO or onnxruntime): add --device cpu")
+    backend = "auto" if device.type == "cpu" else "eager"
+    batches = calibration() if precision == "int8" else None
+    try:
+        return optimize_for_inference(model, backend, precision=precision, calibration=batches), (
+            precision
+        )
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (the CPU for a runtime-backed module without any)."""
+    import torch
+
+    return next(iter(model.parameters()), torch.empty(0)).device

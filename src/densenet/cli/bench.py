@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING
 
 from densenet.benchmark import load_average, measure
 from densenet.cli import CLIError
-from densenet.cli._common import add_model_arguments, model_from_args, random_weights_notice
+from densenet.cli._common import (
+    PRECISIONS,
+    add_model_arguments,
+    calibration_batches,
+    model_from_args,
+    random_weights_notice,
+)
 
 if TYPE_CHECKING:  # torch is imported when the command runs, not for --help
     import torch
@@ -52,7 +58,6 @@ BACKENDS = (
 DEFAULT_BACKENDS = (
     "torchvision,optimized,optimized-eager,optimized-onnxruntime,onnxruntime,openvino"
 )
-PRECISIONS = ("fp32", "bf16", "int8")  # densenet.inference.PRECISIONS (a test keeps them equal)
 # References added to the default backends when a precision is asked for: that precision's
 # own best known way to run the model.
 LOW_PRECISION_REFERENCES = {"bf16": ("torchvision-bf16", "openvino-default")}
@@ -163,16 +168,9 @@ def torchvision_model(model: nn.Module) -> nn.Module:
 
 
 def _calibration_batches(args: argparse.Namespace, info) -> list[torch.Tensor]:
-    import torch
-
-    from densenet.data import load_image
-    from densenet.predict import list_images
-
     if not args.calibration:
         raise CLIError("the int8 backend calibrates on real images: add --calibration IMAGES")
-    transform = info.transform()
-    images = [transform(load_image(p)) for p in list_images(args.calibration)]
-    return list(torch.stack(images).split(32))
+    return calibration_batches(args.calibration, info)
 
 
 def build_backends(

@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from densenet.cli import CLIError
-from densenet.cli._common import add_model_arguments, model_from_args
+from densenet.cli._common import (
+    add_model_arguments,
+    add_precision_arguments,
+    at_precision,
+    calibration_batches,
+    model_device,
+    model_from_args,
+)
+
+# int8 calibrates on this many training images of the dataset unless --calibration is given.
+CALIBRATION_IMAGES = 256
 
 if TYPE_CHECKING:  # the heavy modules are imported when the command runs, not for --help
     import torch
@@ -60,6 +70,9 @@ def add_parser(subparsers) -> None:
         help="skip files of a folder dataset that are not readable images (named on stderr)",
     )
     _add_labels_file_arguments(parser)
+    add_precision_arguments(
+        parser, f"{CALIBRATION_IMAGES} images of the dataset's train split, evenly spaced"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -155,6 +168,31 @@ def _load_data(
     return loader, list(classes)
 
 
+def _calibration(
+    args: argparse.Namespace, dataset_name: str, info: ModelInfo, device: torch.device
+) -> list[torch.Tensor]:
+    """int8 calibration batches: ``--calibration``'s images, else :data:`CALIBRATION_IMAGES`
+    evenly spaced images of the dataset's train split (never the split evaluated)."""
+    import torch
+
+    if args.calibration:
+        return calibration_batches(args.calibration, info)
+    one_crop = argparse.Namespace(**{**vars(args), "ten_crop": False, "limit": CALIBRATION_IMAGES})
+    try:
+        loader, _ = _load_data(one_crop, dataset_name, info, device, "train")
+    except (OSError, ValueError) as error:
+        raise CLIError(
+            f"int8 calibrates on {dataset_name}'s train split, which could not be read "
+            f"({error}); give --calibration IMAGES"
+        ) from None
+    images = torch.cat([inputs for inputs, _ in loader]).float()
+    print(
+        f"densenet eval: int8 calibrated on {len(images)} images of {dataset_name} train",
+        file=sys.stderr,
+    )
+    return list(images.split(32))
+
+
 def _check_task(dataset, dataset_name: str, info: ModelInfo) -> None:
     """A multi-label model needs multi-hot targets, a single-label one class indices."""
     task = getattr(dataset, "task", "multiclass")
@@ -247,7 +285,7 @@ def _thresholds(args: argparse.Namespace, model, info: ModelInfo, dataset_name: 
             "specificity are optimistic; fit on another split (e.g. val) for honest figures",
             file=sys.stderr,
         )
-    device = next(model.parameters()).device
+    device = model_device(model)
     loader, _ = _load_data(args, dataset_name, info, device, split)
     probabilities, targets, _ = collect_probabilities(model, loader, device, progress=True)
     fitted = fit_thresholds(probabilities, targets, args.threshold_method or "f1", names)
@@ -259,7 +297,7 @@ def _multilabel(args, model, info: ModelInfo, loader, dataset_name: str, stem: P
     from densenet.evaluation import collect_probabilities, multilabel_result
     from densenet.visualize import roc_curves_figure
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     thresholds = _thresholds(args, model, info, dataset_name)
     probabilities, targets, crops = collect_probabilities(model, loader, device, progress=True)
     result = multilabel_result(probabilities, targets, info.class_names, thresholds, crops)
@@ -301,7 +339,7 @@ def _multiclass(model, info: ModelInfo, loader, classes: list[str], stem: Path, 
     names = info.class_names
     if names == default_class_names(len(names)) and len(classes) == len(names):
         names = classes  # the model has no names of its own: use the dataset's
-    device = next(model.parameters()).device
+    device = model_device(model)
     result = evaluate(model, loader, device, class_names=names, progress=True)
     png = confusion_matrix_figure(
         result.confusion, result.class_names, stem.with_suffix(".png"), title
@@ -322,20 +360,30 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("which data? give --dataset NAME (the checkpoint does not name its dataset)")
     if args.fit_thresholds_on and info.task != "multilabel":
         raise CLIError("--fit-thresholds-on is for multi-label models; this one is single-label")
-    device = next(model.parameters()).device
+    device = model_device(model)
     args.split = _resolve_split(args, dataset_name)
     loader, classes = _load_data(args, dataset_name, info, device, args.split)
+    model, precision = at_precision(
+        model, args.precision, lambda: _calibration(args, dataset_name, info, device)
+    )
     out = Path(args.out or (Path(args.checkpoint).parent if args.checkpoint else "."))
-    stem = out / (f"eval_{dataset_name}_{args.split}" + ("_10crop" if args.ten_crop else ""))
+    low = "" if precision == "fp32" else f"_{precision}"
+    stem = out / (f"eval_{dataset_name}_{args.split}" + ("_10crop" if args.ten_crop else "") + low)
     title = f"{info.source} on {dataset_name} {args.split}" + (
         " (10-crop)" if args.ten_crop else ""
     )
+    title += "" if precision == "fp32" else f", {precision}"
     if info.task == "multilabel":
         results, lines = _multilabel(args, model, info, loader, dataset_name, stem, title)
     else:
         results, lines = _multiclass(model, info, loader, classes, stem, title)
     summary = dict(
-        model=info.name, source=info.source, dataset=dataset_name, split=args.split, **results
+        model=info.name,
+        source=info.source,
+        dataset=dataset_name,
+        split=args.split,
+        precision=precision,
+        **results,
     )
     metrics_path = stem.with_suffix(".json")
     atomic_write(metrics_path, lambda f: json.dump(summary, f, indent=1), mode="w")

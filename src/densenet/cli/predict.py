@@ -9,7 +9,13 @@ import json
 import sys
 
 from densenet.cli import CLIError
-from densenet.cli._common import add_model_arguments, model_from_args
+from densenet.cli._common import (
+    add_model_arguments,
+    add_precision_arguments,
+    at_precision,
+    calibration_batches,
+    model_from_args,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -33,6 +39,7 @@ def add_parser(subparsers) -> None:
         help="write a Grad-CAM overlay PNG per image into DIR (<image>_<label>.png): of the top "
         "class, or of each positive label of a multi-label model (the top one if none is)",
     )
+    add_precision_arguments(parser, "the images predicted")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -75,8 +82,17 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--topk and --batch-size must be at least 1")
     paths = list_images(args.inputs)
     model, info = model_from_args(args)
+    if args.precision == "int8" and not args.calibration:
+        print(
+            f"densenet predict: int8 calibrated on the {len(paths)} images predicted "
+            "(--calibration IMAGES picks others; a few hundred are best)",
+            file=sys.stderr,
+        )
+    fast, precision = at_precision(
+        model, args.precision, lambda: calibration_batches(args.calibration or paths, info)
+    )
     results = predict(
-        model, info, paths, args.topk, args.batch_size, skip_bad_images=args.skip_bad_images
+        fast, info, paths, args.topk, args.batch_size, skip_bad_images=args.skip_bad_images
     )
     skipped = [r for r in results if "skipped" in r]
     results = [r for r in results if "skipped" not in r]
@@ -91,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
         save_cams(model, info, results, args.cam)
     _thresholds_notice(info)
     if args.json:
-        summary = dict(model=info.name, source=info.source, task=info.task)
+        summary = dict(model=info.name, source=info.source, task=info.task, precision=precision)
         if info.task == "multilabel":
             summary["thresholds"] = info.threshold_summary()
         print(json.dumps(dict(summary, predictions=results, skipped=skipped)))
         return 0
-    print(f"model: {info.source}")
+    print(f"model: {info.source}" + ("" if precision == "fp32" else f" ({precision})"))
     _print_predictions(results, info)
     return 0
