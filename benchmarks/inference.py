@@ -1,21 +1,27 @@
-"""The full inference benchmark of issue 5, one command (results go in docs/benchmarks.md):
+"""The full inference benchmark (issues 5 and 14), one command (results go in docs/benchmarks.md):
 
-    .venv/bin/python benchmarks/inference.py [--iters N] [--min-time S] [--test-images N] [--json OUT.json]
+    .venv/bin/python benchmarks/inference.py [--iters N] [--min-time S] [--test-images N]
+        [--checkpoint RUN/checkpoints/best.safetensors] [--json OUT.json]
 
-1. ``densenet bench`` on densenet121 at 224x224, batch 1 and 16, and densenet_bc100_k12 at batch
-   64: torchvision eager, our default (``optimized``), our graph on each backend, onnxruntime and
-   OpenVINO on the plain export, and both runtimes on the plain export scheduled like ours (our
-   default micro-batches; OpenVINO also on our streams): how much of the gain the scheduling
-   alone gives. Interleaved in one run. Random weights: speed does not depend on them.
-2. int8: the third-party CIFAR-10 DenseNet-BC checkpoint in ../shared/data quantized with
-   :mod:`densenet.quantization` (calibrated on real CIFAR-10 *train* JPEGs), top-1 on the real
-   CIFAR-10 JPEG test images against float32, and its speed against onnxruntime float32 on the
-   plain export, in the same run.
+1. Speed: ``densenet bench --precision fp32,bf16,int8`` on densenet121 at 224x224, batch 1 and
+   16, and densenet_bc100_k12 at 32x32, batch 64: our default at each precision beside the
+   references at their own precision (torchvision eager fp32 and under bf16 autocast with
+   channels_last, onnxruntime fp32, OpenVINO pinned to f32 and OpenVINO's default, which is bf16
+   on this CPU), interleaved in one run. Random weights: speed does not depend on them; int8
+   calibrates on the real sample images in ../shared (ImageNet ones for densenet121, CIFAR-10 for
+   densenet_bc100_k12).
+2. Accuracy: the third-party CIFAR-10 DenseNet-BC checkpoint in ../shared/data at each precision
+   and backend, top-1 on the real CIFAR-10 JPEG test images (all 10,000 by default), its change
+   against fp32 and the share of images whose class is the fp32 one; int8 calibrated on 500 real
+   CIFAR-10 *train* JPEGs.
+3. With ``--checkpoint``: ``densenet eval --precision P`` of a model trained by ``densenet train``
+   on its own dataset's test split, for each precision.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -27,12 +33,9 @@ import torch
 from PIL import Image
 
 from densenet import DenseNet
-from densenet.benchmark import measure
 from densenet.cli import main
 from densenet.hub.loading import load_pretrained
 from densenet.inference import optimize_for_inference
-from densenet.quantization import quantize_model
-from densenet.runtimes import OnnxRuntimeModel, onnx_bytes
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_ZIP = DATA / "cifar10-jpeg" / "cifar10_yoongikim_jpeg_q75.zip"
@@ -40,6 +43,8 @@ CHECKPOINT = DATA / "checkpoints" / "jasonwei05_densenet_cifar10.pth"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # The checkpoint author's normalization.
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+# Ours (optimized, at each precision) and the references, each at its own precision.
+BACKENDS = "torchvision,torchvision-bf16,optimized,onnxruntime,openvino,openvino-default"
 
 
 def cifar_images(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,12 +62,8 @@ def cifar_images(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def top1(fn, images: torch.Tensor, labels: torch.Tensor) -> float:
-    preds = torch.cat([fn(b).argmax(1) for b in images.split(250)])
-    return 100 * (preds == labels).float().mean().item()
-
-
-def int8_benchmark(iters: int, min_time: float, test_per_class: int, threads: int) -> dict:
+def accuracy_benchmark(test_per_class: int, threads: int) -> dict:
+    """Top-1 of the third-party checkpoint at each precision and backend, against fp32."""
     model = DenseNet(
         growth_rate=12, block_config=(6, 12, 24), num_init_features=24, stem="cifar",
         num_classes=10,
@@ -70,38 +71,65 @@ def int8_benchmark(iters: int, min_time: float, test_per_class: int, threads: in
     load_pretrained(model, CHECKPOINT)
     model.eval()
     test_x, test_y = cifar_images("test", test_per_class)
-    calib_x, _ = cifar_images("train", 50)
-    backends = {
-        "torch-eager-fp32": model,
-        "onnxruntime-fp32": OnnxRuntimeModel(onnx_bytes(model, test_x[:1]), threads),
-        "optimized-fp32": optimize_for_inference(model, input_size=(32, 32), threads=threads),
-        "int8-onnxruntime": quantize_model(model, calib_x.split(50), "onnxruntime", threads),
-        "int8-openvino": quantize_model(model, calib_x.split(50), "openvino", threads),
+    calibration = cifar_images("train", 50)[0].split(50)
+    runs = {
+        "fp32 torch eager": lambda: model,
+        "fp32 ours (openvino)": lambda: optimize(model, "openvino", "fp32", threads),
+        "bf16 ours (eager)": lambda: optimize(model, "eager", "bf16", threads),
+        "bf16 ours (openvino)": lambda: optimize(model, "openvino", "bf16", threads),
+        "int8 ours (openvino)": lambda: optimize(model, "openvino", "int8", threads, calibration),
+        "int8 ours (onnxruntime)": lambda: optimize(
+            model, "onnxruntime", "int8", threads, calibration
+        ),
     }
-    # torch eager computes the same float32 function as onnxruntime-fp32 (checked in the tests);
-    # its accuracy pass would only cost time.
-    accuracy = {
-        n: top1(fn, test_x, test_y) for n, fn in backends.items() if n != "torch-eager-fp32"
-    }
-    speed = measure(backends, torch.randn(64, 3, 32, 32), iters, 2, min_time)
-    speed = {k: {**v, "vs_onnxruntime": v["img_per_s"] / speed["onnxruntime-fp32"]["img_per_s"]}
-             for k, v in speed.items()}  # fmt: skip
-    return dict(
-        test_images=len(test_y), calibration_images=len(calib_x), top1=accuracy,
-        top1_change_int8={
-            k: accuracy[k] - accuracy["onnxruntime-fp32"] for k in accuracy if k.startswith("int8")
-        }, batch64=speed,
-    )  # fmt: skip
+    with torch.no_grad():
+        predictions = {name: classes(make(), test_x) for name, make in runs.items()}
+    reference = predictions["fp32 torch eager"]
+    rows = {}
+    for name, predicted in predictions.items():
+        top1 = 100 * (predicted == test_y).float().mean().item()
+        rows[name] = dict(
+            top1=top1,
+            change_vs_fp32=top1 - 100 * (reference == test_y).float().mean().item(),
+            agreement_with_fp32=100 * (predicted == reference).float().mean().item(),
+        )
+    return dict(test_images=len(test_y), calibration_images=500, rows=rows)
 
 
-def bench(model: str, batch: str, iters: int, min_time: float, backends: str, out: Path) -> dict:
-    import contextlib
+def optimize(model, backend: str, precision: str, threads: int, calibration=None):
+    return optimize_for_inference(
+        model, backend, precision=precision, calibration=calibration, threads=threads
+    )
 
+
+def classes(fn, images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([fn(b).argmax(1) for b in images.split(250)])
+
+
+def trained_model_accuracy(checkpoint: Path) -> dict:
+    """``densenet eval --precision P --json`` of ``checkpoint`` for each precision."""
+    results = {}
+    for precision in ("fp32", "bf16", "int8"):
+        buffer = io.StringIO()
+        argv = ["eval", "--checkpoint", str(checkpoint), "--precision", precision, "--json"]
+        with contextlib.redirect_stdout(buffer):
+            main(argv + ["--no-progress", "--out", str(checkpoint.parent)])
+        report = json.loads(buffer.getvalue())
+        results[precision] = {k: report[k] for k in ("precision", "images", "top1", "top5")}
+    for row in results.values():
+        row["change_vs_fp32"] = row["top1"] - results["fp32"]["top1"]
+    return results
+
+
+def bench(
+    model: str, batch: str, iters: int, min_time: float, calibration: Path, out: Path
+) -> dict:
     buffer = io.StringIO()
     argv = ["bench", "--model", model, "--batch", batch, "--iters", str(iters), "--json"]
-    argv += ["--min-time", str(min_time)]
+    argv += ["--min-time", str(min_time), "--precision", "fp32,bf16,int8"]
+    argv += ["--calibration", str(calibration)]
     with contextlib.redirect_stdout(buffer):
-        main(argv + ["--backends", backends, "--threads", "2"])
+        main(argv + ["--backends", BACKENDS, "--threads", "2", "--no-progress"])
     report = json.loads(buffer.getvalue())
     out.write_text(json.dumps(report, indent=1))
     return report
@@ -116,30 +144,29 @@ def main_() -> None:
         "then gets as many seconds of samples as batch 16, not 1 s that one load spike decides",
     )  # fmt: skip
     parser.add_argument("--test-images", type=int, default=1000, help="per class, up to 1000")
+    parser.add_argument("--checkpoint", type=Path, help="a densenet train checkpoint to eval too")
     parser.add_argument("--json", default="inference_benchmark.json")
-    parser.add_argument("--skip", default="", help="comma list of: densenet121,bc100,int8")
+    parser.add_argument("--skip", default="", help="comma list of: densenet121,bc100,accuracy")
     args = parser.parse_args()
     torch.set_num_threads(2)
     skip = set(args.skip.split(","))
     results: dict = {"load_start": os.getloadavg()}
-    backends = (
-        "torchvision,optimized,optimized-eager,optimized-openvino,onnxruntime,openvino,"
-        "onnxruntime-microbatch,openvino-microbatch"
-    )
     tmp = Path(args.json).with_suffix(".part.json")
-    if "densenet121" not in skip:
-        results["densenet121"] = bench(
-            "densenet121", "1,16", args.iters, args.min_time, backends, tmp
-        )
-        print(json.dumps(results["densenet121"]["results"], indent=1), flush=True)
-    if "bc100" not in skip:
-        results["densenet_bc100_k12"] = bench(
-            "densenet_bc100_k12", "64", args.iters, args.min_time, backends, tmp
-        )
-        print(json.dumps(results["densenet_bc100_k12"]["results"], indent=1), flush=True)
-    if "int8" not in skip:
-        results["int8"] = int8_benchmark(args.iters, args.min_time, args.test_images, 2)
-        print(json.dumps(results["int8"], indent=1), flush=True)
+    speed = {
+        "densenet121": ("1,16", DATA / "imagenet" / "sample_images_256"),
+        "bc100": ("64", DATA / "test-samples"),
+    }
+    for key, (batch, calibration) in speed.items():
+        if key not in skip:
+            name = "densenet_bc100_k12" if key == "bc100" else key
+            results[name] = bench(name, batch, args.iters, args.min_time, calibration, tmp)
+            print(json.dumps(results[name]["results"], indent=1), flush=True)
+    if "accuracy" not in skip:
+        results["accuracy"] = accuracy_benchmark(args.test_images, 2)
+        print(json.dumps(results["accuracy"], indent=1), flush=True)
+    if args.checkpoint:
+        results["trained"] = trained_model_accuracy(args.checkpoint)
+        print(json.dumps(results["trained"], indent=1), flush=True)
     results["load_end"] = os.getloadavg()
     Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.json}")
