@@ -66,7 +66,8 @@ def export_model(
         return save_quantized(quantize_onnx(model, calibration), path)
     graph = _graph(model, optimize or precision == "bf16")
     if precision == "bf16":
-        graph = Bfloat16(graph)
+        # Contiguous weights: torch.export.save warns about every channels_last one.
+        graph = Bfloat16(graph, channels_last=False)
     example = torch.randn(2, model.in_chans, *input_size)
     with warnings.catch_warnings():
         # The shape checks in DenseNet.check_input are Python, not graph ops: harmless here.

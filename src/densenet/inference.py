@@ -337,26 +337,24 @@ def fuse_for_inference(model: nn.Module, preallocate: bool = True) -> InferenceD
 class Bfloat16(nn.Module):
     """Runs ``module`` in bfloat16 on float inputs and returns float32.
 
-    Convolution and linear weights of ``module`` are converted to bfloat16 in place (once, not per
-    call); each
-    BatchNorm keeps its float32 statistics and reads bfloat16 activations, as it does under
-    autocast; activations are channels_last unless ``channels_last`` is False (oneDNN's bfloat16
-    convolutions are fastest on NHWC).
+    The weights and buffers of ``module`` are converted to bfloat16 in place (once, not per call),
+    except BatchNorm's: each keeps its float32 statistics and reads bfloat16 activations, as it
+    does under autocast. Activations are channels_last unless ``channels_last`` is False
+    (oneDNN's bfloat16 convolutions are fastest on NHWC).
     """
 
     def __init__(self, module: nn.Module, channels_last: bool = True) -> None:
         super().__init__()
         for layer in module.modules():
-            if isinstance(layer, nn.Conv2d | nn.Linear):
+            is_leaf = next(layer.children(), None) is None
+            if is_leaf and not isinstance(layer, nn.BatchNorm2d):
                 layer.to(torch.bfloat16)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.module = module.to(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Autocast covers what is not bfloat16 yet (a blur pool's float32 filter).
-        with torch.autocast(x.device.type, torch.bfloat16):
-            x = x.to(torch.bfloat16).contiguous(memory_format=self.memory_format)
-            return self.module(x).float()
+        x = x.to(torch.bfloat16).contiguous(memory_format=self.memory_format)
+        return self.module(x).float()
 
 
 class ChannelsLast(nn.Module):
