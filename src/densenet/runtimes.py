@@ -136,7 +136,7 @@ class OpenVinoModel(nn.Module):
 
     def default_precision(self) -> str:
         """The precision OpenVINO picks on this CPU when none is set ('bf16', 'f32', ...)."""
-        return str(self.core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
+        return self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
 
     def _queue(self, shape: tuple[int, ...]):
         if shape not in self.queues:
