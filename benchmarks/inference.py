@@ -8,8 +8,7 @@
    references at their own precision (torchvision eager fp32 and under bf16 autocast with
    channels_last, onnxruntime fp32, OpenVINO pinned to f32 and OpenVINO's default, which is bf16
    on this CPU), interleaved in one run. Random weights: speed does not depend on them; int8
-   calibrates on the real sample images in ../shared (ImageNet ones for densenet121, CIFAR-10 for
-   densenet_bc100_k12).
+   calibrates on the 100 real sample images of ../shared/data/test-samples.
 2. Accuracy: the third-party CIFAR-10 DenseNet-BC checkpoint in ../shared/data at each precision
    and backend, top-1 on the real CIFAR-10 JPEG test images (all 10,000 by default), its change
    against fp32 and the share of images whose class is the fp32 one; int8 calibrated on 500 real
@@ -153,7 +152,7 @@ def main_() -> None:
     results: dict = {"load_start": os.getloadavg()}
     tmp = Path(args.json).with_suffix(".part.json")
     speed = {
-        "densenet121": ("1,16", DATA / "imagenet" / "sample_images_256"),
+        "densenet121": ("1,16", DATA / "test-samples"),
         "bc100": ("64", DATA / "test-samples"),
     }
     for key, (batch, calibration) in speed.items():
