@@ -68,6 +68,17 @@ def test_bf16_is_close_to_fp32_but_really_bf16(backend: str) -> None:
 
 
 @needs_bf16
+def test_bf16_compiles() -> None:
+    """torch.compile of the bf16 graph (its conversions traced once), outside no_grad."""
+    model = tiny_model()
+    x = torch.randn(2, 3, 8, 8)
+    actual = optimize_for_inference(model, "compile", precision="bf16")(x)
+    assert actual.dtype == torch.float32 and not actual.requires_grad
+    with torch.no_grad():
+        assert FLOAT32_REL_TOL < rel_error(actual, model(x)) <= BF16_REL_TOL
+
+
+@needs_bf16
 @torch.no_grad()
 def test_bf16_and_int8_keep_the_classes_of_real_cifar_images() -> None:
     """The third-party CIFAR-10 checkpoint on the 20 real sample images: same classes."""
