@@ -1,7 +1,7 @@
 """The full inference benchmark (issues 5 and 14), one command (results go in docs/benchmarks.md):
 
     .venv/bin/python benchmarks/inference.py [--iters N] [--min-time S] [--test-images N]
-        [--checkpoint RUN/checkpoints/best.safetensors] [--json OUT.json]
+        [--checkpoint RUN/checkpoints/best.safetensors --data-dir DATA] [--json OUT.json]
 
 1. Speed: ``densenet bench --precision fp32,bf16,int8`` on densenet121 at 224x224, batch 1 and
    16, and densenet_bc100_k12 at 32x32, batch 64: our default at each precision beside the
@@ -105,12 +105,14 @@ def classes(fn, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(b).argmax(1) for b in images.split(250)])
 
 
-def trained_model_accuracy(checkpoint: Path) -> dict:
-    """``densenet eval --precision P --json`` of ``checkpoint`` for each precision."""
+def trained_model_accuracy(checkpoint: Path, data_dir: str | None) -> dict:
+    """``densenet eval --precision P --json`` of ``checkpoint`` (on ``data_dir`` when given) for
+    each precision."""
     results = {}
     for precision in ("fp32", "bf16", "int8"):
         buffer = io.StringIO()
         argv = ["eval", "--checkpoint", str(checkpoint), "--precision", precision, "--json"]
+        argv += ["--data-dir", data_dir] if data_dir else []
         with contextlib.redirect_stdout(buffer):
             main(argv + ["--no-progress", "--out", str(checkpoint.parent)])
         report = json.loads(buffer.getvalue())
@@ -144,6 +146,9 @@ def main_() -> None:
     )  # fmt: skip
     parser.add_argument("--test-images", type=int, default=1000, help="per class, up to 1000")
     parser.add_argument("--checkpoint", type=Path, help="a densenet train checkpoint to eval too")
+    parser.add_argument(
+        "--data-dir", help="its dataset's folder or .zip (densenet eval --data-dir)"
+    )
     parser.add_argument("--json", default="inference_benchmark.json")
     parser.add_argument("--skip", default="", help="comma list of: densenet121,bc100,accuracy")
     args = parser.parse_args()
@@ -164,7 +169,7 @@ def main_() -> None:
         results["accuracy"] = accuracy_benchmark(args.test_images, 2)
         print(json.dumps(results["accuracy"], indent=1), flush=True)
     if args.checkpoint:
-        results["trained"] = trained_model_accuracy(args.checkpoint)
+        results["trained"] = trained_model_accuracy(args.checkpoint, args.data_dir)
         print(json.dumps(results["trained"], indent=1), flush=True)
     results["load_end"] = os.getloadavg()
     Path(args.json).write_text(json.dumps(results, indent=1))

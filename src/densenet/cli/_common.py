@@ -78,11 +78,16 @@ def add_precision_arguments(parser: argparse.ArgumentParser, calibration_default
         "AMX and on GPUs; fp32 with a notice elsewhere) or int8 (CPU, calibrated on "
         "--calibration); accuracy and speed of each: docs/benchmarks.md",
     )
+    add_calibration_argument(parser, calibration_default)
+
+
+def add_calibration_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--calibration IMAGE_OR_FOLDER...``: int8's images (``default`` says which without it)."""
     parser.add_argument(
         "--calibration",
         nargs="+",
         metavar="IMAGE_OR_FOLDER",
-        help=f"int8: real images to calibrate the activation ranges on (default: {calibration_default})",
+        help=f"int8: real images to calibrate the activation ranges on (default: {default})",
     )
 
 

@@ -22,12 +22,14 @@ import argparse
 import copy
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from densenet.benchmark import load_average, measure
 from densenet.cli import CLIError
 from densenet.cli._common import (
     PRECISIONS,
+    add_calibration_argument,
     add_model_arguments,
     calibration_batches,
     model_from_args,
@@ -131,12 +133,7 @@ def _add_precision_arguments(parser: argparse.ArgumentParser) -> None:
         f"{', '.join(PRECISIONS)} (default fp32; int8 needs --calibration); a backend that "
         "cannot run one is skipped with a note",
     )
-    parser.add_argument(
-        "--calibration",
-        nargs="+",
-        metavar="IMAGE_OR_FOLDER",
-        help="real images to calibrate int8 on (required for int8)",
-    )
+    add_calibration_argument(parser, "none: required for int8")
     parser.add_argument(
         "--verbose",
         action="store_true",
@@ -198,13 +195,12 @@ def build_backends(
     made: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
     precision_of: dict[str, str] = {}
-    calibration = functools.cache(calibration) if calibration else None
-    common = dict(
-        threads=threads,
-        calibration=calibration,
-        micro_batch=micro_batch,
-        streams=streams,
-        quantize_options=quantize_options,
+    options = RunOptions(
+        threads,
+        functools.cache(calibration) if calibration else None,
+        micro_batch,
+        streams,
+        quantize_options,
     )
     for name in names:
         if name == "optimized" or name.startswith("optimized-"):
@@ -213,13 +209,13 @@ def build_backends(
                 row = name if precision == "fp32" else f"{name}:{precision}"
                 try:
                     made[row], precision_of[row] = _optimized(
-                        model, backend, precision, size_of(example), **common
+                        model, backend, precision, size_of(example), options
                     )
                 except ValueError as error:
                     skipped[row] = str(error)
             continue
         try:
-            made[name], precision_of[name] = _reference(name, model, example, **common)
+            made[name], precision_of[name] = _reference(name, model, example, options)
         except ValueError as error:
             skipped[name] = str(error)
     return made, skipped, precision_of
@@ -229,16 +225,19 @@ def size_of(example: torch.Tensor) -> tuple[int, int]:
     return tuple(example.shape[2:])
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How every backend of one ``bench`` run is built (see :func:`build_backends`)."""
+
+    threads: int
+    calibration: Callable[[], list[torch.Tensor]] | None
+    micro_batch: int | None
+    streams: int | None
+    quantize_options: dict | None
+
+
 def _optimized(
-    model: nn.Module,
-    backend: str,
-    precision: str,
-    size: tuple[int, int],
-    threads: int,
-    calibration: Callable[[], list[torch.Tensor]] | None,
-    micro_batch: int | None,
-    streams: int | None,
-    quantize_options: dict | None,
+    model: nn.Module, backend: str, precision: str, size: tuple[int, int], options: RunOptions
 ) -> tuple[Callable, str]:
     """Our graph on ``backend`` at ``precision``; a ``ValueError`` when that cannot run here."""
     from densenet import runtime
@@ -246,31 +245,24 @@ def _optimized(
 
     if precision == "bf16" and not runtime.native_bf16("cpu"):
         raise ValueError("this CPU has no native bfloat16 (AVX512_BF16 or AMX)")
-    if precision == "int8" and calibration is None:
+    if precision == "int8" and options.calibration is None:
         raise ValueError("int8 calibrates on real images: add --calibration IMAGES")
     fn = optimize_for_inference(
         model,
         backend,
         precision=precision,
-        calibration=calibration() if precision == "int8" else None,
+        calibration=options.calibration() if precision == "int8" else None,
         input_size=size,
-        threads=threads,
-        micro_batch=micro_batch,
-        streams=streams if backend in ("auto", "openvino") else None,
-        quantize_options=quantize_options,
+        threads=options.threads,
+        micro_batch=options.micro_batch,
+        streams=options.streams if backend in ("auto", "openvino") else None,
+        quantize_options=options.quantize_options,
     )
     return fn, precision
 
 
 def _reference(
-    name: str,
-    model: nn.Module,
-    example: torch.Tensor,
-    threads: int,
-    calibration: Callable[[], list[torch.Tensor]] | None,
-    micro_batch: int | None,
-    streams: int | None,
-    quantize_options: dict | None,
+    name: str, model: nn.Module, example: torch.Tensor, options: RunOptions
 ) -> tuple[Callable, str]:
     """A reference backend (not our ``optimized*`` graph) and its precision; a ``ValueError``
     when it cannot run here (a missing runtime)."""
@@ -286,22 +278,12 @@ def _reference(
     if name == "channels_last":
         return ChannelsLast(copy.deepcopy(model)), "fp32"
     if name == "int8":
-        return _optimized(
-            model,
-            "auto",
-            "int8",
-            size_of(example),
-            threads,
-            calibration,
-            micro_batch,
-            streams,
-            quantize_options,
-        )
+        return _optimized(model, "auto", "int8", size_of(example), options)
     plain = onnx_bytes(model, example[:1])
     if name == "openvino-default":
-        runtime = RUNTIMES["openvino"](plain, threads, precision=None)
+        runtime = RUNTIMES["openvino"](plain, options.threads, precision=None)
         return runtime, f"default ({runtime.default_precision()})"
-    return _plain_runtime(name, plain, model, threads, micro_batch, streams), "fp32"
+    return _plain_runtime(name, plain, model, options), "fp32"
 
 
 class Bf16Autocast:
@@ -318,14 +300,7 @@ class Bf16Autocast:
             return self.module(x.contiguous(memory_format=torch.channels_last)).float()
 
 
-def _plain_runtime(
-    name: str,
-    onnx: bytes,
-    model: nn.Module,
-    threads: int,
-    micro_batch: int | None,
-    streams: int | None,
-) -> Callable:
+def _plain_runtime(name: str, onnx: bytes, model: nn.Module, options: RunOptions) -> Callable:
     """Backend ``onnxruntime``/``openvino`` on the plain export, or ``*-microbatch``: the plain
     export run in our default micro-batches (and OpenVINO streams), which shows how much of our
     gain a user of the runtime alone would get by scheduling the batch the same. A missing
@@ -333,10 +308,11 @@ def _plain_runtime(
     from densenet.inference import micro_batched
     from densenet.runtimes import RUNTIMES
 
-    options = {"streams": streams or threads} if name == "openvino-microbatch" else {}
-    runtime = RUNTIMES[name.removesuffix("-microbatch")](onnx, threads, **options)
+    threads = options.threads
+    extra = {"streams": options.streams or threads} if name == "openvino-microbatch" else {}
+    runtime = RUNTIMES[name.removesuffix("-microbatch")](onnx, threads, **extra)
     if name.endswith("-microbatch"):
-        return micro_batched(runtime, model, micro_batch)
+        return micro_batched(runtime, model, options.micro_batch)
     return runtime
 
 
