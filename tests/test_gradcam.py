@@ -124,9 +124,13 @@ def test_memory_efficient_blocks_give_the_same_map():
         grad_cam(
             tiny_densenet(memory_efficient=True), x, layer="features.denseblock1.denselayer1.norm1"
         )
-    with pytest.raises(ValueError, match="does not depend on layer .*choose a layer outside"):
+    with pytest.raises(ValueError, match="'features.denseblock1.denselayer1.conv1' did not run"):
         grad_cam(
             tiny_densenet(memory_efficient=True), x, layer="features.denseblock1.denselayer1.conv1"
+        )
+    with pytest.raises(ValueError, match="does not depend on layer .*choose a layer outside"):
+        grad_cam(
+            tiny_densenet(memory_efficient=True), x, layer="features.denseblock1.denselayer1.conv2"
         )
 
 

@@ -6,27 +6,33 @@ number of layers. Here one autograd Function runs the whole block (the design of
 ``-optMemory 4`` and Pleiss et al. 2017, written for current autograd):
 
 * forward writes the block input and each layer's k new channels once into a pre-allocated buffer
-  ``(N, C_in + L*k, H, W)``, which is also the block's output; each layer reads a ``narrow`` view of
-  the buffer's prefix (no ``torch.cat``);
+  of all ``C_in + L*k`` channels, stored channel-major, ``(C, N, H, W)``: the prefix a layer reads
+  (its first channels) is one dense block of memory, viewed as the NCHW tensor
+  ``(1, width, N*H, W)``, so BatchNorm runs on its fast dense kernels without copying the prefix
+  out, and the bottleneck's 1x1 conv is one matrix product (no ``torch.cat``). The block's output
+  is the buffer in the model's layout (``(N, C, H, W)``, contiguous or channels_last);
 * BatchNorm's batch statistics of a channel are the same for every layer that reads it, so they are
   computed once, when the channel is written; each layer's BatchNorm then only normalizes (and
   updates its running statistics exactly once, as ``nn.BatchNorm2d`` does);
 * the stage of a layer whose input grows with depth (BN-ReLU-conv of the prefix: the bottleneck, or
   the 3x3 conv of a basic layer) keeps nothing for backward: backward recomputes its BN-ReLU from the
-  saved statistics and calls ``aten.convolution_backward``, so the conv is never re-run; the
-  bottleneck's output (``bn_size*k`` channels, linear in depth) is kept for the second stage;
+  saved statistics and re-runs the bottleneck's 1x1 conv for the second stage (keeping every
+  bottleneck output would hold ``bn_size*k`` channels per layer, 4x the buffer's k); the conv is
+  never re-run for its own gradient (``aten.convolution_backward``, or two matrix products);
 * dropout keeps its own tiny autograd graph: the plain model's call, so the same random numbers in
   the same order and the same mask;
-* backward walks the layers in reverse and adds every prefix gradient into one shared gradient buffer
-  instead of creating and accumulating per-feature gradient tensors.
+* backward walks the layers in reverse and adds every prefix gradient into one shared,
+  channel-major gradient buffer instead of creating and accumulating per-feature gradient tensors.
 
 Outputs, gradients and running statistics equal the plain model's up to rounding (tested to 1e-10
-in float64). Under autocast the convs run in the autocast dtype as in the plain model. Parameters
-get their gradients as ordinary outputs of the Function (one per parameter per step), so DDP's hooks
-see the usual pattern. Under ``torch.compile`` the blocks run eagerly (``torch.compiler.disable``)
-and everything between them is compiled. Limits: forward hooks on the BatchNorm modules inside dense
-layers are not called, and a second backward through the same graph (``retain_graph=True``) raises.
-Inference (no grad) never takes this path.
+in float64). Under autocast the convs and matrix products run in the autocast dtype as in the plain
+model, and the buffer, workspaces and gradient buffer hold what the plain model's concatenations
+would (bfloat16 under bf16 autocast): half the float32 memory, statistics still in float32.
+Parameters get their gradients as ordinary outputs of the Function (one per parameter per step), so
+DDP's hooks see the usual pattern. Under ``torch.compile`` the blocks run eagerly
+(``torch.compiler.disable``) and everything between them is compiled. Limits: forward hooks on the
+BatchNorm and conv modules of a layer's first stage are not called, and a second backward through
+the same graph (``retain_graph=True``) raises. Inference (no grad) never takes this path.
 """
 
 from __future__ import annotations
@@ -123,44 +129,158 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last
 
 
-def _workspace_view(
-    workspace: torch.Tensor, like: torch.Tensor, memory_format: torch.memory_format
+# --- the channel-major buffer ---------------------------------------------------------------------
+# The buffer is stored channel-major, (C, N, H, W) contiguous: the first ``width`` channels (the
+# prefix a layer reads) are then one dense block of memory, viewed as ``(1, width, N*H, W)``, a
+# dense NCHW tensor with the same per-channel values. BatchNorm (statistics, normalization,
+# backward) over it is BatchNorm over (N, H, W), on its fast dense kernels, without copying the
+# prefix out; a 1x1 conv of it is one matrix product ``weight (out, width) @ prefix (width, N*H*W)``.
+def _copy_channel_major(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(N, C, H, W)`` (contiguous or channels_last) copied into the channel-major ``out``
+    ``(C, N, H, W)`` (contiguous)."""
+    n, c, h, w = x.shape
+    if _memory_format(x) == torch.channels_last:  # a 2D transpose: ATen's blocked copy
+        out.view(c, -1).copy_(x.permute(0, 2, 3, 1).reshape(-1, c).t())
+    else:
+        out.copy_(x.transpose(0, 1))
+    return out
+
+
+def _channel_major(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` -> a channel-major copy ``(C, N, H, W)``."""
+    n, c, h, w = x.shape
+    return _copy_channel_major(x.new_empty((c, n, h, w)), x)
+
+
+def _flat(features: torch.Tensor) -> torch.Tensor:
+    """Channel-major ``(C, N, H, W)`` (contiguous) as the NCHW tensor ``(1, C, N*H, W)``."""
+    c, n, h, w = features.shape
+    return features.view(1, c, n * h, w)
+
+
+def _copy_batch_major(out: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Channel-major ``features`` (contiguous, ``C*N*H*W`` values) copied into ``out``
+    ``(N, C, H, W)`` (contiguous or channels_last)."""
+    n, c, h, w = out.shape
+    if _memory_format(out) == torch.channels_last:  # a 2D transpose: ATen's blocked copy
+        out.permute(0, 2, 3, 1).reshape(-1, c).copy_(features.reshape(c, -1).t())
+    else:
+        out.copy_(features.reshape(c, n, h, w).transpose(0, 1))
+    return out
+
+
+def _batch_major(
+    features: torch.Tensor, shape: torch.Size, memory_format: torch.memory_format
 ) -> torch.Tensor:
-    """A dense tensor shaped like ``like``, in ``memory_format``, at the front of ``workspace``.
+    """Channel-major ``features`` as a new ``(N, C, H, W)`` tensor of ``shape`` in
+    ``memory_format``, the layout of the model's own tensors."""
+    out = torch.empty(
+        shape, dtype=features.dtype, device=features.device, memory_format=memory_format
+    )
+    return _copy_batch_major(out, features)
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    """A 1x1 conv without stride, padding, dilation, groups or bias: a matrix product."""
+    return (
+        conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+    )
+
+
+def _pointwise(conv: nn.Conv2d, flat: torch.Tensor) -> torch.Tensor:
+    """``conv`` (1x1) of :func:`_flat` features ``(1, C, N*H, W)``: channel-major ``(C', N*H*W)``."""
+    return torch.mm(conv.weight.view(conv.out_channels, -1), flat.view(flat.shape[1], -1))
+
+
+def _workspace_view(workspace: torch.Tensor, shape: torch.Size, memory_format=None) -> torch.Tensor:
+    """A dense tensor of ``shape`` (in ``memory_format``; default: contiguous) at the front of
+    ``workspace``.
 
     Temporaries of every prefix width go to one block-sized workspace: allocating them one by one
     in growing sizes fragments the CPU heap (glibc keeps the holes in the RSS).
     """
-    n, c, h, w = like.shape
-    flat = workspace[: like.numel()]
+    n, c, h, w = shape
+    flat = workspace[: n * c * h * w]
     if memory_format == torch.channels_last:
         return flat.view(n, h, w, c).permute(0, 3, 1, 2)
     return flat.view(n, c, h, w)
 
 
+class _Workspaces:
+    """Two flat temporaries of ``numel`` elements for one block, each allocated on first use
+    (layers with a 1x1 bottleneck need only the first)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.numel, self.dtype, self.device = numel, dtype, device
+        self._spaces: list[torch.Tensor | None] = [None, None]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._spaces[i] is None:
+            self._spaces[i] = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        return self._spaces[i]
+
+
+def _prefix_forward(
+    layer: DenseLayer,
+    prefix: torch.Tensor,
+    known: Stats | None,
+    workspaces: _Workspaces,
+    shape: torch.Size,
+    memory_format: torch.memory_format,
+) -> torch.Tensor:
+    """The first stage of a layer (BN-ReLU-conv of the channel-major ``prefix``, whose batch
+    statistics are ``known`` when computed already): the conv's output ``(N, C', H, W)`` in the
+    model's layout. A 1x1 conv is a matrix product on the channel-major values; another conv (a
+    basic layer's 3x3) gets a batch-major copy of the activation."""
+    norm, relu, conv, _ = _stages(layer)[0]
+    flat = _flat(prefix)
+    out = None
+    if workspaces.dtype == prefix.dtype:
+        out = _workspace_view(workspaces[0], flat.shape)
+    normed, _ = _norm_forward(norm, flat, known, out)
+    activated = relu(normed)
+    n, _, h, w = shape
+    if _is_pointwise(conv):
+        result = _pointwise(conv, activated)
+        return _batch_major(result, torch.Size((n, conv.out_channels, h, w)), memory_format)
+    batch_major = None
+    if workspaces.dtype == activated.dtype:
+        batch_major = _workspace_view(workspaces[1], shape, memory_format)
+        _copy_batch_major(batch_major, activated)
+    else:
+        batch_major = _batch_major(activated, shape, memory_format)
+    return conv(batch_major)
+
+
 def _layer_forward(
     layer: DenseLayer,
-    features: torch.Tensor,
-    known: tuple[torch.Tensor, torch.Tensor] | None,
-    workspace: torch.Tensor,
+    prefix: torch.Tensor,
+    known: Stats | None,
+    workspaces: _Workspaces,
+    shape: torch.Size,
     memory_format: torch.memory_format,
     saved: tuple[list, list, list],
 ) -> torch.Tensor:
-    """One dense layer's stages on ``features`` (the buffer's first channels, whose batch
-    statistics are ``known`` when computed already): its new features, detached. What backward
-    needs goes into ``saved``: the stage inputs, stage statistics and dropout graphs."""
+    """One dense layer on the channel-major ``prefix`` of the block (``shape``: its batch-major
+    shape): its new features ``(N, k, H, W)``, detached. What backward needs goes into ``saved``:
+    the stage inputs, stage statistics and dropout graphs."""
     stage_inputs, stage_stats, dropouts = saved
+    features = None
     for s, (norm, relu, conv, drop) in enumerate(_stages(layer)):
-        out = None
-        if s == 0 and workspace.dtype == features.dtype:
-            out = _workspace_view(workspace, features, memory_format)
-        normed, stats = _norm_forward(norm, features, known if s == 0 else None, out)
-        if s > 0:
+        if s == 0:
+            conv_out = _prefix_forward(layer, prefix, known, workspaces, shape, memory_format)
+        else:
+            normed, stats = _norm_forward(norm, features, None)
             stage_stats.append(stats)
             if dropouts[-1] is not None:  # else backward re-runs the bottleneck conv
                 stage_inputs.append(features)
-        conv_out = conv(relu(normed))
-        del normed
+            conv_out = conv(relu(normed))
+            del normed
         with torch.enable_grad():  # the plain model's dropout call: same RNG, same mask
             features = drop(conv_out.requires_grad_())
         if features is conv_out:
@@ -176,10 +296,11 @@ def _layer_forward(
 class _DenseBlockFunction(torch.autograd.Function):
     """``(block, x, *block.parameters()) -> (N, C_in + L*k, H, W)``; see the module docstring.
 
-    Saved for backward: the buffer, the batch statistics of its channels and, for every stage after
-    a layer's first, the stage's input (``bn_size*k`` channels) and statistics. With
-    ``drop_rate > 0`` each dropout also keeps its own small graph (``conv_out -> dropped``, holding
-    the mask as in the plain model).
+    Saved for backward: the block's output (which the next layer keeps anyway), the batch
+    statistics of its channels and, for every stage after a layer's first, the stage's statistics
+    and, when its input went through dropout, that input (``bn_size*k`` channels). With
+    ``drop_rate > 0`` each dropout also keeps its own small graph (``conv_out -> dropped``,
+    holding the mask as in the plain model).
     """
 
     @staticmethod
@@ -188,47 +309,32 @@ class _DenseBlockFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         layers = list(block.values())
         growth, in_channels = block.growth_rate, x.shape[1]
-        first_norm = _stages(layers[0])[0][0]
-        stats_dtype, eps = first_norm.weight.dtype, first_norm.eps
         total = in_channels + len(layers) * growth
-        # Batch statistics of the buffer's channels: the same for every layer that reads them.
-        mean = var = None
-        if any(_uses_batch_stats(_stages(layer)[0][0]) for layer in layers):
-            mean = torch.empty(total, dtype=stats_dtype, device=x.device)
-            var = torch.empty_like(mean)
-            stats = _batch_stats(x, stats_dtype, eps)
-            mean[:in_channels], var[:in_channels] = stats
         memory_format = _memory_format(x)
+        block_input = _channel_major(x)
+        stats = _block_stats(layers, block_input, total)
         widest = x.numel() // in_channels * (total - growth)
-        workspace = torch.empty(widest, dtype=x.dtype, device=x.device)
+        workspaces = _Workspaces(widest, x.dtype, x.device)
         buffer, stage_inputs, stage_stats, dropouts = None, [], [], []
         for i, layer in enumerate(layers):
             width = in_channels + i * growth
-            features = x if buffer is None else buffer.narrow(1, 0, width)
-            known = None if mean is None else (mean[:width], var[:width])
-            features = _layer_forward(
-                layer,
-                features,
-                known,
-                workspace,
-                memory_format,
-                (stage_inputs, stage_stats, dropouts),
-            )
-            if buffer is None:
-                shape = (x.shape[0], total, *x.shape[2:])
+            prefix = block_input if buffer is None else buffer[:width]
+            known = None if stats is None else (stats[0][:width], stats[1][:width])
+            shape = torch.Size((x.shape[0], width, *x.shape[2:]))
+            saved = (stage_inputs, stage_stats, dropouts)
+            features = _layer_forward(layer, prefix, known, workspaces, shape, memory_format, saved)
+            if buffer is None:  # its dtype: the plain model's concatenation's
                 dtype = torch.promote_types(x.dtype, features.dtype)
-                buffer = torch.empty(
-                    shape, dtype=dtype, device=x.device, memory_format=memory_format
-                )
-                buffer.narrow(1, 0, width).copy_(x)
-            buffer.narrow(1, width, growth).copy_(features)
-            if mean is not None:
-                mean[width : width + growth], var[width : width + growth] = _batch_stats(
-                    features, stats_dtype, eps
-                )
-            # The new features live in the buffer now; a dropout graph needs only their shape.
-            features.untyped_storage().resize_(0)
+                buffer = block_input.new_empty((total, *block_input.shape[1:]), dtype=dtype)
+                buffer[:width].copy_(block_input)
+                del block_input
+                if dtype != workspaces.dtype:
+                    workspaces = _Workspaces(widest, dtype, x.device)
+            _write_features(buffer, width, features, stats, layers[0])
+        del workspaces
+        output = _batch_major(buffer, torch.Size((x.shape[0], total, *x.shape[2:])), memory_format)
         ctx.block, ctx.params, ctx.in_channels = block, params, in_channels
+        ctx.memory_format = memory_format
         device_type = x.device.type
         ctx.autocast = dict(
             device_type=device_type,
@@ -236,8 +342,9 @@ class _DenseBlockFunction(torch.autograd.Function):
             enabled=torch.is_autocast_enabled(device_type),
         )
         ctx.stage_stats, ctx.dropouts = stage_stats, dropouts
-        ctx.save_for_backward(buffer, mean, var, *stage_inputs)
-        return buffer
+        mean, var = (None, None) if stats is None else stats
+        ctx.save_for_backward(output, mean, var, *stage_inputs)
+        return output
 
     @staticmethod
     @once_differentiable
@@ -247,55 +354,148 @@ class _DenseBlockFunction(torch.autograd.Function):
                 "backward ran twice through a memory-efficient dense block, which frees its graph "
                 "after the first backward; use memory_efficient=False for retain_graph=True"
             )
-        buffer, mean, var, *stage_inputs = ctx.saved_tensors
+        output, mean, var, *stage_inputs = ctx.saved_tensors
         dropouts, ctx.dropouts = ctx.dropouts, None
-        stage_stats = ctx.stage_stats
-        memory_format = _memory_format(buffer)
-        grads: dict[torch.Tensor, torch.Tensor] = {}
-        grad_buffer = grad_output.clone()
-        widest = buffer.numel() // buffer.shape[1] * (buffer.shape[1] - ctx.block.growth_rate)
-        workspaces = [buffer.new_empty(widest) for _ in range(2)]
+        state = _BlockBackward(ctx, output, grad_output, (stage_inputs, ctx.stage_stats, dropouts))
         for i, layer in reversed(list(enumerate(ctx.block.values()))):
             width = ctx.in_channels + i * ctx.block.growth_rate
-            stages = _stages(layer)
-            layer_dropouts = [dropouts.pop() for _ in stages][::-1]
-            # Recompute each stage's BN-ReLU output; the prefix first, as a dense copy, because
-            # BatchNorm's kernels are several times faster on it.
-            prefix = buffer.narrow(1, 0, width)
-            inputs = [_workspace_view(workspaces[0], prefix, memory_format).copy_(prefix)]
-            stats = [None if mean is None else (mean[:width], var[:width])]
-            out = _workspace_view(workspaces[1], prefix, memory_format)
-            activated = [_activate(stages[0][0], inputs[0], stats[0], out)]
-            if len(stages) == 2:
-                if layer_dropouts[0] is None:  # re-run the bottleneck conv instead of keeping it
-                    conv = stages[0][2]
-                    with torch.autocast(**ctx.autocast):
-                        inputs.append(
-                            F.conv2d(
-                                activated[0],
-                                conv.weight,
-                                conv.bias,
-                                conv.stride,
-                                conv.padding,
-                                conv.dilation,
-                                conv.groups,
-                            )
-                        )
+            state.layer(layer, width, None if mean is None else (mean[:width], var[:width]))
+        grad_x = _batch_major(
+            state.grad_buffer[: ctx.in_channels],
+            torch.Size((output.shape[0], ctx.in_channels, *output.shape[2:])),
+            ctx.memory_format,
+        )
+        return (None, grad_x, *(state.grads.get(p) for p in ctx.params))
+
+
+def _block_stats(layers: list[DenseLayer], block_input: torch.Tensor, total: int) -> Stats | None:
+    """Float statistics for all ``total`` channels of the block, the block input's filled in
+    (from its channel-major copy); None when no layer's BatchNorm uses batch statistics."""
+    if not any(_uses_batch_stats(_stages(layer)[0][0]) for layer in layers):
+        return None
+    norm = _stages(layers[0])[0][0]
+    mean = torch.empty(total, dtype=norm.weight.dtype, device=block_input.device)
+    var = torch.empty_like(mean)
+    channels = block_input.shape[0]
+    mean[:channels], var[:channels] = _batch_stats(_flat(block_input), mean.dtype, norm.eps)
+    return mean, var
+
+
+def _write_features(
+    buffer: torch.Tensor,
+    width: int,
+    features: torch.Tensor,
+    stats: Stats | None,
+    first: DenseLayer,
+) -> None:
+    """A layer's new ``features`` ``(N, k, H, W)`` into the buffer's channels from ``width``, and
+    their batch statistics into ``stats``; then their own memory is released."""
+    new = buffer[width : width + features.shape[1]]
+    _copy_channel_major(new, features)
+    if stats is not None:
+        mean, var = (part[width : width + features.shape[1]] for part in stats)
+        mean[:], var[:] = _batch_stats(_flat(new), mean.dtype, _stages(first)[0][0].eps)
+    # The new features live in the buffer now; a dropout graph needs only their shape.
+    features.untyped_storage().resize_(0)
+
+
+class _BlockBackward:
+    """One block's backward, layer by layer in reverse: the channel-major buffer rebuilt from
+    the saved output, the channel-major gradient buffer every layer adds its prefix gradient into,
+    and the parameters' gradients (``grads``)."""
+
+    def __init__(
+        self, ctx: Any, output: torch.Tensor, grad_output: torch.Tensor, saved: tuple[list, ...]
+    ) -> None:
+        self.memory_format, self.autocast = ctx.memory_format, ctx.autocast
+        self.buffer = _channel_major(output)
+        self.grad_buffer = _channel_major(grad_output)
+        growth = ctx.block.growth_rate
+        widest = output.numel() // output.shape[1] * (output.shape[1] - growth)
+        self.workspaces = _Workspaces(widest, self.buffer.dtype, self.buffer.device)
+        self.stage_inputs, self.stage_stats, self.dropouts = saved
+        self.grads: dict[torch.Tensor, torch.Tensor] = {}
+
+    def layer(self, layer: DenseLayer, width: int, stats: Stats | None) -> None:
+        """Layer ``layer`` (reading the first ``width`` channels, whose forward statistics are
+        ``stats``): its prefix gradient added into the gradient buffer."""
+        stages = _stages(layer)
+        dropouts = [self.dropouts.pop() for _ in stages][::-1]
+        norm, _, conv, _ = stages[0]
+        c, n, h, w = self.buffer[:width].shape
+        # Recompute the prefix's BN-ReLU from the saved statistics: channel-major for a 1x1
+        # conv, else (a basic layer's 3x3 conv) from a batch-major copy of the prefix.
+        pointwise = _is_pointwise(conv)
+        if pointwise:
+            features = _flat(self.buffer[:width])
+            layout = dict(shape=features.shape)
+        else:
+            layout = dict(shape=torch.Size((n, c, h, w)), memory_format=self.memory_format)
+            features = _workspace_view(self.workspaces[1], **layout)
+            _copy_batch_major(features, self.buffer[:width])
+        out = _workspace_view(self.workspaces[0], **layout)
+        activated = _activate(norm, features, stats, out)
+        # Layer i's output gradient is complete: only later layers read its channels.
+        growth = conv.out_channels if len(stages) == 1 else stages[1][2].out_channels
+        new = self.grad_buffer[width : width + growth]
+        grad = _batch_major(new, torch.Size((n, growth, h, w)), self.memory_format)
+        if len(stages) == 2:
+            grad = self._second_stage(stages, activated, pointwise, dropouts, grad)
+        grad = _dropout_backward(dropouts[0], grad)
+        if pointwise:
+            grad = _pointwise_stage_backward(
+                norm, conv, features, stats, activated, grad, self.grads
+            )
+            self.grad_buffer[:width].add_(grad.view(c, n, h, w))
+        else:
+            grad = _stage_backward(norm, conv, features, stats, activated, grad, self.grads)
+            self.grad_buffer[:width].add_(_channel_major(grad))
+
+    def _second_stage(
+        self,
+        stages: list[Stage],
+        activated: torch.Tensor,
+        pointwise: bool,
+        dropouts: list,
+        grad: torch.Tensor,
+    ) -> torch.Tensor:
+        """Backward of a bottleneck layer's second stage (BN-ReLU-conv3x3 of the bottleneck,
+        ``grad``: its output's gradient): the bottleneck's gradient. The bottleneck is re-run from
+        the recomputed ``activated`` prefix, unless dropout made forward keep it."""
+        conv = stages[0][2]
+        if dropouts[0] is None:
+            with torch.autocast(**self.autocast):
+                if pointwise:
+                    n, _, h, w = grad.shape
+                    shape = torch.Size((n, conv.out_channels, h, w))
+                    bottleneck = _batch_major(
+                        _pointwise(conv, activated), shape, self.memory_format
+                    )
                 else:
-                    inputs.append(stage_inputs.pop())
-                stats.append(stage_stats.pop())
-                activated.append(_activate(stages[1][0], inputs[1], stats[1]))
-            # Layer i's output gradient is complete: only later layers read its channels.
-            grad = grad_buffer.narrow(1, width, ctx.block.growth_rate)
-            for s in reversed(range(len(stages))):
-                norm, _, conv, _ = stages[s]
-                if layer_dropouts[s] is not None:
-                    conv_out, dropped = layer_dropouts[s]
-                    (grad,) = torch.autograd.grad(dropped, conv_out, grad)
-                grad = _stage_backward(norm, conv, inputs[s], stats[s], activated[s], grad, grads)
-            grad_buffer.narrow(1, 0, width).add_(grad)
-        grad_x = grad_buffer.narrow(1, 0, ctx.in_channels)
-        return (None, grad_x, *(grads.get(p) for p in ctx.params))
+                    bottleneck = _conv(conv, activated)
+        else:
+            bottleneck = self.stage_inputs.pop()
+        norm, _, conv, _ = stages[1]
+        stats = self.stage_stats.pop()
+        grad = _dropout_backward(dropouts[1], grad)
+        activated = _activate(norm, bottleneck, stats)
+        return _stage_backward(norm, conv, bottleneck, stats, activated, grad, self.grads)
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` without the module's hooks (a re-run, not a new forward)."""
+    return F.conv2d(
+        x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
+
+
+def _dropout_backward(dropout: tuple | None, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` through a stage's dropout (its own small graph), if it had one."""
+    if dropout is None:
+        return grad
+    conv_out, dropped = dropout
+    (grad,) = torch.autograd.grad(dropped, conv_out, grad)
+    return grad
 
 
 def _activate(
@@ -308,6 +508,39 @@ def _activate(
     (``stats``), or the running ones when ``norm`` used them; into ``out`` when given."""
     running = (norm.running_mean, norm.running_var)
     return _normalize(norm, features, stats if _uses_batch_stats(norm) else running, out).relu_()
+
+
+def _norm_backward(
+    norm: nn.BatchNorm2d,
+    features: torch.Tensor,
+    stats: Stats | None,
+    grad_normed: torch.Tensor,
+    grads: dict[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Gradient of ``norm(features)`` (as forward normalized) w.r.t. ``features``; the
+    BatchNorm's parameters' go to ``grads``."""
+    batch = _uses_batch_stats(norm)
+    mean, var = stats if batch else (norm.running_mean, norm.running_var)
+    saved = (mean, (var + norm.eps).rsqrt()) if batch else (None, None)
+    grad_features, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        grad_normed,
+        features,
+        norm.weight,
+        None if batch else mean,
+        None if batch else var,
+        *saved,
+        batch,
+        norm.eps,
+        [True, norm.weight.requires_grad, norm.bias.requires_grad],
+    )
+    _put(grads, norm.weight, grad_weight)
+    _put(grads, norm.bias, grad_bias)
+    return grad_features
+
+
+def _put(grads: dict, param: torch.Tensor | None, grad: torch.Tensor | None) -> None:
+    if param is not None and param.requires_grad:
+        grads[param] = grad.to(param.dtype)
 
 
 def _stage_backward(
@@ -324,8 +557,6 @@ def _stage_backward(
     ``activated``: the recomputed ``relu(norm(features))`` (see ``_activate``); it is overwritten.
     The conv is not re-run: its backward needs only its input and weight.
     """
-    batch = _uses_batch_stats(norm)
-    mean, var = stats if batch else (norm.running_mean, norm.running_var)
     # Under autocast the conv ran in a lower precision (grad_out's dtype): cast as autocast did.
     normed_dtype = activated.dtype
     activated = activated.to(grad_out.dtype)
@@ -347,28 +578,38 @@ def _stage_backward(
     grad_act = torch.ops.aten.threshold_backward.grad_input(
         grad_act, activated, 0, grad_input=activated
     )
-    grad_act = grad_act.to(normed_dtype)
-    saved = (mean, (var + norm.eps).rsqrt()) if batch else (None, None)
-    grad_features, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
-        grad_act,
-        features,
-        norm.weight,
-        None if batch else mean,
-        None if batch else var,
-        *saved,
-        batch,
-        norm.eps,
-        [True, norm.weight.requires_grad, norm.bias.requires_grad],
+    _put(grads, conv.weight, grad_weight)
+    _put(grads, bias, grad_bias)
+    return _norm_backward(norm, features, stats, grad_act.to(normed_dtype), grads)
+
+
+def _pointwise_stage_backward(
+    norm: nn.BatchNorm2d,
+    conv: nn.Conv2d,
+    prefix: torch.Tensor,
+    stats: Stats | None,
+    activated: torch.Tensor,
+    grad_out: torch.Tensor,
+    grads: dict[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """:func:`_stage_backward` of a 1x1 conv on the channel-major ``prefix`` (``(1, C, N*H, W)``):
+    the conv's backward as two matrix products; the gradient is channel-major too.
+
+    ``grad_out``: the conv output's gradient ``(N, C', H, W)``, in any layout.
+    """
+    normed_dtype = activated.dtype
+    channels = prefix.shape[1]
+    grad_out = _channel_major(grad_out).view(conv.out_channels, -1)
+    activated = activated.view(channels, -1).to(grad_out.dtype)
+    weight = conv.weight.view(conv.out_channels, channels).to(grad_out.dtype)
+    if conv.weight.requires_grad:
+        _put(grads, conv.weight, torch.mm(grad_out, activated.t()).view_as(conv.weight))
+    grad_act = torch.mm(weight.t(), grad_out)
+    del grad_out
+    grad_act = torch.ops.aten.threshold_backward.grad_input(
+        grad_act, activated, 0, grad_input=activated
     )
-    for param, grad in (
-        (conv.weight, grad_weight),
-        (bias, grad_bias),
-        (norm.weight, grad_norm_weight),
-        (norm.bias, grad_norm_bias),
-    ):
-        if param is not None and param.requires_grad:
-            grads[param] = grad.to(param.dtype)
-    return grad_features
+    return _norm_backward(norm, prefix, stats, grad_act.view(prefix.shape).to(normed_dtype), grads)
 
 
 def _compiler_disabled_when_compiling(fn):
