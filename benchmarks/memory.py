@@ -13,12 +13,17 @@ leak into another's. Per configuration it reports:
   autograd, parameters excluded). torch.utils.checkpoint keeps its inputs outside autograd's saved
   tensors, so for ``checkpoint`` this misses the features its closures hold;
 * ``step``: the median step time over ``--steps`` steps, from one more child that builds all of a
-  model's configurations and interleaves their steps, so machine load hits them alike.
+  model's configurations and interleaves their steps, so machine load hits them alike;
+* ``best``: the fastest of those steps (on a shared machine the one least slowed by other jobs);
+* ``cpu``: the median CPU time (user + system, all threads) of those steps, divided by the number of
+  torch threads: on a shared machine, time spent waiting for a core counts in ``step`` but not here.
 
 Configurations: ``plain``; ``checkpoint``, torchvision's ``memory_efficient`` design built here as the
 reference (cat -> BN -> ReLU -> conv1x1 under ``torch.utils.checkpoint(use_reentrant=False)``, as in
 ``torchvision.models.densenet._DenseLayer.call_checkpoint_bottleneck``); ``efficient``, this
-package's ``memory_efficient=True``.
+package's ``memory_efficient=True``. Each may take options after ``+``: ``+bf16`` (forward and loss
+under ``torch.autocast(device, torch.bfloat16)``, as ``amp: bf16`` trains) and ``+cl`` (model and
+input in ``channels_last``), e.g. ``efficient+bf16+cl``.
 
 On CPU, glibc's malloc raises its mmap threshold after large frees and then serves big tensors from
 the heap, where freed memory stays in the RSS. ``peak``, ``live`` and ``saved`` therefore come from a
@@ -28,6 +33,8 @@ glibc's defaults.
 
     python benchmarks/memory.py                       # the full run documented in docs/benchmarks.md
     python benchmarks/memory.py --depths 100 --models none --batch-size 16 --steps 2  # a quick look
+    python benchmarks/memory.py --models densenet_bc100_k12 --depths '' --steps 10 \
+        --configs plain,efficient,plain+bf16,efficient+bf16,plain+bf16+cl,efficient+bf16+cl
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import densenet
 from densenet.models import DenseBlock
 
 CONFIGS = ("plain", "checkpoint", "efficient")
+OPTIONS = ("bf16", "cl")  # config+option: bf16 autocast, channels_last
 MODELS = ("densenet_bc100_k12", "densenet_bc190_k40:16")  # name[:batch size]
 DEPTHS = (100, 190, 250, 400, 700, 1000)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
@@ -72,8 +80,20 @@ def _torchvision_block_forward(block: DenseBlock, x: torch.Tensor) -> torch.Tens
     return torch.cat(features, 1)
 
 
+def parse_config(config: str) -> tuple[str, set[str]]:
+    """``"efficient+bf16+cl"`` -> ``("efficient", {"bf16", "cl"})``."""
+    base, *options = config.split("+")
+    if base not in CONFIGS or not set(options) <= set(OPTIONS) or len(set(options)) < len(options):
+        raise ValueError(
+            f"unknown configuration {config!r}; choose from {CONFIGS}, each with optional "
+            f"{', '.join('+' + o for o in OPTIONS)}"
+        )
+    return base, set(options)
+
+
 def build_model(model: str, config: str) -> torch.nn.Module:
     """``model``: a registered name or ``bc<L>`` (DenseNet-BC, k=12, depth L) on 32x32 inputs."""
+    config, options = parse_config(config)
     if model.startswith("bc"):
         net = densenet.cifar_densenet(int(model[2:]), 12)
     else:
@@ -83,8 +103,8 @@ def build_model(model: str, config: str) -> torch.nn.Module:
     elif config == "checkpoint":
         for block in net.dense_blocks():
             block.forward = types.MethodType(_torchvision_block_forward, block)
-    elif config != "plain":
-        raise ValueError(f"unknown configuration {config!r}; choose from {CONFIGS}")
+    if "cl" in options:
+        net = net.to(memory_format=torch.channels_last)
     return net
 
 
@@ -128,12 +148,16 @@ def _training_step(spec: dict, config: str):
     model = build_model(spec["model"], config).to(device).train()
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    _, options = parse_config(config)
     x = torch.randn(spec["batch_size"], 3, 32, 32, device=device)
+    if "cl" in options:
+        x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, model.num_classes, (spec["batch_size"],), device=device)
 
     def step(backward: bool = True) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), target)
+        with torch.autocast(device.type, torch.bfloat16, enabled="bf16" in options):
+            loss = F.cross_entropy(model(x), target)
         if backward:
             loss.backward()
             optimizer.step()
@@ -170,14 +194,19 @@ def measure_time(spec: dict) -> dict:
     """
     steps = {config: _training_step(spec, config)[0] for config in spec["configs"]}
     times: dict[str, list[float]] = {config: [] for config in steps}
+    cpu_times: dict[str, list[float]] = {config: [] for config in steps}
+    threads = torch.get_num_threads()
     for round_ in range(spec["steps"] + 1):
         order = list(steps) if round_ % 2 == 0 else list(reversed(steps))
         for config in order:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             steps[config]()
             times[config].append(time.perf_counter() - start)
+            cpu_times[config].append((time.process_time() - cpu_start) / threads)
     step = {config: statistics.median(t[1:]) for config, t in times.items()}
-    return dict(spec, step=step, times=times)
+    best = {config: min(t[1:]) for config, t in times.items()}
+    cpu = {config: statistics.median(t[1:]) for config, t in cpu_times.items()}
+    return dict(spec, step=step, best=best, cpu=cpu, times=times, threads=threads)
 
 
 def run_child(spec: dict, malloc_env: bool, timeout: float) -> dict:
@@ -218,8 +247,8 @@ def measure_model(model: str, configs: list[str], args: argparse.Namespace) -> l
         timing = run_child(timing, False, args.timeout)
         for row in rows:
             if row["config"] in timing.get("step", {}):
-                row["step"] = timing["step"][row["config"]]
-                row["times"] = timing["times"][row["config"]]
+                for key in ("step", "best", "cpu", "times"):
+                    row[key] = timing[key][row["config"]]
     for row in rows:
         print(fmt_row(row), flush=True)
     return rows
@@ -250,7 +279,7 @@ def _deepest_within(
     return best
 
 
-HEADER = f"{'model':>20} {'batch':>5} {'config':>10} {'peak':>7} {'default':>7} {'live':>7} {'saved':>7} {'step s':>8}"
+HEADER = f"{'model':>20} {'batch':>5} {'config':>17} {'peak':>7} {'default':>7} {'live':>7} {'saved':>7} {'step s':>8} {'best s':>6} {'cpu s':>6}"
 
 
 def fmt_row(r: dict) -> str:
@@ -258,29 +287,42 @@ def fmt_row(r: dict) -> str:
         return f"{r[key] / GB:7.2f}" if r.get(key) is not None else "      -"
 
     if "error" in r:
-        return f"{r['model']:>20} {r['batch_size']:>5} {r['config']:>10}   {r['error']}"
+        return f"{r['model']:>20} {r['batch_size']:>5} {r['config']:>17}   {r['error']}"
     memory = " ".join(gb(key) for key in ("peak", "peak_default", "live", "saved"))
     step = f"{r['step']:8.2f}" if "step" in r else "       -"
-    return f"{r['model']:>20} {r['batch_size']:>5} {r['config']:>10} {memory} {step}"
+    times = " ".join(f"{r[key]:6.2f}" if key in r else "     -" for key in ("best", "cpu"))
+    return f"{r['model']:>20} {r['batch_size']:>5} {r['config']:>17} {memory} {step} {times}"
+
+
+def _references(config: str) -> list[str]:
+    """What ``config`` is compared with: for ours, plain and checkpointing with the same options;
+    for bf16, the same configuration in float32 (in its layout and in the default one) and, for
+    ours, plain bf16 in either layout and plain float32 (issue 14's targets)."""
+    base, options = parse_config(config)
+    suffix = "".join(f"+{o}" for o in OPTIONS if o in options)
+    refs = [ref + suffix for ref in ("plain", "checkpoint") if base == "efficient"]
+    if "bf16" in options:
+        refs += ["+".join([base, *(o for o in OPTIONS if o in options and o != "bf16")]), base]
+        refs += ["plain+bf16", "plain+bf16+cl", "plain"] if base == "efficient" else []
+    return list(dict.fromkeys(ref for ref in refs if ref != config))
 
 
 def summary(results: list[dict]) -> list[str]:
-    """Per model: our memory and step time relative to plain and to checkpointing."""
+    """Per model: memory and step time of ours and of bf16 relative to their references
+    (:func:`_references`); ``step 0.95x plain+bf16`` = 0.95 times plain bf16's step time."""
     lines = []
     for model in dict.fromkeys(r["model"] for r in results):
         by_config = {r["config"]: r for r in results if r["model"] == model and "error" not in r}
-        ours = by_config.get("efficient")
-        if ours is None:
-            continue
-        parts = [
-            f"{key} {ours[key] / by_config[ref][key]:.2f}x {ref}"
-            for ref in ("plain", "checkpoint")
-            if ref in by_config
-            for key in ("peak", "live", "step")
-            if key in ours and key in by_config[ref]
-        ]
-        if parts:
-            lines.append(f"{model:>20} efficient: " + ", ".join(parts))
+        for config, ours in by_config.items():
+            parts = [
+                f"{key} {ours[key] / by_config[ref][key]:.2f}x {ref}"
+                for ref in _references(config)
+                if ref in by_config
+                for key in ("peak", "live", "step", "best", "cpu")
+                if key in ours and key in by_config[ref]
+            ]
+            if parts:
+                lines.append(f"{model:>20} {config}: " + ", ".join(parts))
     return lines
 
 
@@ -327,7 +369,7 @@ def plot(results: list[dict], path: str, budget_gb: float | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for config in CONFIGS:
+    for config in dict.fromkeys(r["config"] for r in results):
         points = sorted(
             (int(r["model"][2:]), r["peak"] / GB)
             for r in results
@@ -389,9 +431,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for config in args.configs:
-        if config not in CONFIGS:
-            p.error(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
+        try:
+            parse_config(config)
+        except ValueError as e:
+            p.error(str(e))
     return args
+
+
+def _load() -> str:
+    """The 1, 5 and 15-minute load averages (all cores busy = the number of cores)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" ({os.cpu_count()} cores)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,8 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}, {args.steps} timed steps, memory children with {MALLOC_ENV}")  # fmt: skip
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average {_load()}")
     results = run(args)
     print("\n".join(summary(results)))
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average {_load()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.plot:
