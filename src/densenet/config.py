@@ -25,7 +25,7 @@ from densenet.multilabel import TASKS as LABEL_TASKS
 from densenet.multilabel import THRESHOLD_METHODS
 
 SCHEDULES = ("step", "multistep", "cosine", "constant")
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
 NONFINITE = ("stop", "skip")
 TASKS = ("auto", *LABEL_TASKS)  # auto: multilabel when a training row has no or several labels
 POS_WEIGHTS = ("none", "auto")
@@ -100,7 +100,10 @@ class TrainConfig:
     # Execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int | None = None  # CPU threads for torch; None = torch's default (all cores)
-    amp: str = "none"  # none | bf16 | fp16 (fp16 needs CUDA)
+    # Mixed precision: none | bf16 | fp16 (fp16 needs CUDA) | auto: bf16 where the device computes
+    # bfloat16 natively (CPUs with AVX512_BF16 or AMX, CUDA GPUs of compute capability 8.0+), else
+    # none; a run resolves auto once and records the result in its config.yaml.
+    amp: str = "none"
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over all ranks' micro-batches

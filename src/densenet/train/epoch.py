@@ -10,6 +10,7 @@ on a stop (signal or non-finite loss).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -236,13 +237,34 @@ def sum_over_ranks(values: tuple, env: DistEnv, device: torch.device) -> tuple:
     return tuple(summed.tolist())
 
 
+def resolve_amp(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, str | None]:
+    """``cfg`` with ``amp: auto`` made concrete for ``device``, and a line saying what auto chose
+    (None when ``amp`` was given).
+
+    auto is bf16 where the device computes bfloat16 natively (:func:`densenet.runtime.native_bf16`:
+    x86 CPUs with AVX512_BF16 or AMX, CUDA GPUs of compute capability 8.0 or above), else none
+    (emulated bfloat16 is slower than float32; MPS is never bf16 here). A run resolves it once
+    and records the result in its config.yaml, so its resumes keep that precision.
+    """
+    if cfg.amp != "auto":
+        return cfg, None
+    what = {"cpu": "this CPU", "cuda": "this GPU"}.get(device.type, device.type)
+    if runtime.native_bf16(device):
+        amp, why = "bf16", f"{what} computes bfloat16 natively; --set amp=none trains in float32"
+    else:
+        amp, why = "none", f"{what} has no native bfloat16: float32"
+    return dataclasses.replace(cfg, amp=amp), f"amp: auto -> {amp} ({why})"
+
+
 def autocast_factory(cfg: TrainConfig, device: torch.device):
-    """A function giving a fresh autocast context for ``cfg.amp`` (a null one for none)."""
-    if cfg.amp == "none":
+    """A function giving a fresh autocast context for ``cfg.amp`` (a null one for none; auto is
+    resolved for ``device`` first, see :func:`resolve_amp`)."""
+    amp = resolve_amp(cfg, device)[0].amp
+    if amp == "none":
         return contextlib.nullcontext
-    if cfg.amp == "fp16" and device.type != "cuda":
+    if amp == "fp16" and device.type != "cuda":
         raise TrainingError("amp fp16 needs CUDA; use amp: bf16 on the CPU")
-    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 

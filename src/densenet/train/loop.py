@@ -22,6 +22,7 @@ from densenet.train.epoch import (
     epoch_line,
     epoch_row,
     evaluate_epoch,
+    resolve_amp,
     sum_over_ranks,
     train_one_epoch,
 )
@@ -84,6 +85,9 @@ def _start(
     its settings checked against the saved ones), data, model and optimizer built, and a
     checkpoint's state restored."""
     run_dir = open_run_dir(cfg, env, resume, overwrite)
+    cfg, amp_line = resolve_amp(cfg, device)  # config.yaml records what auto chose
+    if amp_line:
+        log(amp_line)
     saved, previous, history = None, None, []
     if resume is not None:
         saved, _ = load_state(run_dir.last)
