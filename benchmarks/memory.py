@@ -6,6 +6,10 @@ leak into another's. Per configuration it reports:
 * ``peak``: peak memory of the first training step (forward, loss, backward, SGD step) over the
   process's baseline: on CPU the growth of the peak RSS (``ru_maxrss`` after the step minus before);
   on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step;
+* ``later``: the same for the second step, over the memory before it (on CPU, Linux only: the peak
+  RSS is reset through ``/proc/self/clear_refs``): what every step after the first needs, without
+  the first step's one-time allocations (gradients, optimizer state, and oneDNN's kernels and
+  caches for each new tensor shape, which stay resident);
 * ``default`` (CPU): the same RSS growth with glibc malloc's default settings (see below);
 * ``live``: the allocator-independent peak of live tensor bytes during one training step, from the
   profiler's allocation events (``profile_memory=True``);
@@ -168,19 +172,45 @@ def _training_step(spec: dict, config: str):
     return step, params
 
 
+def _proc_status(key: str) -> int:
+    """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _later_step_peak(step) -> int | None:
+    """Peak RSS growth of one more step over the RSS before it (Linux: the peak is reset through
+    ``/proc/self/clear_refs``); None where that is not available."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak RSS, to the current RSS
+        base = _proc_status("VmRSS")
+    except OSError:
+        return None
+    step()
+    return _proc_status("VmHWM") - base
+
+
 def measure_memory(spec: dict) -> dict:
-    """Peak memory (bytes) of one training step over the process's baseline, and allocator stats."""
+    """Peak memory (bytes) of the first training step over the process's baseline, of a later
+    step over the memory before it, and allocator stats."""
     step, params = _training_step(spec, spec["config"])
     if spec["device"] == "cpu":
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        later = _later_step_peak(step)
     else:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
         peak = torch.cuda.max_memory_allocated() - base
-    result = dict(spec, peak=peak, params=sum(p.numel() for p in params))
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        later = torch.cuda.max_memory_allocated() - base
+    result = dict(spec, peak=peak, later=later, params=sum(p.numel() for p in params))
     if spec["allocator_stats"]:
         result.update(_allocator_stats(step, params, profile=spec["device"] == "cpu"))
     return result
@@ -279,7 +309,7 @@ def _deepest_within(
     return best
 
 
-HEADER = f"{'model':>20} {'batch':>5} {'config':>17} {'peak':>7} {'default':>7} {'live':>7} {'saved':>7} {'step s':>8} {'best s':>6} {'cpu s':>6}"
+HEADER = f"{'model':>20} {'batch':>5} {'config':>17} {'peak':>7} {'later':>7} {'default':>7} {'live':>7} {'saved':>7} {'step s':>8} {'best s':>6} {'cpu s':>6}"
 
 
 def fmt_row(r: dict) -> str:
@@ -288,7 +318,7 @@ def fmt_row(r: dict) -> str:
 
     if "error" in r:
         return f"{r['model']:>20} {r['batch_size']:>5} {r['config']:>17}   {r['error']}"
-    memory = " ".join(gb(key) for key in ("peak", "peak_default", "live", "saved"))
+    memory = " ".join(gb(key) for key in ("peak", "later", "peak_default", "live", "saved"))
     step = f"{r['step']:8.2f}" if "step" in r else "       -"
     times = " ".join(f"{r[key]:6.2f}" if key in r else "     -" for key in ("best", "cpu"))
     return f"{r['model']:>20} {r['batch_size']:>5} {r['config']:>17} {memory} {step} {times}"
@@ -318,7 +348,7 @@ def summary(results: list[dict]) -> list[str]:
                 f"{key} {ours[key] / by_config[ref][key]:.2f}x {ref}"
                 for ref in _references(config)
                 if ref in by_config
-                for key in ("peak", "live", "step", "best", "cpu")
+                for key in ("peak", "later", "live", "step", "best", "cpu")
                 if key in ours and key in by_config[ref]
             ]
             if parts:
@@ -328,8 +358,9 @@ def summary(results: list[dict]) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[dict]:
     print(
-        "memory in GB (1e9 bytes); peak: RSS growth (fixed mmap threshold), default: the same "
-        "with default malloc, live: profiler's live tensor bytes, saved: held for backward"
+        "memory in GB (1e9 bytes); peak: RSS growth in the first step (fixed mmap threshold), "
+        "later: in the second, default: the first with default malloc, live: profiler's live "
+        "tensor bytes, saved: held for backward"
     )
     print(HEADER)
     results = []

@@ -10,7 +10,8 @@ number of layers. Here one autograd Function runs the whole block (the design of
   (its first channels) is one dense block of memory, viewed as the NCHW tensor
   ``(1, width, N*H, W)``, so BatchNorm runs on its fast dense kernels without copying the prefix
   out, and the bottleneck's 1x1 conv is one matrix product (no ``torch.cat``). The block's output
-  is the buffer in the model's layout (``(N, C, H, W)``, contiguous or channels_last);
+  is a copy of the buffer in the model's layout (``(N, C, H, W)``, contiguous or channels_last);
+  backward keeps the buffer, the next layer the output only until its own backward;
 * BatchNorm's batch statistics of a channel are the same for every layer that reads it, so they are
   computed once, when the channel is written; each layer's BatchNorm then only normalizes (and
   updates its running statistics exactly once, as ``nn.BatchNorm2d`` does);
@@ -296,8 +297,8 @@ def _layer_forward(
 class _DenseBlockFunction(torch.autograd.Function):
     """``(block, x, *block.parameters()) -> (N, C_in + L*k, H, W)``; see the module docstring.
 
-    Saved for backward: the block's output (which the next layer keeps anyway), the batch
-    statistics of its channels and, for every stage after a layer's first, the stage's statistics
+    Saved for backward: the channel-major buffer (the output is a batch-major copy, which the next
+    layer keeps only until its own backward), the batch statistics of its channels and, for every stage after a layer's first, the stage's statistics
     and, when its input went through dropout, that input (``bn_size*k`` channels). With
     ``drop_rate > 0`` each dropout also keeps its own small graph (``conv_out -> dropped``,
     holding the mask as in the plain model).
@@ -343,7 +344,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         )
         ctx.stage_stats, ctx.dropouts = stage_stats, dropouts
         mean, var = (None, None) if stats is None else stats
-        ctx.save_for_backward(output, mean, var, *stage_inputs)
+        ctx.save_for_backward(buffer, mean, var, *stage_inputs)
         return output
 
     @staticmethod
@@ -354,15 +355,15 @@ class _DenseBlockFunction(torch.autograd.Function):
                 "backward ran twice through a memory-efficient dense block, which frees its graph "
                 "after the first backward; use memory_efficient=False for retain_graph=True"
             )
-        output, mean, var, *stage_inputs = ctx.saved_tensors
+        buffer, mean, var, *stage_inputs = ctx.saved_tensors
         dropouts, ctx.dropouts = ctx.dropouts, None
-        state = _BlockBackward(ctx, output, grad_output, (stage_inputs, ctx.stage_stats, dropouts))
+        state = _BlockBackward(ctx, buffer, grad_output, (stage_inputs, ctx.stage_stats, dropouts))
         for i, layer in reversed(list(enumerate(ctx.block.values()))):
             width = ctx.in_channels + i * ctx.block.growth_rate
             state.layer(layer, width, None if mean is None else (mean[:width], var[:width]))
         grad_x = _batch_major(
             state.grad_buffer[: ctx.in_channels],
-            torch.Size((output.shape[0], ctx.in_channels, *output.shape[2:])),
+            torch.Size((buffer.shape[1], ctx.in_channels, *buffer.shape[2:])),
             ctx.memory_format,
         )
         return (None, grad_x, *(state.grads.get(p) for p in ctx.params))
@@ -400,18 +401,18 @@ def _write_features(
 
 
 class _BlockBackward:
-    """One block's backward, layer by layer in reverse: the channel-major buffer rebuilt from
-    the saved output, the channel-major gradient buffer every layer adds its prefix gradient into,
-    and the parameters' gradients (``grads``)."""
+    """One block's backward, layer by layer in reverse: the saved channel-major buffer, the
+    channel-major gradient buffer every layer adds its prefix gradient into, and the parameters'
+    gradients (``grads``)."""
 
     def __init__(
-        self, ctx: Any, output: torch.Tensor, grad_output: torch.Tensor, saved: tuple[list, ...]
+        self, ctx: Any, buffer: torch.Tensor, grad_output: torch.Tensor, saved: tuple[list, ...]
     ) -> None:
         self.memory_format, self.autocast = ctx.memory_format, ctx.autocast
-        self.buffer = _channel_major(output)
+        self.buffer = buffer
         self.grad_buffer = _channel_major(grad_output)
         growth = ctx.block.growth_rate
-        widest = output.numel() // output.shape[1] * (output.shape[1] - growth)
+        widest = buffer.numel() // buffer.shape[0] * (buffer.shape[0] - growth)
         self.workspaces = _Workspaces(widest, self.buffer.dtype, self.buffer.device)
         self.stage_inputs, self.stage_stats, self.dropouts = saved
         self.grads: dict[torch.Tensor, torch.Tensor] = {}
@@ -602,8 +603,9 @@ def _pointwise_stage_backward(
     grad_out = _channel_major(grad_out).view(conv.out_channels, -1)
     activated = activated.view(channels, -1).to(grad_out.dtype)
     weight = conv.weight.view(conv.out_channels, channels).to(grad_out.dtype)
-    if conv.weight.requires_grad:
-        _put(grads, conv.weight, torch.mm(grad_out, activated.t()).view_as(conv.weight))
+    if conv.weight.requires_grad:  # (activated @ grad_out^T)^T: faster than grad_out @ activated^T
+        grad_weight = torch.mm(activated, grad_out.t()).t()
+        _put(grads, conv.weight, grad_weight.reshape(conv.weight.shape))
     grad_act = torch.mm(weight.t(), grad_out)
     del grad_out
     grad_act = torch.ops.aten.threshold_backward.grad_input(
