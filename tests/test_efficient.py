@@ -178,17 +178,20 @@ def test_amp_bfloat16_matches_plain(variant, channels_last):
     full = step(plain, x)
     plain_amp, ours_amp = step(plain, x, amp=True), step(eff, x, amp=True)
     assert ours_amp[0].dtype == plain_amp[0].dtype == torch.bfloat16
-    # The same forward ops in the same precision: BN statistics of each channel computed once in
-    # float32 from the same bfloat16 features, and the same normalization kernel.
-    assert torch.equal(ours_amp[0], plain_amp[0])
+    # The same forward ops in the same precision (BN statistics of each channel computed once in
+    # float32 from the same bfloat16 features): equal bit for bit at 2 threads; with 1 thread
+    # oneDNN picks other conv kernels for the two layouts (basic, channels_last) and a few
+    # outputs differ by one bf16 ulp (2**-8 relative), so that is the bound.
+    assert rel(ours_amp[0].float(), plain_amp[0].float()) <= 2**-8
     # bf16 gradients are summed in a different order (one shared bf16 gradient buffer instead of
     # autograd's per-feature bf16 sums): within bf16 rounding of the plain AMP model (a bf16
-    # ulp is 2**-8 = 4e-3 relative; measured here <= 6e-4), and as close to the float32 gradients
+    # ulp is 2**-8 = 4e-3 relative; measured here <= 6e-4 at 2 threads, 2.3e-2 for the input
+    # gradient at 1 thread, where the forward differs by an ulp), and as close to the float32 gradients
     # as the plain AMP model is (which is 0.3-0.5 away for some of these tiny, freshly initialized
     # parameters).
-    assert rel(ours_amp[1], plain_amp[1]) <= 2e-2
+    assert rel(ours_amp[1], plain_amp[1]) <= 5e-2
     for name, grad in full[2].items():
-        assert rel(ours_amp[2][name], plain_amp[2][name]) <= 2e-2, name
+        assert rel(ours_amp[2][name], plain_amp[2][name]) <= 5e-2, name
         assert rel(ours_amp[2][name], grad) <= 1.5 * rel(plain_amp[2][name], grad) + 1e-3, name
 
 
@@ -210,9 +213,10 @@ def test_amp_bfloat16_running_stats_and_weights_after_sgd_steps_match_plain(chan
         if not value.is_floating_point():  # num_batches_tracked: BN counted each step once
             assert torch.equal(state_b[name], value), name
         elif "running" in name:
-            # float32 statistics of the same bf16 features: only the summation order differs
-            # (measured <= 1e-7); a wrong channel or a second update is off by 1e-2 or more.
-            assert rel(state_b[name], value) <= 1e-5, name
+            # float32 statistics of bf16 features equal to one bf16 ulp (see above): measured
+            # <= 1e-7 at 2 threads, 1.7e-4 at 1 thread; a wrong channel or a second update is off
+            # by 1e-2 or more.
+            assert rel(state_b[name], value) <= 1e-3, name
         else:  # weights: bf16-rounded gradients times lr, summed over 3 steps
             assert rel(state_b[name], value) <= 1e-3, name
 
