@@ -383,7 +383,8 @@ def _check_count(name: str, value: int | None, least: int) -> None:
         raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (the CPU for a runtime-backed module without any)."""
     return next(model.parameters(), torch.empty(0)).device
 
 
@@ -491,7 +492,7 @@ def optimize_for_inference(
     """
     model = _as_densenet(model)
     on_torch = backend in ("eager", "compile")
-    precision = resolve_precision(precision, _model_device(model) if on_torch else "cpu")
+    precision = resolve_precision(precision, model_device(model) if on_torch else "cpu")
     backend = _backend_for(precision, backend)
     threads = threads or torch.get_num_threads()
     _check_options(backend, precision, calibration, threads, micro_batch, streams)

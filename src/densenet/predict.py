@@ -21,6 +21,7 @@ from densenet.data import (
     BadImageError,
     load_image,
 )
+from densenet.inference import model_device
 from densenet.loader import ModelInfo
 from densenet.multilabel import positive_labels
 from densenet.progress import progress as report_progress
@@ -64,7 +65,7 @@ def predict(
     instead.
     """
     transform = info.transform()
-    device = next(iter(model.parameters()), torch.empty(0)).device  # none: a runtime, the CPU
+    device = model_device(model)
     k = min(topk, len(info.class_names))
     results: list[dict] = []
     starts = report_progress(

@@ -130,7 +130,7 @@ def at_precision(
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s parameters (the CPU for a runtime-backed module without any)."""
-    import torch
+    """:func:`densenet.inference.model_device`, imported when a command runs."""
+    from densenet.inference import model_device as device_of
 
-    return next(iter(model.parameters()), torch.empty(0)).device
+    return device_of(model)
