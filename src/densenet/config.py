@@ -45,6 +45,8 @@ class TrainConfig:
     drop_rate: float | None = None  # default: the model's (the paper: 0.2 without augmentation)
     memory_efficient: bool = False
     freeze_backbone: bool = False  # train only the classifier
+    # Fine-tuning: a new classifier even when the weights have as many classes as the data
+    reset_classifier: bool = False
     backbone_lr_scale: float = 1.0  # the backbone's lr relative to the classifier's
 
     # Data
@@ -216,10 +218,11 @@ def load_config(
 
 
 def default_val_split(dataset: str) -> str:
-    """The split a run validates on unless told: ``val`` for labels-file (csv) datasets, whose
-    thresholds are fitted there and whose ``test`` stays unseen; ``test`` for the others (the
+    """The split a run validates on unless told: ``val`` for labels files (csv) and image
+    folders, whose ``test`` stays unseen (a folder without ``val/`` validates on ``test/``, one
+    without split sub-folders on its held-out part); ``test`` for the built-in datasets (the
     papers' protocol)."""
-    return "val" if dataset.lower() == "csv" else TrainConfig.val_split
+    return "val" if dataset.lower() in ("csv", "folder") else TrainConfig.val_split
 
 
 def adopt_checkpoint_architecture(config: TrainConfig) -> TrainConfig:

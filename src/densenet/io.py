@@ -319,6 +319,37 @@ def file_kind(path: str | Path) -> str:
 AGAIN = "copy or download it again"
 
 
+def folder_reason(path: str | Path) -> str:
+    """Why the folder ``path`` is not a weights file, saying which file to give instead."""
+    best = Path(path, "checkpoints", "best.safetensors")
+    if best.is_file():
+        return f"a run directory, not a checkpoint file: give {best} (or last.safetensors)"
+    return "a folder, not a checkpoint file: give the .safetensors or .pth file itself"
+
+
+def exported_model_reason(path: str | Path) -> str | None:
+    """Why ``path`` is not a weights file when it is an exported model (what ``densenet export``
+    writes: a ``torch.export`` .pt2 zip or an ONNX graph), recognized by its structure; else
+    None. The end of a one-line error that starts with the file name."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head == ZIP_MAGIC and zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as archive:
+                if any(n.endswith("archive_format") for n in archive.namelist()):
+                    return (
+                        "an exported torch.export program (.pt2), not a weights file: run it "
+                        "with torch.export.load(path).module(), or give the .safetensors "
+                        "checkpoint it was exported from"
+                    )
+    # An ONNX ModelProto starts with ir_version (field 1, varint) then a field of tag 0x12..0x3a.
+    if len(head) >= 3 and head[0] == 0x08 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x3A):
+        return (
+            "an ONNX graph (e.g. from densenet export), not a weights file: run it with "
+            "onnxruntime or OpenVINO, or give the .safetensors checkpoint it was exported from"
+        )
+    return None
+
+
 def unknown_file_reason(path: str | Path) -> str:
     """Why ``path`` is none of the kinds of :func:`file_kind`: the end of a one-line error that
     starts with the file name, saying what to do."""

@@ -18,7 +18,7 @@ import torch
 from densenet.catalog import default_class_names
 from densenet.data import dataset_info, eval_transform
 from densenet.factory import create_model
-from densenet.io import META_KEY, CheckpointError, read_header
+from densenet.io import META_KEY, CheckpointError, folder_reason, read_header
 from densenet.models import DenseNet
 from densenet.multilabel import DEFAULT_THRESHOLD, TASKS
 
@@ -43,6 +43,7 @@ class ModelInfo:
     interpolation: str = "bilinear"
     dataset: str | None = None
     source: str = field(default="", compare=False)
+    data_dir: str | None = field(default=None, compare=False)  # where the training run read it
     task: str = "multiclass"
     thresholds: dict | None = None
 
@@ -87,6 +88,8 @@ class ModelInfo:
 
 def _checkpoint_metadata(path: Path) -> dict:
     """The JSON metadata of our safetensors file; {} for other files (create_model explains)."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: {folder_reason(path)}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -148,6 +151,7 @@ def _model_info(model: DenseNet, cfg: dict, source: str) -> ModelInfo:
         interpolation=cfg.get("interpolation") or "bilinear",
         dataset=cfg.get("dataset"),
         source=source,
+        data_dir=cfg.get("data_dir"),
         **_task_and_thresholds(cfg, class_names, source),
     )
 
@@ -157,11 +161,13 @@ def load_model(
     name: str | None = None,
     pretrained: bool | str | Path | None = None,
     device: str | torch.device = "cpu",
+    model_args: dict | None = None,
 ) -> tuple[DenseNet, ModelInfo]:
     """The model in eval mode on ``device`` and its :class:`ModelInfo`.
 
     Either ``checkpoint`` (a weights file or training checkpoint of ours, whose metadata names
-    the architecture) or ``name`` with optional ``pretrained`` (tag, file, URL or True).
+    the architecture) or ``name`` with optional ``pretrained`` (tag, file, URL or True) and
+    ``model_args`` (DenseNet keyword arguments overriding the name's).
     """
     if (checkpoint is None) == (name is None):
         raise ValueError("give either a checkpoint (--checkpoint PATH) or a model (--model NAME)")
@@ -181,7 +187,7 @@ def load_model(
         }
         source = f"{path} ({meta.get('model') or 'custom architecture'})"
     else:
-        model = create_model(name, pretrained=pretrained)
+        model = create_model(name, pretrained=pretrained, **(model_args or {}))
         cfg = model.pretrained_cfg
         weights = {True: "default weights", None: "random weights", False: "random weights"}.get(
             pretrained, f"weights {pretrained}"

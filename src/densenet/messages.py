@@ -7,12 +7,13 @@ import sys
 from collections.abc import Iterable
 
 
-def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
-    """``"; did you mean a, b?"`` for the up to 3 ``choices`` closest to ``word``, else ``""``.
+def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6, most: int = 3) -> str:
+    """``"; did you mean a, b?"`` for the up to ``most`` ``choices`` closest to ``word``, else
+    ``""``.
 
     ``cutoff`` is difflib's similarity ratio in [0, 1] a choice needs to be offered.
     """
-    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=cutoff)
+    close = difflib.get_close_matches(word, list(choices), n=most, cutoff=cutoff)
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 

@@ -122,7 +122,8 @@ def _reject_unknown(parser: argparse.ArgumentParser, command: str | None, extras
     if not flags:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     known = [flag for flag in parser._option_string_actions if flag.startswith("--")]
-    parser.error(f"unrecognized argument {flags[0]}{did_you_mean(flags[0], known)}")
+    # The one closest flag: a typo of --model is not also --model-args.
+    parser.error(f"unrecognized argument {flags[0]}{did_you_mean(flags[0], known, most=1)}")
 
 
 def _unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -29,7 +29,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TAG|PATH",
         help="weights for --model: a registry tag, a weights file or URL ('default' = the model's)",
     )
+    parser.add_argument(
+        "--model-args",
+        metavar="YAML",
+        help="architecture arguments for --model, a YAML mapping, e.g. '{block_config: [6, 12, "
+        "24]}' (weights of a layout no registered name has)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+
+
+def _model_args(text: str | None) -> dict:
+    """``--model-args``' YAML mapping (``{}`` when not given)."""
+    if not text:
+        return {}
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise CLIError(f"--model-args is not YAML ({error})") from None
+    if not isinstance(value, dict):
+        raise CLIError(f"--model-args must be a mapping like '{{growth_rate: 12}}', got {text!r}")
+    return value
 
 
 def model_from_args(args: argparse.Namespace):
@@ -41,8 +62,11 @@ def model_from_args(args: argparse.Namespace):
         raise CLIError(
             "--pretrained goes with --model NAME; a --checkpoint already has its weights"
         )
+    if args.model_args and not args.model:
+        raise CLIError("--model-args goes with --model NAME; a --checkpoint records its own")
     pretrained = True if args.pretrained == "default" else args.pretrained
-    return load_model(args.checkpoint, args.model, pretrained, resolve_device(args.device))
+    device = resolve_device(args.device)
+    return load_model(args.checkpoint, args.model, pretrained, device, _model_args(args.model_args))
 
 
 def random_weights_notice(args: argparse.Namespace) -> None:

@@ -178,18 +178,23 @@ def _calibration(
     if args.calibration:
         return calibration_batches(args.calibration, info)
     one_crop = argparse.Namespace(**{**vars(args), "ten_crop": False, "limit": CALIBRATION_IMAGES})
+    # A folder without split sub-folders is evaluated whole: no image of it is unseen.
+    split = "all" if args.split == "all" else "train"
     try:
-        loader, _ = _load_data(one_crop, dataset_name, info, device, "train")
+        loader, _ = _load_data(one_crop, dataset_name, info, device, split)
     except (OSError, ValueError) as error:
         raise CLIError(
             f"int8 calibrates on {dataset_name}'s train split, which could not be read "
             f"({error}); give --calibration IMAGES"
         ) from None
     images = torch.cat([inputs for inputs, _ in loader]).float()
-    print(
-        f"densenet eval: int8 calibrated on {len(images)} images of {dataset_name} train",
-        file=sys.stderr,
+    source = (
+        f"the images evaluated ({args.data_dir} has no train/ sub-folder; --calibration IMAGES "
+        "calibrates on others)"
+        if split == "all"
+        else f"{dataset_name} train"
     )
+    print(f"densenet eval: int8 calibrated on {len(images)} images of {source}", file=sys.stderr)
     return list(images.split(32))
 
 
@@ -228,6 +233,40 @@ def _class_matching(args: argparse.Namespace, info: ModelInfo) -> dict:
         "classes and has no class names to match them by; give a folder with all its classes "
         "(matched in sorted order) or a checkpoint that records class_names"
     )
+
+
+def _recorded_data_dir(args: argparse.Namespace, info: ModelInfo) -> str | None:
+    """Where the checkpoint's training run read its data: the checkpoint's metadata, else the
+    config.yaml of the run directory it lies in."""
+    if info.data_dir or not args.checkpoint:
+        return info.data_dir
+    import yaml
+
+    config = Path(args.checkpoint).resolve().parent.parent / "config.yaml"
+    try:
+        saved = yaml.safe_load(config.read_text()) if config.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(saved, dict) or saved.get("dataset") != info.dataset:
+        return None
+    return saved.get("data_dir")
+
+
+def _data_dir(args: argparse.Namespace, info: ModelInfo, dataset_name: str) -> str | None:
+    """``--data-dir``, else the folder the checkpoint was trained from when it evaluates that
+    dataset (said on stderr; an error when it is gone)."""
+    if args.data_dir or dataset_name != info.dataset:
+        return args.data_dir
+    recorded = _recorded_data_dir(args, info)
+    if not recorded:
+        return None
+    if not Path(recorded).exists():
+        raise CLIError(
+            f"the checkpoint was trained on {dataset_name} from {recorded}, which does not exist "
+            "here; give --data-dir"
+        )
+    print(f"densenet eval: --data-dir {recorded} (the checkpoint's training data)", file=sys.stderr)
+    return recorded
 
 
 def _resolve_split(args: argparse.Namespace, dataset_name: str) -> str:
@@ -361,6 +400,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fit_thresholds_on and info.task != "multilabel":
         raise CLIError("--fit-thresholds-on is for multi-label models; this one is single-label")
     device = model_device(model)
+    args.data_dir = _data_dir(args, info, dataset_name)
     args.split = _resolve_split(args, dataset_name)
     loader, classes = _load_data(args, dataset_name, info, device, args.split)
     model, precision = at_precision(

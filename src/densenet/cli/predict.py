@@ -16,6 +16,7 @@ from densenet.cli._common import (
     calibration_batches,
     model_from_args,
 )
+from densenet.messages import count
 
 
 def add_parser(subparsers) -> None:
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     model, info = model_from_args(args)
     if args.precision == "int8" and not args.calibration:
         print(
-            f"densenet predict: int8 calibrated on the {len(paths)} images predicted "
+            f"densenet predict: int8 calibrated on the {count(len(paths), 'image')} predicted "
             "(--calibration IMAGES picks others; a few hundred are best)",
             file=sys.stderr,
         )

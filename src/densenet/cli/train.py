@@ -133,8 +133,10 @@ def run(args: argparse.Namespace) -> int:
             f"top-1 {final['val_top1']:.2f}% (top-5 {final['val_top5']:.2f}%, best top-1 "
             f"{result.best_top1:.2f}%)"
         )
+    from densenet.train.inputs import validation_split_name
+
     print(
-        f"done: {cfg.dataset} {cfg.val_split} {scores} after {result.epochs} "
+        f"done: {cfg.dataset} {validation_split_name(cfg)} {scores} after {result.epochs} "
         f"epoch{'s' if result.epochs != 1 else ''}\nrun directory: {result.run_dir}"
     )
     return 0

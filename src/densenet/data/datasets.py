@@ -138,8 +138,8 @@ def _download(name: str, root: Path, fetch: Callable[[str], Any]) -> None:
         fetch(str(root))
     except (OSError, RuntimeError) as error:  # URLError is an OSError
         raise FileNotFoundError(
-            f"{name}: downloading into {root} failed ({error}); without a network, copy the "
-            "files there by hand (run without --download to see which)"
+            f"{name}: not found locally, and downloading into {root} failed ({error}); without a "
+            f"network, copy {name}'s files into a folder and give it as --data-dir"
         ) from None
 
 

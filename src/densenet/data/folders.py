@@ -90,7 +90,10 @@ class FolderImages(Dataset):
             (name, member)
             for name, (files, _) in folders.items()
             for member in files
+            # Hidden files (macOS's ._name.jpg AppleDouble companions) and folders are not data.
             if member.lower().endswith(IMAGE_EXTENSIONS)
+            and _counts(name)
+            and _counts(PurePosixPath(member).name)
         ]
         classes = sorted({c for c, _ in members})
         if not classes:
@@ -213,9 +216,32 @@ def folder_splits(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"--data-dir {root}: no such image folder or .zip")
+    if root.is_file() and not zipfile.is_zipfile(root):
+        raise ValueError(
+            f"--data-dir {root} is a file but not a readable .zip (damaged, or another format); "
+            "give a folder of <split>/<class>/ images or a .zip of one"
+        )
     inner = _inner_folder(root)
     tops = _listing(root, PurePosixPath(inner or ""))[0]
     return [s for s in SPLIT_FOLDERS if s in tops]
+
+
+def split_folder(root: str | Path, split: str) -> str | None:
+    """The sub-folder of ``root`` that ``split`` reads: itself, else 'val' and 'test' stand for
+    each other; None for a folder without split sub-folders (``split`` is then a held-out part).
+    ``FileNotFoundError`` when the folder has splits but none for ``split``."""
+    splits = folder_splits(root)
+    if not splits or split == "all":
+        return None
+    candidates = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}[split]
+    subdir = next((c for c in candidates if c in splits), None)
+    if subdir is None:
+        raise FileNotFoundError(
+            f"{root} has no {' or '.join(c + '/' for c in candidates)} sub-folder (it has "
+            f"{', '.join(s + '/' for s in splits)}); add one, or give a folder without split "
+            "sub-folders to hold out part of it"
+        )
+    return subdir
 
 
 def _counts(name: str) -> bool:
@@ -389,14 +415,7 @@ def folder_dataset(
         raise ValueError(
             f"{root} has split sub-folders ({', '.join(splits)}); choose one with --split"
         )
-    candidates = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}[split]
-    subdir = next((c for c in candidates if c in splits), None)
-    if subdir is None:
-        raise FileNotFoundError(
-            f"{root} has no {' or '.join(c + '/' for c in candidates)} sub-folder (it has "
-            f"{', '.join(s + '/' for s in splits)}); add one, or give a folder without split "
-            "sub-folders to hold out part of it"
-        )
+    subdir = split_folder(root, split)
     if classes is None and subdir != splits[0]:
         # Every split is labelled by the training classes, matched by name.
         classes = FolderImages.scan(root, splits[0])[0]

@@ -27,7 +27,14 @@ from typing import Any
 
 import torch
 
-from densenet.io import CheckpointError, file_kind, load_state, unknown_file_reason
+from densenet.io import (
+    CheckpointError,
+    exported_model_reason,
+    file_kind,
+    folder_reason,
+    load_state,
+    unknown_file_reason,
+)
 from densenet.messages import notice
 
 # The first convolution's weight, ``(out, in_chans, kh, kw)`` in every stem: its input channels
@@ -135,8 +142,13 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     :class:`CheckpointError` naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: {folder_reason(path)}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
+    exported = exported_model_reason(path)
+    if exported:
+        raise CheckpointError(f"{path}: {exported}")
     kind = file_kind(path)
     if kind == "safetensors":
         state, metadata = load_state(path)

@@ -106,6 +106,7 @@ def architecture_of(source: Source) -> tuple[ModelSpec, dict]:
             f"{source.description}: the file does not say which architecture it holds (no "
             f"'model_config' metadata); pass the model name, e.g. create_model(NAME, "
             f"pretrained=...){'; the weights look like ' + guess if guess else ''}"
+            + _model_args_hint(source.state_dict, guess)
         )
     config = {k: v for k, v in config.items() if k not in ("in_chans", "num_classes")}
     if name and name.split(".", 1)[0] in list_models():
@@ -230,6 +231,16 @@ def _fits(kwargs: dict, arch: dict) -> bool:
         and kwargs.get("num_init_features") == arch["num_init_features"]
         and kwargs.get("stem", "imagenet") == arch["stem"]
     )
+
+
+def _model_args_hint(state_dict: dict[str, torch.Tensor], guess: str | None) -> str:
+    """For weights of no registered layout: the same arguments as the command line's
+    ``--model-args`` (a YAML mapping)."""
+    arch = infer_architecture(state_dict)
+    if arch is None or guess is None or not guess.startswith("DenseNet("):
+        return ""
+    values = ", ".join(f"{k}: {list(v) if isinstance(v, tuple) else v}" for k, v in arch.items())
+    return f" (command line: --model NAME --model-args '{{{values}}}' --pretrained FILE)"
 
 
 def suggest_architecture(state_dict: dict[str, torch.Tensor]) -> str | None:

@@ -10,6 +10,7 @@ import torch
 
 from densenet import data
 from densenet.config import TrainConfig
+from densenet.messages import notice
 from densenet.runtime import DistEnv
 from densenet.train.errors import TrainingError
 
@@ -104,6 +105,33 @@ def label_pos_weight(targets: torch.Tensor) -> torch.Tensor | None:
     return torch.where(
         positives > 0, negatives / positives.clamp(min=1), torch.ones_like(positives)
     )
+
+
+def validation_split_name(cfg: TrainConfig) -> str:
+    """What a run validates on, as a user sees it: a folder's sub-folder ('val/', 'test/') or
+    'held-out part'; the split name for other datasets."""
+    if cfg.dataset != "folder" or not cfg.data_dir:
+        return cfg.val_split
+    subdir = data.split_folder(cfg.data_dir, cfg.val_split)
+    return f"{subdir}/" if subdir else "held-out part"
+
+
+def note_validation_folder(cfg: TrainConfig) -> None:
+    """For a folder dataset, say which sub-folder picks the best checkpoint when it is not the
+    one asked for, or when a test/ sub-folder stays out of training."""
+    if cfg.dataset != "folder" or not cfg.data_dir:
+        return
+    splits = data.folder_splits(cfg.data_dir)
+    used = data.split_folder(cfg.data_dir, cfg.val_split)
+    if used is None:
+        return
+    if used != cfg.val_split:
+        notice(f"{cfg.data_dir} has no {cfg.val_split}/ sub-folder: validating on {used}/")
+    elif used == "val" and "test" in splits:
+        notice(
+            f"validating on {cfg.data_dir}/val/ (it picks the best checkpoint); test/ stays "
+            "unseen: densenet eval --split test scores it"
+        )
 
 
 def _datasets(cfg: TrainConfig, info: data.DatasetInfo) -> tuple[list, list[str]]:

@@ -26,7 +26,7 @@ from densenet.train.epoch import (
     sum_over_ranks,
     train_one_epoch,
 )
-from densenet.train.inputs import build_data
+from densenet.train.inputs import build_data, note_validation_folder
 from densenet.train.optim import build_criterion
 from densenet.train.resume import continue_run, record_resume
 from densenet.train.rng import seed_everything
@@ -98,7 +98,7 @@ def _start(
     seed_everything(cfg.seed + env.rank, cfg.deterministic)
     run_data = build_data(cfg, device, env)
     _log_skipped(run_data.bad_images, log)
-    state = build_state(cfg, run_data, env, device, log)
+    state = build_state(cfg, run_data, env, device, log, resumed=saved is not None)
     autocast = autocast_factory(cfg, device)
     criterion = build_criterion(cfg, run_data.task, run_data.pos_weight).to(device)
     run = Run(cfg, env, device, run_data, run_dir, log, progress, autocast, criterion)
@@ -106,6 +106,7 @@ def _start(
         restore(state, saved, run)
         record_resume(run, previous, history, state.epoch, state.step)
     elif env.is_main:
+        note_validation_folder(cfg)
         run_dir.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir.config)
     return run, state

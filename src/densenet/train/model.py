@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import densenet
+from densenet.catalog import DatasetInfo
 from densenet.config import TrainConfig, model_kwargs, model_label
+from densenet.io import META_KEY, CheckpointError, read_header
+from densenet.messages import notice
 from densenet.train.resume import inline_yaml
 
 
-def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
-    """The configured DenseNet (optionally pretrained; the classifier resized to ``num_classes``)."""
+def build_model(
+    cfg: TrainConfig, num_classes: int, in_chans: int, data: DatasetInfo | None = None
+) -> nn.Module:
+    """The configured DenseNet (optionally pretrained; the classifier resized to ``num_classes``,
+    or new with ``reset_classifier``). With the run's ``data``, what the pretrained weights were
+    trained on and the run differs in (class names, normalization, channels) is said on stderr."""
     kwargs = model_kwargs(cfg)
     kwargs.pop("num_classes", None)
     kwargs.pop("in_chans", None)
@@ -26,10 +35,59 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
         **kwargs,
     )
     model.model_name = model_label(cfg)  # what was built, not only what it was built from
+    if cfg.pretrained and cfg.reset_classifier:
+        model.reset_classifier(num_classes)
+    elif cfg.pretrained and data is not None:
+        _note_pretrained_differences(cfg.pretrained, data, in_chans)
     if cfg.freeze_backbone:
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("classifier.")
     return model
+
+
+def _pretrained_metadata(pretrained: str) -> dict:
+    """The metadata of a weights file of ours (class names, normalization, input size); {}
+    for tags, URLs and other files."""
+    path = Path(str(pretrained)).expanduser()
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(read_header(path).get(META_KEY, "{}"))
+    except (CheckpointError, ValueError):
+        return {}
+
+
+def _note_pretrained_differences(pretrained: str, data: DatasetInfo, in_chans: int) -> None:
+    """Fine-tuning keeps what the weights fit; say where this run's data differ from theirs."""
+    meta = _pretrained_metadata(pretrained)
+    names = list(meta.get("class_names") or [])
+    if names and len(names) == len(data.class_names) and names != list(data.class_names):
+        notice(
+            f"{pretrained}: keeping its classifier (as many classes as {data.name}: "
+            f"{len(names)}), its outputs taken in order as {data.name}'s classes ({names[0]} -> "
+            f"{data.class_names[0]}, ...); --set reset_classifier=true starts a new one"
+        )
+    size = meta.get("input_size") or []
+    if size and int(size[0]) != in_chans:
+        notice(
+            f"{pretrained}: weights for {size[0]}-channel input, {data.name} gives {in_chans} "
+            "channels: the first conv is adapted (its filters summed or repeated)"
+        )
+    mean, std = meta.get("mean"), meta.get("std")
+    if mean and std and _differ(mean, data.mean) + _differ(std, data.std):
+        notice(
+            f"{pretrained}: trained on inputs normalized with mean {_short(mean)} std "
+            f"{_short(std)}; this run normalizes {data.name} with mean {_short(data.mean)} std "
+            f"{_short(data.std)}"
+        )
+
+
+def _differ(a, b) -> bool:
+    return len(a) != len(b) or any(abs(x - y) > 1e-3 for x, y in zip(a, b, strict=False))
+
+
+def _short(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
 
 def model_line(model: nn.Module, cfg: TrainConfig) -> str:

@@ -46,6 +46,7 @@ FIXED_ON_RESUME = {
     "model_args": _MODEL,
     "num_classes": _MODEL,
     "freeze_backbone": _MODEL,
+    "reset_classifier": "it chose the starting weights, which the checkpoint has replaced",
     "pretrained": "it chose the starting weights, which the checkpoint has replaced",
     "dataset": _TRAIN_DATA,
     "train_split": _TRAIN_DATA,

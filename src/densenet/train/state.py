@@ -97,10 +97,18 @@ class TrainState:
 
 
 def build_state(
-    cfg: TrainConfig, run_data: RunData, env: DistEnv, device: torch.device, log: Callable
+    cfg: TrainConfig,
+    run_data: RunData,
+    env: DistEnv,
+    device: torch.device,
+    log: Callable,
+    resumed: bool = False,
 ) -> TrainState:
-    """A new run's state: the configured model (logged), its optimizer, grad scaler and EMA."""
-    model = build_model(cfg, run_data.num_classes, run_data.info.in_chans).to(device)
+    """A new run's state: the configured model (logged), its optimizer, grad scaler and EMA.
+    Rank 0 of a new run says where its data differ from the pretrained weights'."""
+    told = run_data.info if env.is_main and not resumed else None
+    model = build_model(cfg, run_data.num_classes, run_data.info.in_chans, told)
+    model = model.to(device)
     log(model_line(model, cfg))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -159,6 +167,8 @@ def _metadata(model: nn.Module, run: Run) -> dict:
         "model": model.model_name,
         "model_config": model.config,
         "dataset": info.name,
+        # Absolute, so densenet eval finds the data from any directory; null: the default place.
+        "data_dir": str(Path(run.cfg.data_dir).resolve()) if run.cfg.data_dir else None,
         "num_classes": run.data.num_classes,
         "class_names": list(info.class_names),
         "task": run.data.task,

@@ -1,0 +1,236 @@
+"""What a newcomer's walk through the README found at the seams: which folder a run validates
+on, eval finding the checkpoint's data, exported files given back to the tools, hidden files in
+image folders, and what fine-tuning keeps from the weights."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from test_data import SHARED, make_image_folder
+
+from densenet.cli import main
+from densenet.config import load_config
+from densenet.data import FolderImages
+from densenet.io import load_state
+from densenet.predict import list_images
+from densenet.train.model import build_model
+
+TINY_MODEL = "{growth_rate: 2, block_config: [1, 1], num_init_features: 4}"
+
+
+def add_split(root: Path, split: str, per_class: int, classes: tuple[str, ...] = ("c0", "c1")):
+    rng = np.random.default_rng(len(split))
+    for name in classes:
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{n}.png")
+    return root
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--dataset", "folder", "--data-dir", str(data), "--out", str(out),
+        "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+        "--no-progress", "--set", f"model_args={TINY_MODEL}", "--set", "threads=1", *extra,
+    ]  # fmt: skip
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    status = main(args)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def three_splits(tmp_path_factory) -> Path:
+    """train/ (16 per class), val/ (3 per class) and test/ (16 per class)."""
+    root = make_image_folder(tmp_path_factory.mktemp("splits"), size=8, per_class=16)
+    return add_split(root, "val", 3)
+
+
+@pytest.fixture(scope="module")
+def trained(three_splits, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(train_args(three_splits, out)) == 0
+    return {"run": out, "best": out / "checkpoints" / "best.safetensors"}
+
+
+def test_a_folder_with_val_and_test_validates_on_val_and_says_so(three_splits, tmp_path, capsys):
+    status, out, err = run(train_args(three_splits, tmp_path / "r"), capsys)
+    assert status == 0, err
+    assert f"validating on {three_splits}/val/" in err and "test/ stays unseen" in err
+    assert "done: folder val/ top-1" in out
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["val_split"] == "val"
+
+
+def test_a_folder_with_test_only_validates_on_test_and_names_it(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", size=8, per_class=16)  # train/ and test/
+    status, out, err = run(train_args(data, tmp_path / "r"), capsys)
+    assert status == 0, err
+    assert "has no val/ sub-folder: validating on test/" in err
+    assert "done: folder test/ top-1" in out
+
+
+def test_eval_reads_the_data_the_checkpoint_was_trained_on(trained, three_splits, capsys):
+    status, out, err = run(["eval", "--checkpoint", str(trained["best"]), "--json"], capsys)
+    assert status == 0, err
+    assert f"--data-dir {three_splits.resolve()} (the checkpoint's training data)" in err
+    assert '"split": "test"' in out and '"images": 32' in out  # test/: 2 classes x 16
+    assert load_state(trained["best"])[1]["data_dir"] == str(three_splits.resolve())
+
+
+def test_eval_says_when_the_checkpoints_data_is_gone(trained, tmp_path, capsys):
+    state, meta = load_state(trained["best"])
+    from densenet.io import save_state
+
+    moved = save_state(tmp_path / "moved.safetensors", state, {**meta, "data_dir": "/no/such"})
+    status, _, err = run(["eval", "--checkpoint", str(moved)], capsys)
+    assert status == 2
+    assert "trained on folder from /no/such, which does not exist here; give --data-dir" in err
+
+
+def test_exported_files_given_back_as_checkpoints_are_named_as_exports(
+    trained, three_splits, tmp_path, capsys
+):
+    image = _image(tmp_path)
+    for suffix, expected in ((".onnx", "an ONNX graph"), (".pt2", "torch.export program")):
+        exported = tmp_path / f"m{suffix}"
+        status, _, err = run(
+            ["export", "--checkpoint", str(trained["best"]), "--out", str(exported)], capsys
+        )
+        assert status == 0, err
+        for command in (
+            ["predict", "--checkpoint", str(exported), str(image)],
+            train_args(three_splits, tmp_path / "x", "--pretrained", str(exported)),
+        ):
+            status, _, err = run(command, capsys)
+            assert status == 2 and expected in err and "Traceback" not in err, err
+
+
+def test_a_run_directory_as_checkpoint_names_the_file_to_give(trained, tmp_path, capsys):
+    status, _, err = run(["predict", "--checkpoint", str(trained["run"]), str(_image(tmp_path))], capsys)  # fmt: skip
+    assert status == 2
+    assert f"give {trained['run']}/checkpoints/best.safetensors" in err
+
+
+def _image(tmp_path: Path) -> Path:
+    path = tmp_path / "one.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    return path
+
+
+def test_hidden_files_and_folders_are_not_images(tmp_path):
+    root = make_image_folder(tmp_path / "d", size=8, per_class=2)
+    (root / "train" / "c0" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    hidden = root / "train" / ".thumbnails"
+    hidden.mkdir()
+    shutil.copy(root / "train" / "c0" / "0.png", hidden / "0.png")
+    classes, samples = FolderImages.scan(root, "train")
+    assert classes == ["c0", "c1"] and len(samples) == 4
+    assert all("._" not in member for member, _ in samples)
+    found = list_images([root / "train"])
+    assert len(found) == 4 and not any(p.name.startswith(".") for p in found)
+    assert not any(".thumbnails" in p.parts for p in found)
+
+
+def test_fine_tuning_says_it_keeps_a_classifier_of_other_class_names(trained, tmp_path, capsys):
+    other = add_split(tmp_path / "other", "train", 8, ("cat", "dog"))
+    add_split(other, "val", 2, ("cat", "dog"))
+    args = train_args(other, tmp_path / "ft", "--pretrained", str(trained["best"]))
+    status, _, err = run(args, capsys)
+    assert status == 0, err
+    assert "keeping its classifier (as many classes as folder: 2)" in err
+    assert "(c0 -> cat, ...); --set reset_classifier=true starts a new one" in err
+    source = load_state(trained["best"])[0]["model"]
+    for reset in (False, True):
+        cfg = load_config(None, {"dataset": "folder", "data_dir": str(other),
+                                 "pretrained": str(trained["best"]), "reset_classifier": reset})  # fmt: skip
+        head = build_model(cfg, 2, 3).state_dict()["classifier.weight"]
+        assert head.equal(source["classifier.weight"]) != reset
+        assert (
+            build_model(cfg, 2, 3)
+            .state_dict()["features.conv0.weight"]
+            .equal(source["features.conv0.weight"])
+        )
+
+
+def test_int8_eval_of_a_folder_without_splits_says_it_calibrates_on_what_it_scores(
+    trained, tmp_path, capsys
+):
+    flat = tmp_path / "flat"
+    add_split(tmp_path / "tmp", "all", 6)
+    shutil.move(tmp_path / "tmp" / "all", flat)
+    status, _, err = run(
+        [
+            "eval",
+            "--checkpoint",
+            str(trained["best"]),
+            "--dataset",
+            "folder",
+            "--data-dir",
+            str(flat),
+            "--precision",
+            "int8",
+            "--batch-size",
+            "4",
+        ],  # fmt: skip
+        capsys,
+    )
+    assert status == 0, err
+    assert "int8 calibrated on 12 images of the images evaluated" in err
+    assert "held out for validation" not in err
+
+
+def test_weights_of_an_unregistered_layout_run_with_the_model_args_the_error_names(capsys):
+    checkpoint = SHARED / "checkpoints" / "jasonwei05_densenet_cifar10.pth"
+    samples = sorted((SHARED / "test-samples").glob("cifar10_*.png"))
+    if not checkpoint.exists() or not samples:
+        pytest.skip(f"real checkpoint or samples not found under {SHARED}")
+    status, _, err = run(["predict", "--checkpoint", str(checkpoint), str(samples[0])], capsys)
+    assert status == 2
+    flags = err.split("(command line: ")[1].split(")")[0]
+    args = shlex.split(flags.replace("NAME", "densenet_bc100_k12").replace("FILE", str(checkpoint)))
+    status, out, err = run(["predict", *args, "--json", "--topk", "1", *map(str, samples)], capsys)
+    assert status == 0, err
+    rows = json.loads(out)["predictions"]
+    # cifar10_<n>_<class>.png; the checkpoint scores 79.7% on the test set
+    right = sum(r["top"][0]["index"] == int(Path(r["file"]).stem.split("_")[-1]) for r in rows)
+    assert len(rows) == len(samples) and right >= 0.6 * len(rows), rows
+
+
+def test_a_damaged_zip_as_data_dir_is_named_as_such(tmp_path, capsys):
+    damaged = tmp_path / "images.zip"
+    damaged.write_bytes(b"PK\x03\x04 cut short")
+    for command in (train_args(damaged, tmp_path / "r"),
+                    ["eval", "--model", "densenet_bc16_k12", "--dataset", "folder", "--data-dir", str(damaged)]):  # fmt: skip
+        status, _, err = run(command, capsys)
+        assert status == 2 and "is a file but not a readable .zip" in err, err
+
+
+def test_fine_tuning_names_other_channels_and_normalization_of_the_weights(
+    trained, three_splits, tmp_path, capsys
+):
+    from densenet.io import save_state
+
+    state, meta = load_state(trained["best"])
+    gray = {**meta, "mean": [0.286], "std": [0.353], "input_size": [1, 8, 8]}
+    weights = save_state(tmp_path / "gray.safetensors", state, gray)
+    settings = {"dataset": "folder", "data_dir": str(three_splits), "pretrained": str(weights)}
+    cfg = load_config(None, settings)
+    from densenet import data
+
+    build_model(cfg, 2, 3, data.dataset_info("folder", three_splits))
+    err = capsys.readouterr().err
+    assert "weights for 1-channel input, folder gives 3 channels" in err
+    assert "normalized with mean (0.286) std (0.353); this run normalizes folder with mean " in err
