@@ -234,3 +234,32 @@ def test_fine_tuning_names_other_channels_and_normalization_of_the_weights(
     err = capsys.readouterr().err
     assert "weights for 1-channel input, folder gives 3 channels" in err
     assert "normalized with mean (0.286) std (0.353); this run normalizes folder with mean " in err
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_exports_carry_class_names_and_normalization(trained, tmp_path, capsys, suffix):
+    from densenet.export import read_export_metadata
+
+    out = tmp_path / f"m{suffix}"
+    status, printed, err = run(["export", "--checkpoint", str(trained["best"]), "--out", str(out)], capsys)  # fmt: skip
+    assert status == 0, err
+    meta = {k: json.loads(v) for k, v in read_export_metadata(out).items()}
+    saved = load_state(trained["best"])[1]
+    assert meta["class_names"] == saved["class_names"] == ["c0", "c1"]
+    assert meta["mean"] == saved["mean"] and meta["std"] == saved["std"]
+    assert meta["input_size"] == [3, 8, 8] and meta["task"] == "multiclass"
+    assert meta["precision"] == "fp32"
+    assert f"normalized with mean {json.dumps(saved['mean'])}" in printed
+
+
+def test_the_int8_graph_carries_the_metadata_too(trained, tmp_path):
+    import torch
+
+    from densenet.export import export_model, read_export_metadata
+    from densenet.factory import create_model
+
+    model = create_model(pretrained=trained["best"]).eval()
+    calibration = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    out = export_model(model, tmp_path / "q.onnx", "onnx", input_size=(8, 8), precision="int8",
+                       calibration=calibration, metadata={"class_names": '["c0", "c1"]'})  # fmt: skip
+    assert read_export_metadata(out)["class_names"] == '["c0", "c1"]'

@@ -13,6 +13,7 @@ arithmetic when they compile (OpenVINO computes an fp32 ONNX file in bf16 on CPU
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -34,6 +35,10 @@ PRECISION_FORMATS = {
 }
 
 
+# The extra file of a .pt2 that holds export_model's metadata.
+PT2_METADATA = "densenet.json"
+
+
 def _graph(model: nn.Module, optimize: bool) -> nn.Module:
     # Exporters and runtimes plan concat memory themselves: no in-place buffer writes in the graph.
     return fuse_for_inference(model, preallocate=False) if optimize else model.eval()
@@ -48,13 +53,17 @@ def export_model(
     optimize: bool = False,
     precision: str = "fp32",
     calibration: Iterable[torch.Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model`` (eval mode) as ``fmt`` to ``path``, batch dimension dynamic.
 
     ``input_size`` is the traced ``(H, W)``; ``precision`` 'fp32', 'bf16' (``.pt2``, the
     optimized graph) or 'int8' (ONNX, calibrated on ``calibration``'s batches of real,
-    normalized images). Returns the path.
+    normalized images). ``metadata`` (e.g. class names, mean/std as JSON strings) goes into
+    the file: ONNX ``metadata_props``, or the ``.pt2``'s extra file ``densenet.json``; read it
+    back with :func:`read_export_metadata`. Returns the path.
     """
+    metadata = metadata or {}
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     _check_precision(precision, fmt)
@@ -63,7 +72,9 @@ def export_model(
 
         if calibration is None:
             raise ValueError("an int8 export calibrates on real images: give calibration batches")
-        return save_quantized(quantize_onnx(model, calibration), path)
+        return save_quantized(
+            _with_onnx_metadata(quantize_onnx(model, calibration), metadata), path
+        )
     graph = _graph(model, optimize or precision == "bf16")
     if precision == "bf16":
         # Contiguous weights: torch.export.save warns about every channels_last one.
@@ -73,12 +84,39 @@ def export_model(
         # The shape checks in DenseNet.check_input are Python, not graph ops: harmless here.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         if fmt == "onnx":
-            data = onnx_bytes(graph, example)
+            data = _with_onnx_metadata(onnx_bytes(graph, example), metadata)
             return atomic_write(path, lambda f: f.write(data))
         batch = torch.export.Dim("batch", min=1, max=4096)
         with torch.no_grad():
             program = torch.export.export(graph, (example,), dynamic_shapes=({0: batch},))
-        return atomic_write(path, lambda f: torch.export.save(program, f))
+        extra = {PT2_METADATA: json.dumps(metadata)}
+        return atomic_write(path, lambda f: torch.export.save(program, f, extra_files=extra))
+
+
+def _with_onnx_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
+    """The serialized ONNX model ``data`` with ``metadata`` added to its ``metadata_props``."""
+    if not metadata:
+        return data
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
+def read_export_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata :func:`export_model` wrote into an ``.onnx`` or ``.pt2`` file."""
+    path = Path(path)
+    if path.suffix == ".pt2":
+        extra = {PT2_METADATA: ""}
+        torch.export.load(path, extra_files=extra)
+        return json.loads(extra[PT2_METADATA] or "{}")
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {entry.key: entry.value for entry in proto.metadata_props}
 
 
 def _check_precision(precision: str, fmt: str) -> None:

@@ -140,6 +140,37 @@ def _calibration(args: argparse.Namespace, info):
     return calibration_batches(paths, info)
 
 
+def _metadata(info, precision: str, size: int) -> dict[str, str]:
+    """What a user of the exported file needs besides the graph, as JSON strings: the class
+    names, the input's size and normalization, the task."""
+    values = dict(
+        model=info.name,
+        class_names=list(info.class_names),
+        task=info.task,
+        precision=precision,
+        input_size=[info.input_size[0], size, size],
+        mean=list(info.mean) if info.mean else None,
+        std=list(info.std) if info.std else None,
+        interpolation=info.interpolation,
+        crop_pct=info.crop_pct,
+    )
+    return {key: json.dumps(value) for key, value in values.items() if value is not None}
+
+
+def _input_line(metadata: dict[str, str]) -> str:
+    """How to feed the exported file, from its metadata."""
+    size = json.loads(metadata["input_size"])
+    norm = (
+        f", normalized with mean {metadata['mean']} std {metadata['std']}"
+        if "mean" in metadata
+        else ""
+    )
+    return (
+        f"  input: float (N, {size[0]}, {size[1]}, {size[2]}), pixels scaled to 0-1{norm}; "
+        "class names, mean/std and input size are in the file's metadata"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from densenet.export import export_model, verify_export
 
@@ -162,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
                 optimize=args.optimize,
                 precision=args.precision,
                 calibration=calibration,
+                metadata=_metadata(info, args.precision, size),
             )
         except ValueError as error:
             raise CLIError(str(error)) from None
@@ -187,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print(f"wrote {out} ({args.format}, {args.precision}, batch dynamic, {size}x{size})")
+        print(_input_line(_metadata(info, args.precision, size)))
         for name, e in errors.items():
             print(
                 f"  {name:>18}: max abs error {e['max_abs_error']:.3g}, "
