@@ -254,6 +254,19 @@ def test_images_over_the_bomb_limit_are_one_line_errors_or_skipped(tmp_path, mon
                                                                           sorted(bombs)]  # fmt: skip
 
 
+def test_the_environment_raises_the_bomb_limit_for_trusted_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", LIMIT)
+    root, _ = _write_folder(tmp_path)
+    bomb = _bombs(root / "images")[0]
+    with pytest.raises(data.BadImageError, match="raise the limit: DENSENET_MAX_IMAGE_PIXELS=N"):
+        load_image(bomb)
+    monkeypatch.setenv("DENSENET_MAX_IMAGE_PIXELS", str(100 * LIMIT))
+    assert load_image(bomb).size[0] > 0
+    monkeypatch.setenv("DENSENET_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="'lots' is not a number of pixels"):
+        load_image(bomb)
+
+
 def test_training_skips_bombs_with_skip_bad_images(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", LIMIT)
     root, _ = _write_folder(tmp_path)

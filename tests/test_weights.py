@@ -182,6 +182,13 @@ def test_interrupted_download_keeps_partial_and_resumes(
     assert sha256(dest) == sha256(blob) and not partial.exists()
 
 
+def test_a_download_that_never_started_names_no_partial_file(tmp_path: Path) -> None:
+    missing = tmp_path / "not-served.bin"  # file:// of a file that is not there: nothing arrives
+    with pytest.raises(CheckpointError) as error:
+        download.download(missing.as_uri(), tmp_path / "cache" / "x.bin", "0" * 64, progress=False)
+    assert str(error.value).endswith("; nothing arrived") and ".partial" not in str(error.value)
+
+
 def test_resumed_bytes_are_hash_checked(blob: Path, tmp_path: Path) -> None:
     """A partial file that is not a prefix of the real one gives a bad file, which is refused."""
     dest = tmp_path / "cache" / "blob.bin"

@@ -8,6 +8,7 @@ decompression-bomb limit a one-line error (:class:`BadImageError`).
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from pathlib import Path
@@ -97,6 +98,21 @@ def to_channels(image: Image.Image, channels: int | None = None) -> Image.Image:
     return image if image.mode == wanted else image.convert(wanted)
 
 
+# Raises PIL's decompression-bomb limit (pixels) for trusted huge images, in every command.
+PIXEL_LIMIT_ENV = "DENSENET_MAX_IMAGE_PIXELS"
+
+
+def _apply_pixel_limit() -> None:
+    """Set PIL's limit from :data:`PIXEL_LIMIT_ENV` when the environment gives one."""
+    value = os.environ.get(PIXEL_LIMIT_ENV)
+    if not value:
+        return
+    try:
+        Image.MAX_IMAGE_PIXELS = int(value)
+    except ValueError:
+        raise ValueError(f"{PIXEL_LIMIT_ENV}={value!r} is not a number of pixels") from None
+
+
 def load_image(
     source: str | Path | bytes, name: str | None = None, hint: str = "", channels: int | None = None
 ) -> Image.Image:
@@ -109,6 +125,7 @@ def load_image(
     default the path) and ending with ``hint``.
     """
     label = name or str(source)
+    _apply_pixel_limit()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -122,7 +139,8 @@ def load_image(
         limit = f"{Image.MAX_IMAGE_PIXELS:,}" if Image.MAX_IMAGE_PIXELS else "set"
         message = (
             f"{label}: {size}, over PIL's decompression-bomb limit of {limit} "
-            "(PIL.Image.MAX_IMAGE_PIXELS); shrink the image, or raise that limit if you trust it"
+            f"(PIL.Image.MAX_IMAGE_PIXELS); shrink the image, or, if you trust it, raise the "
+            f"limit: {PIXEL_LIMIT_ENV}=N in the environment"
         )
     except UnidentifiedImageError:
         message = f"{label} is not a readable image (unknown or unsupported format)"

@@ -96,10 +96,14 @@ def download(url: str, dest: str | Path, sha256: str | None = None, progress: bo
         partial.unlink()
         return download(url, dest, sha256, progress)
     except OSError as error:  # urllib's URLError, connection resets, a full disk
-        raise CheckpointError(
-            f"download of {url} failed ({error}); {partial} keeps what arrived and the next "
-            "attempt resumes from it"
-        ) from None
+        arrived = partial.stat().st_size if partial.is_file() else 0
+        kept = (
+            f"{partial} keeps the {arrived:,} bytes that arrived and the next attempt resumes "
+            "from it"
+            if arrived
+            else "nothing arrived"
+        )
+        raise CheckpointError(f"download of {url} failed ({error}); {kept}") from None
     size = partial.stat().st_size
     if total is not None and size < total:
         raise CheckpointError(
