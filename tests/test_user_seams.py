@@ -263,3 +263,79 @@ def test_the_int8_graph_carries_the_metadata_too(trained, tmp_path):
     out = export_model(model, tmp_path / "q.onnx", "onnx", input_size=(8, 8), precision="int8",
                        calibration=calibration, metadata={"class_names": '["c0", "c1"]'})  # fmt: skip
     assert read_export_metadata(out)["class_names"] == '["c0", "c1"]'
+
+
+def test_the_validation_images_are_those_of_val(three_splits):
+    import torch
+
+    from densenet.train.inputs import build_data
+
+    cfg = load_config(
+        None, {"dataset": "folder", "data_dir": str(three_splits), "workers": 0, "batch_size": 8}
+    )
+    assert len(build_data(cfg, torch.device("cpu")).val_loader.dataset) == 6  # val/: 2 x 3
+
+
+def test_eval_of_a_flat_folder_the_model_was_trained_on_scores_the_held_out_part(tmp_path, capsys):
+    flat = add_split(tmp_path / "d", "flat", 20) / "flat"  # flat/c0/*.png, flat/c1/*.png
+    out = tmp_path / "run"
+    assert main(train_args(flat, out)) == 0
+    status, printed, err = run(["eval", "--checkpoint", str(out / "checkpoints" / "best.safetensors"), "--json"], capsys)  # fmt: skip
+    assert status == 0, err
+    assert (
+        "the folder the model was trained on, has no split sub-folders: evaluating the part" in err
+    )
+    assert '"split": "val"' in printed and '"images": 4' in printed  # 10% of 2 x 20
+
+
+def test_an_older_run_checkpoint_finds_its_data_in_the_runs_config(trained, three_splits, tmp_path, capsys):  # fmt: skip
+    from densenet.io import save_state
+
+    state, meta = load_state(trained["best"])
+    run_dir = tmp_path / "old"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    old = save_state(run_dir / "checkpoints" / "best.safetensors", state, {k: v for k, v in meta.items() if k != "data_dir"})  # fmt: skip
+    for data_dir, found in ((str(three_splits.resolve()), True), ("relative/images", False)):
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump({"dataset": "folder", "data_dir": data_dir})
+        )
+        status, _, err = run(["eval", "--checkpoint", str(old)], capsys)
+        assert (status == 0) == found, err
+        assert ("(the checkpoint's training data)" in err) == found
+        if not found:  # a relative path was relative to where training ran: not guessed
+            assert "dataset folder needs --data-dir" in err
+
+
+def test_a_missing_recorded_folder_is_an_error_but_a_built_in_dataset_falls_back(capsys):
+    import argparse
+
+    from densenet.cli import CLIError
+    from densenet.cli.eval import _data_dir
+
+    args = argparse.Namespace(data_dir=None)
+    assert _data_dir(args, "cifar10", "/no/such") is None
+    assert "training data /no/such is not here: reading cifar10 from its default place" in capsys.readouterr().err  # fmt: skip
+    with pytest.raises(CLIError, match="trained on folder from /no/such, which does not exist"):
+        _data_dir(args, "folder", "/no/such")
+
+
+@pytest.mark.parametrize(
+    "model_args, expected",
+    [("{foo: 1}", "--model-args: unknown DenseNet argument 'foo'"),
+     ("{pretrained: true}", "--model-args takes architecture arguments, not pretrained"),
+     ("[1, 2]", "--model-args must be a mapping")],
+)  # fmt: skip
+def test_bad_model_args_are_one_line_errors(tmp_path, capsys, model_args, expected):
+    command = ["predict", "--model", "densenet_bc16_k12", "--model-args", model_args, str(_image(tmp_path))]  # fmt: skip
+    status, _, err = run(command, capsys)
+    assert status == 2 and expected in err and "Traceback" not in err, err
+
+
+def test_reset_classifier_needs_pretrained_and_a_pixel_limit_must_be_a_count(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="reset_classifier goes with pretrained"):
+        load_config(None, {"reset_classifier": True})
+    from densenet.data import load_image
+
+    monkeypatch.setenv("DENSENET_MAX_IMAGE_PIXELS", "0")
+    with pytest.raises(ValueError, match="'0' is not a number of pixels"):
+        load_image(_image(tmp_path))

@@ -232,18 +232,12 @@ def adopt_checkpoint_architecture(config: TrainConfig) -> TrainConfig:
     Fine-tuning from a run's checkpoint then rebuilds that run's network, as
     ``create_model(pretrained=FILE)`` does, instead of the default model (which would not fit).
     """
-    import json
-
     from densenet import zoo
-    from densenet.io import META_KEY, CheckpointError, read_header
+    from densenet.io import read_metadata
 
-    path = Path(str(config.pretrained)) if config.pretrained else None
-    if path is None or not path.is_file():
+    if not config.pretrained:
         return config
-    try:
-        saved = json.loads(read_header(path).get(META_KEY, "{}"))
-    except (CheckpointError, OSError, ValueError):
-        return config  # not one of ours: the loader explains what it holds
+    saved = read_metadata(str(config.pretrained))  # {} if not ours: the loader explains it
     arch = saved.get("model_config")
     if not isinstance(arch, dict):
         return config
@@ -256,7 +250,7 @@ def adopt_checkpoint_architecture(config: TrainConfig) -> TrainConfig:
     model_args = {k: v for k, v in _architecture(arch).items() if published.get(k) != v}
     print(
         f"model: {model_label(dataclasses.replace(config, model=base, model_args=model_args))}"
-        f", the architecture of {path} (--model NAME chooses another)",
+        f", the architecture of {config.pretrained} (--model NAME chooses another)",
         file=sys.stderr,
     )
     return dataclasses.replace(config, model=base, model_args=model_args)
@@ -287,6 +281,8 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
     problems = [*_value_problems(config), *_schedule_problems(config)]
     if config.amp == "fp16" and config.device == "cpu":
         problems.append("amp fp16 needs a CUDA device; use amp: bf16 on the CPU")
+    if config.reset_classifier and not config.pretrained:
+        problems.append("reset_classifier goes with pretrained (a new model's classifier is new)")
     problems += _model_problems(config, zoo, DenseNet)
     problems += _data_problems(config, check_data)
     problems = [p for p in problems if p]

@@ -368,6 +368,18 @@ def unknown_file_reason(path: str | Path) -> str:
     )
 
 
+def read_metadata(path: str | Path) -> dict:
+    """The JSON metadata our safetensors files carry (model, class names, mean/std, ...); {}
+    for any other file, a missing one included."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(read_header(path).get(META_KEY, "{}"))
+    except (CheckpointError, OSError, ValueError):
+        return {}
+
+
 def read_header(path: str | Path) -> dict[str, str]:
     """The safetensors header metadata of ``path`` (raises :class:`CheckpointError` if not one)."""
     path = Path(path)

@@ -8,7 +8,6 @@ else from the model's weights entry (``pretrained_cfg``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from densenet.catalog import default_class_names
 from densenet.data import dataset_info, eval_transform
 from densenet.factory import create_model
-from densenet.io import META_KEY, CheckpointError, folder_reason, read_header
+from densenet.io import CheckpointError, folder_reason, read_metadata
 from densenet.models import DenseNet
 from densenet.multilabel import DEFAULT_THRESHOLD, TASKS
 
@@ -92,11 +91,7 @@ def _checkpoint_metadata(path: Path) -> dict:
         raise CheckpointError(f"{path}: {folder_reason(path)}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        header = read_header(path)
-    except CheckpointError:
-        return {}
-    return json.loads(header.get(META_KEY, "{}"))
+    return read_metadata(path)
 
 
 def _normalization(meta: dict) -> dict:

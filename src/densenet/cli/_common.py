@@ -50,6 +50,9 @@ def _model_args(text: str | None) -> dict:
         raise CLIError(f"--model-args is not YAML ({error})") from None
     if not isinstance(value, dict):
         raise CLIError(f"--model-args must be a mapping like '{{growth_rate: 12}}', got {text!r}")
+    reserved = sorted(set(value) & {"pretrained", "features_only", "out_indices"})
+    if reserved:
+        raise CLIError(f"--model-args takes architecture arguments, not {', '.join(reserved)}")
     return value
 
 
@@ -66,7 +69,12 @@ def model_from_args(args: argparse.Namespace):
         raise CLIError("--model-args goes with --model NAME; a --checkpoint records its own")
     pretrained = True if args.pretrained == "default" else args.pretrained
     device = resolve_device(args.device)
-    return load_model(args.checkpoint, args.model, pretrained, device, _model_args(args.model_args))
+    try:
+        return load_model(
+            args.checkpoint, args.model, pretrained, device, _model_args(args.model_args)
+        )
+    except TypeError as error:  # an argument DenseNet does not take
+        raise CLIError(f"--model-args: {error}") from None
 
 
 def random_weights_notice(args: argparse.Namespace) -> None:

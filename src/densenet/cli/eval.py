@@ -237,40 +237,54 @@ def _class_matching(args: argparse.Namespace, info: ModelInfo) -> dict:
 
 def _recorded_data_dir(args: argparse.Namespace, info: ModelInfo) -> str | None:
     """Where the checkpoint's training run read its data: the checkpoint's metadata, else the
-    config.yaml of the run directory it lies in."""
+    config.yaml of the run directory it lies in (``RUN/checkpoints/FILE``; an absolute path
+    only: a relative one was relative to wherever training ran)."""
     if info.data_dir or not args.checkpoint:
         return info.data_dir
     import yaml
 
-    config = Path(args.checkpoint).resolve().parent.parent / "config.yaml"
+    checkpoint = Path(args.checkpoint).resolve()
+    config = checkpoint.parent.parent / "config.yaml"
+    if checkpoint.parent.name != "checkpoints" or not config.is_file():
+        return None
     try:
-        saved = yaml.safe_load(config.read_text()) if config.is_file() else None
+        saved = yaml.safe_load(config.read_text())
     except (OSError, yaml.YAMLError):
         return None
     if not isinstance(saved, dict) or saved.get("dataset") != info.dataset:
         return None
-    return saved.get("data_dir")
+    recorded = saved.get("data_dir")
+    return recorded if recorded and Path(recorded).is_absolute() else None
 
 
-def _data_dir(args: argparse.Namespace, info: ModelInfo, dataset_name: str) -> str | None:
-    """``--data-dir``, else the folder the checkpoint was trained from when it evaluates that
-    dataset (said on stderr; an error when it is gone)."""
-    if args.data_dir or dataset_name != info.dataset:
+def _data_dir(args: argparse.Namespace, dataset_name: str, recorded: str | None) -> str | None:
+    """``--data-dir``, else ``recorded``, where the checkpoint was trained from (said on stderr).
+    When that is gone: an error for data only found there (folders, labels files, ImageNet),
+    else the dataset's default place, with a notice."""
+    if args.data_dir or not recorded:
         return args.data_dir
-    recorded = _recorded_data_dir(args, info)
-    if not recorded:
-        return None
-    if not Path(recorded).exists():
+    if Path(recorded).exists():
+        print(
+            f"densenet eval: --data-dir {recorded} (the checkpoint's training data)",
+            file=sys.stderr,
+        )
+        return recorded
+    if dataset_name in ("folder", "csv", "imagenet"):
         raise CLIError(
             f"the checkpoint was trained on {dataset_name} from {recorded}, which does not exist "
             "here; give --data-dir"
         )
-    print(f"densenet eval: --data-dir {recorded} (the checkpoint's training data)", file=sys.stderr)
-    return recorded
+    print(
+        f"densenet eval: the checkpoint's training data {recorded} is not here: reading "
+        f"{dataset_name} from its default place (--data-dir DIR chooses one)",
+        file=sys.stderr,
+    )
+    return None
 
 
-def _resolve_split(args: argparse.Namespace, dataset_name: str) -> str:
-    """``--split``, defaulting to test; a folder without split sub-folders is evaluated whole."""
+def _resolve_split(args: argparse.Namespace, dataset_name: str, recorded: str | None) -> str:
+    """``--split``, defaulting to test. A folder without split sub-folders: the part training
+    held out when it is the folder the model was trained on (``recorded``), else all of it."""
     if args.split is not None:
         return args.split
     if dataset_name != "folder" or not args.data_dir:
@@ -279,6 +293,14 @@ def _resolve_split(args: argparse.Namespace, dataset_name: str) -> str:
 
     if folder_splits(args.data_dir):
         return "test"
+    if recorded and Path(recorded).resolve() == Path(args.data_dir).resolve():
+        print(
+            f"densenet eval: {args.data_dir}, the folder the model was trained on, has no split "
+            "sub-folders: evaluating the part training held out (--split all scores every "
+            "image, most of them seen in training)",
+            file=sys.stderr,
+        )
+        return "val"
     print(
         f"densenet eval: {args.data_dir} has no train/, val/ or test/ sub-folders: evaluating all "
         "of it; if the model was trained on this folder, --split val evaluates only the images "
@@ -400,8 +422,9 @@ def run(args: argparse.Namespace) -> int:
     if args.fit_thresholds_on and info.task != "multilabel":
         raise CLIError("--fit-thresholds-on is for multi-label models; this one is single-label")
     device = model_device(model)
-    args.data_dir = _data_dir(args, info, dataset_name)
-    args.split = _resolve_split(args, dataset_name)
+    recorded = _recorded_data_dir(args, info) if dataset_name == info.dataset else None
+    args.data_dir = _data_dir(args, dataset_name, recorded)
+    args.split = _resolve_split(args, dataset_name, recorded)
     loader, classes = _load_data(args, dataset_name, info, device, args.split)
     model, precision = at_precision(
         model, args.precision, lambda: _calibration(args, dataset_name, info, device)

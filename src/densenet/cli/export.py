@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from densenet.cli import CLIError
 from densenet.cli._common import (
@@ -22,6 +23,9 @@ from densenet.cli._common import (
     model_from_args,
     random_weights_notice,
 )
+
+if TYPE_CHECKING:  # torch-free at import: --help stays instant
+    from densenet.loader import ModelInfo
 
 # Largest relative error (to the largest logit) of a written file against the fp32 model, per
 # precision: fp32 is the same arithmetic; bf16 rounds to 8 mantissa bits (the issue's 2e-2);
@@ -140,7 +144,7 @@ def _calibration(args: argparse.Namespace, info):
     return calibration_batches(paths, info)
 
 
-def _metadata(info, precision: str, size: int) -> dict[str, str]:
+def _metadata(info: ModelInfo, precision: str, size: int) -> dict[str, str]:
     """What a user of the exported file needs besides the graph, as JSON strings: the class
     names, the input's size and normalization, the task."""
     values = dict(
@@ -153,6 +157,7 @@ def _metadata(info, precision: str, size: int) -> dict[str, str]:
         std=list(info.std) if info.std else None,
         interpolation=info.interpolation,
         crop_pct=info.crop_pct,
+        thresholds=info.thresholds,  # multi-label: each label's decision threshold
     )
     return {key: json.dumps(value) for key, value in values.items() if value is not None}
 
@@ -183,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = _verify_inputs(args, model, info, size)
     calibration = _calibration(args, info)
     limit = MAX_REL_ERROR[args.precision]
+    metadata = _metadata(info, args.precision, size)
     with unchecked_file(out) as unchecked:
         try:
             export_model(
@@ -193,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 optimize=args.optimize,
                 precision=args.precision,
                 calibration=calibration,
-                metadata=_metadata(info, args.precision, size),
+                metadata=metadata,
             )
         except ValueError as error:
             raise CLIError(str(error)) from None
@@ -219,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print(f"wrote {out} ({args.format}, {args.precision}, batch dynamic, {size}x{size})")
-        print(_input_line(_metadata(info, args.precision, size)))
+        print(_input_line(metadata))
         for name, e in errors.items():
             print(
                 f"  {name:>18}: max abs error {e['max_abs_error']:.3g}, "

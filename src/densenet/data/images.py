@@ -107,10 +107,9 @@ def _apply_pixel_limit() -> None:
     value = os.environ.get(PIXEL_LIMIT_ENV)
     if not value:
         return
-    try:
-        Image.MAX_IMAGE_PIXELS = int(value)
-    except ValueError:
-        raise ValueError(f"{PIXEL_LIMIT_ENV}={value!r} is not a number of pixels") from None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{PIXEL_LIMIT_ENV}={value!r} is not a number of pixels (1 or more)")
+    Image.MAX_IMAGE_PIXELS = int(value)
 
 
 def load_image(

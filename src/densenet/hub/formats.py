@@ -146,10 +146,10 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
         raise CheckpointError(f"{path}: {folder_reason(path)}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
-    exported = exported_model_reason(path)
+    kind = file_kind(path)
+    exported = exported_model_reason(path) if kind in ("zip", "unknown") else None
     if exported:
         raise CheckpointError(f"{path}: {exported}")
-    kind = file_kind(path)
     if kind == "safetensors":
         state, metadata = load_state(path)
     elif kind in ("zip", "pickle"):

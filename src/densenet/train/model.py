@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 import densenet
 from densenet.catalog import DatasetInfo
 from densenet.config import TrainConfig, model_kwargs, model_label
-from densenet.io import META_KEY, CheckpointError, read_header
+from densenet.io import read_metadata
 from densenet.messages import notice
 from densenet.train.resume import inline_yaml
 
@@ -37,31 +37,26 @@ def build_model(
     model.model_name = model_label(cfg)  # what was built, not only what it was built from
     if cfg.pretrained and cfg.reset_classifier:
         model.reset_classifier(num_classes)
-    elif cfg.pretrained and data is not None:
-        _note_pretrained_differences(cfg.pretrained, data, in_chans)
+    if cfg.pretrained and data is not None:
+        _note_pretrained_differences(cfg.pretrained, data, in_chans, cfg.reset_classifier)
     if cfg.freeze_backbone:
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("classifier.")
     return model
 
 
-def _pretrained_metadata(pretrained: str) -> dict:
-    """The metadata of a weights file of ours (class names, normalization, input size); {}
-    for tags, URLs and other files."""
-    path = Path(str(pretrained)).expanduser()
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(read_header(path).get(META_KEY, "{}"))
-    except (CheckpointError, ValueError):
-        return {}
-
-
-def _note_pretrained_differences(pretrained: str, data: DatasetInfo, in_chans: int) -> None:
+def _note_pretrained_differences(
+    pretrained: str, data: DatasetInfo, in_chans: int, reset_classifier: bool
+) -> None:
     """Fine-tuning keeps what the weights fit; say where this run's data differ from theirs."""
-    meta = _pretrained_metadata(pretrained)
+    meta = read_metadata(Path(str(pretrained)).expanduser())
     names = list(meta.get("class_names") or [])
-    if names and len(names) == len(data.class_names) and names != list(data.class_names):
+    if (
+        names
+        and not reset_classifier
+        and len(names) == len(data.class_names)
+        and names != list(data.class_names)
+    ):
         notice(
             f"{pretrained}: keeping its classifier (as many classes as {data.name}: "
             f"{len(names)}), its outputs taken in order as {data.name}'s classes ({names[0]} -> "
@@ -82,11 +77,11 @@ def _note_pretrained_differences(pretrained: str, data: DatasetInfo, in_chans: i
         )
 
 
-def _differ(a, b) -> bool:
+def _differ(a: Sequence[float], b: Sequence[float]) -> bool:
     return len(a) != len(b) or any(abs(x - y) > 1e-3 for x, y in zip(a, b, strict=False))
 
 
-def _short(values) -> str:
+def _short(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
 
