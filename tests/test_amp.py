@@ -66,3 +66,7 @@ def test_a_run_records_what_auto_chose_and_its_resume_keeps_it(folder, tmp_path,
     assert "amp: auto -> none (this CPU has no native bfloat16: float32)" in lines
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["amp"] == "none" and saved["history"][-1]["changed"]["amp"] == ["bf16", "none"]
+
+
+def test_the_default_is_auto():
+    assert TrainConfig().amp == "auto"

@@ -105,7 +105,7 @@ class TrainConfig:
     # Mixed precision: none | bf16 | fp16 (fp16 needs CUDA) | auto: bf16 where the device computes
     # bfloat16 natively (CPUs with AVX512_BF16 or AMX, CUDA GPUs of compute capability 8.0+), else
     # none; a run resolves auto once and records the result in its config.yaml.
-    amp: str = "none"
+    amp: str = "auto"
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over all ranks' micro-batches
