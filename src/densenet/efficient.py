@@ -298,10 +298,10 @@ class _DenseBlockFunction(torch.autograd.Function):
     """``(block, x, *block.parameters()) -> (N, C_in + L*k, H, W)``; see the module docstring.
 
     Saved for backward: the channel-major buffer (the output is a batch-major copy, which the next
-    layer keeps only until its own backward), the batch statistics of its channels and, for every stage after a layer's first, the stage's statistics
-    and, when its input went through dropout, that input (``bn_size*k`` channels). With
-    ``drop_rate > 0`` each dropout also keeps its own small graph (``conv_out -> dropped``,
-    holding the mask as in the plain model).
+    layer keeps only until its own backward), the batch statistics of its channels and, for every
+    stage after a layer's first, the stage's statistics and, when its input went through
+    dropout, that input (``bn_size*k`` channels). With ``drop_rate > 0`` each dropout also keeps
+    its own small graph (``conv_out -> dropped``, holding the mask as in the plain model).
     """
 
     @staticmethod

@@ -327,22 +327,26 @@ def folder_reason(path: str | Path) -> str:
     return "a folder, not a checkpoint file: give the .safetensors or .pth file itself"
 
 
-def exported_model_reason(path: str | Path) -> str | None:
-    """Why ``path`` is not a weights file when it is an exported model (what ``densenet export``
-    writes: a ``torch.export`` .pt2 zip or an ONNX graph), recognized by its structure; else
-    None. The end of a one-line error that starts with the file name."""
+def exported_model_reason(path: str | Path, kind: str) -> str | None:
+    """Why ``path``, of :func:`file_kind` ``kind``, is not a weights file when it is an exported
+    model (what ``densenet export`` writes: a ``torch.export`` .pt2 zip or an ONNX graph),
+    recognized by its structure; else None. The end of a one-line error that starts with the
+    file name."""
+    if kind == "zip":
+        with zipfile.ZipFile(path) as archive:
+            if any(n.endswith("archive_format") for n in archive.namelist()):
+                return (
+                    "an exported torch.export program (.pt2), not a weights file: run it with "
+                    "torch.export.load(path).module(), or give the .safetensors checkpoint it "
+                    "was exported from"
+                )
+        return None
+    if kind != "unknown":
+        return None  # safetensors or a pickle: weights
     with open(path, "rb") as f:
-        head = f.read(4)
-        if head == ZIP_MAGIC and zipfile.is_zipfile(f):
-            with zipfile.ZipFile(f) as archive:
-                if any(n.endswith("archive_format") for n in archive.namelist()):
-                    return (
-                        "an exported torch.export program (.pt2), not a weights file: run it "
-                        "with torch.export.load(path).module(), or give the .safetensors "
-                        "checkpoint it was exported from"
-                    )
+        head = f.read(3)
     # An ONNX ModelProto starts with ir_version (field 1, varint) then a field of tag 0x12..0x3a.
-    if len(head) >= 3 and head[0] == 0x08 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x3A):
+    if len(head) == 3 and head[0] == 0x08 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x3A):
         return (
             "an ONNX graph (e.g. from densenet export), not a weights file: run it with "
             "onnxruntime or OpenVINO, or give the .safetensors checkpoint it was exported from"

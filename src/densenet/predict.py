@@ -19,6 +19,7 @@ from densenet.data import (
     IMAGE_EXTENSIONS,
     SKIP_HINT,
     BadImageError,
+    is_data_name,
     load_image,
 )
 from densenet.inference import model_device
@@ -37,8 +38,8 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
                 p
                 for p in path.rglob("*")
                 if p.suffix.lower() in IMAGE_EXTENSIONS
-                # Hidden files and folders (macOS's ._name.jpg companions, .git/) are not images.
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                # As in folder datasets: hidden files and folders (._name.jpg, .git/) are not data.
+                and all(is_data_name(part) for part in p.relative_to(path).parts)
             )
         elif path.is_file():
             found.append(path)

@@ -69,12 +69,13 @@ def model_from_args(args: argparse.Namespace):
         raise CLIError("--model-args goes with --model NAME; a --checkpoint records its own")
     pretrained = True if args.pretrained == "default" else args.pretrained
     device = resolve_device(args.device)
+    model_args = _model_args(args.model_args)
     try:
-        return load_model(
-            args.checkpoint, args.model, pretrained, device, _model_args(args.model_args)
-        )
-    except TypeError as error:  # an argument DenseNet does not take
-        raise CLIError(f"--model-args: {error}") from None
+        return load_model(args.checkpoint, args.model, pretrained, device, model_args)
+    except TypeError as error:
+        if not model_args:
+            raise  # not the user's arguments: a bug, kept as the traceback it is
+        raise CLIError(f"--model-args: {error}") from None  # an argument DenseNet does not take
 
 
 def random_weights_notice(args: argparse.Namespace) -> None:

@@ -243,12 +243,14 @@ def _recorded_data_dir(args: argparse.Namespace, info: ModelInfo) -> str | None:
         return info.data_dir
     import yaml
 
+    from densenet.train.run_dir import RunDir
+
     checkpoint = Path(args.checkpoint).resolve()
-    config = checkpoint.parent.parent / "config.yaml"
-    if checkpoint.parent.name != "checkpoints" or not config.is_file():
+    run = RunDir(checkpoint.parent.parent)
+    if checkpoint.parent != run.last.parent or not run.config.is_file():
         return None
     try:
-        saved = yaml.safe_load(config.read_text())
+        saved = yaml.safe_load(run.config.read_text())
     except (OSError, yaml.YAMLError):
         return None
     if not isinstance(saved, dict) or saved.get("dataset") != info.dataset:

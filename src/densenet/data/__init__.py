@@ -19,7 +19,7 @@ reading it (classes, statistics) lives in :mod:`densenet.catalog`.
 from densenet.catalog import DATASETS, DatasetInfo
 from densenet.data.build import build_dataset, dataset_info
 from densenet.data.datasets import InMemoryImages
-from densenet.data.folders import FolderImages, folder_splits, split_folder
+from densenet.data.folders import FolderImages, folder_splits, is_data_name, split_folder
 from densenet.data.images import IMAGE_EXTENSIONS, SKIP_HINT, BadImageError, load_image, to_channels
 from densenet.data.labels import LabelsFileImages
 from densenet.data.loaders import EpochSampler, build_loader, set_epoch
@@ -52,6 +52,7 @@ __all__ = [
     "dataset_info",
     "eval_transform",
     "folder_splits",
+    "is_data_name",
     "split_folder",
     "load_image",
     "set_epoch",

@@ -92,15 +92,15 @@ class FolderImages(Dataset):
             for member in files
             # Hidden files (macOS's ._name.jpg AppleDouble companions) and folders are not data.
             if member.lower().endswith(IMAGE_EXTENSIONS)
-            and _counts(name)
-            and _counts(PurePosixPath(member).name)
+            and is_data_name(name)
+            and is_data_name(PurePosixPath(member).name)
         ]
         classes = sorted({c for c, _ in members})
         if not classes:
             raise FileNotFoundError(
                 f"{where}: no images in class sub-folders (<class>/<image>.jpg)"
             )
-        imageless = sorted(n for n in folders if n not in classes and _counts(n))
+        imageless = sorted(n for n in folders if n not in classes and is_data_name(n))
         if imageless:
             raise ValueError(_imageless_message(where, imageless, folders))
         index = {c: i for i, c in enumerate(classes)}
@@ -244,7 +244,7 @@ def split_folder(root: str | Path, split: str) -> str | None:
     return subdir
 
 
-def _counts(name: str) -> bool:
+def is_data_name(name: str) -> bool:
     """Is this folder or file name part of the data (not hidden, not a macOS zip's extra)?"""
     return not name.startswith(".") and name != MACOS_ZIP_FOLDER
 
@@ -294,8 +294,8 @@ def _inner_folder(root: Path) -> str | None:
     folder holds no image directly (it wraps the tree: ``zip -r small.zip small`` puts everything
     under ``small/``); else None. Says so in one notice."""
     folders, files = _listing(root, PurePosixPath())
-    folders = {f for f in folders if _counts(f)}
-    if len(folders) != 1 or any(_counts(f) for f in files):
+    folders = {f for f in folders if is_data_name(f)}
+    if len(folders) != 1 or any(is_data_name(f) for f in files):
         return None
     (top,) = folders
     if top in SPLIT_FOLDERS:

@@ -147,7 +147,7 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
     kind = file_kind(path)
-    exported = exported_model_reason(path) if kind in ("zip", "unknown") else None
+    exported = exported_model_reason(path, kind)
     if exported:
         raise CheckpointError(f"{path}: {exported}")
     if kind == "safetensors":

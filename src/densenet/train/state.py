@@ -106,8 +106,8 @@ def build_state(
 ) -> TrainState:
     """A new run's state: the configured model (logged), its optimizer, grad scaler and EMA.
     Rank 0 of a new run says where its data differ from the pretrained weights'."""
-    told = run_data.info if env.is_main and not resumed else None
-    model = build_model(cfg, run_data.num_classes, run_data.info.in_chans, told)
+    compared_data = run_data.info if env.is_main and not resumed else None
+    model = build_model(cfg, run_data.num_classes, run_data.info.in_chans, compared_data)
     model = model.to(device)
     log(model_line(model, cfg))
     if cfg.channels_last:
