@@ -339,3 +339,14 @@ def test_reset_classifier_needs_pretrained_and_a_pixel_limit_must_be_a_count(mon
     monkeypatch.setenv("DENSENET_MAX_IMAGE_PIXELS", "0")
     with pytest.raises(ValueError, match="'0' is not a number of pixels"):
         load_image(_image(tmp_path))
+
+
+def test_small_images_of_several_sizes_train_read_per_image(tmp_path, capsys):
+    data_dir = add_split(tmp_path / "d", "train", 8)
+    add_split(data_dir, "val", 2)
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(data_dir / "train" / "c0" / "odd.png")
+    status, _, err = run(train_args(data_dir, tmp_path / "r"), capsys)
+    assert status == 0, err
+    assert "images differ in size ([(8, 8), (12, 10)]...): read per image and resized" in err
+    status, _, err = run(train_args(data_dir, tmp_path / "r2", "--set", "in_memory=true"), capsys)
+    assert status == 2 and "in_memory: true needs one size (set in_memory: false)" in err, err

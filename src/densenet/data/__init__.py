@@ -18,7 +18,7 @@ reading it (classes, statistics) lives in :mod:`densenet.catalog`.
 
 from densenet.catalog import DATASETS, DatasetInfo
 from densenet.data.build import build_dataset, dataset_info
-from densenet.data.datasets import InMemoryImages
+from densenet.data.datasets import InMemoryImages, MixedSizesError
 from densenet.data.folders import FolderImages, folder_splits, is_data_name, split_folder
 from densenet.data.images import IMAGE_EXTENSIONS, SKIP_HINT, BadImageError, load_image, to_channels
 from densenet.data.labels import LabelsFileImages
@@ -45,6 +45,7 @@ __all__ = [
     "EpochSampler",
     "FolderImages",
     "InMemoryImages",
+    "MixedSizesError",
     "LabelsFileImages",
     "build_dataset",
     "build_loader",

@@ -36,6 +36,10 @@ DEBIAN_FASHION_MNIST_MD5 = (
 MNIST_LIKE_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 
 
+class MixedSizesError(ValueError):
+    """Images of several sizes where one uint8 tensor needs one (:meth:`InMemoryImages.stack`)."""
+
+
 class InMemoryImages(Dataset):
     """Images as one uint8 tensor ``(N, C, H, W)`` and int64 ``targets (N,)`` (class indices), or
     float ``targets (N, L)`` (multi-hot labels: ``task`` multilabel).
@@ -60,6 +64,23 @@ class InMemoryImages(Dataset):
         self.targets = targets.float() if targets.dim() == 2 else targets.long()
         self.classes = list(classes)
         self.transform = transform
+
+    @classmethod
+    def stack(
+        cls,
+        arrays: Sequence[np.ndarray],
+        targets: torch.Tensor,
+        classes: Sequence[str],
+        where: str,
+    ) -> InMemoryImages:
+        """Decoded images (``(H, W)`` gray or ``(H, W, C)``, uint8) as one tensor; a
+        :class:`MixedSizesError` naming ``where`` when they differ in size."""
+        sizes = {a.shape[:2] for a in arrays}
+        if len(sizes) != 1:
+            raise MixedSizesError(f"{where}: images differ in size ({sorted(sizes)[:3]}...)")
+        stacked = torch.from_numpy(np.stack(arrays))
+        stacked = stacked[:, None] if stacked.dim() == 3 else stacked.permute(0, 3, 1, 2)
+        return cls(stacked.contiguous(), targets, classes)
 
     @property
     def task(self) -> str:

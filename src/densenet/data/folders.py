@@ -160,12 +160,9 @@ class FolderImages(Dataset):
         """Decode everything once into a uint8 tensor (all images must share one size)."""
         samples = progress(self.samples, desc=f"decoding {self.root}")
         arrays = [np.asarray(self.load(m, channels)) for m, _ in samples]
-        sizes = {a.shape[:2] for a in arrays}
-        if len(sizes) != 1:
-            raise ValueError(f"{self.root}: images differ in size ({sorted(sizes)[:3]}...)")
-        stacked = torch.from_numpy(np.stack(arrays))
-        stacked = stacked[:, None] if channels == 1 else stacked.permute(0, 3, 1, 2)
-        return InMemoryImages(stacked.contiguous(), torch.tensor(self.targets), self.classes)
+        return InMemoryImages.stack(
+            arrays, torch.tensor(self.targets), self.classes, str(self.root)
+        )
 
 
 def _match_classes(

@@ -253,12 +253,7 @@ class LabelsFileImages(Dataset):
         """Decode everything once into a uint8 tensor (all images must share one size)."""
         indices = progress(range(len(self.rows)), desc=f"decoding {self.root}")
         arrays = [np.asarray(self.load(i, channels)) for i in indices]
-        sizes = {a.shape[:2] for a in arrays}
-        if len(sizes) != 1:
-            raise ValueError(f"{self.root}: images differ in size ({sorted(sizes)[:3]}...)")
-        stacked = torch.from_numpy(np.stack(arrays))
-        stacked = stacked[:, None] if channels == 1 else stacked.permute(0, 3, 1, 2)
-        return InMemoryImages(stacked.contiguous(), self.targets, self.classes)
+        return InMemoryImages.stack(arrays, self.targets, self.classes, str(self.root))
 
 
 def _targets(rows: list[LabelRow], classes: list[str], task: str, where: str) -> torch.Tensor:

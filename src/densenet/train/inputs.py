@@ -155,7 +155,7 @@ def _datasets(cfg: TrainConfig, info: data.DatasetInfo) -> tuple[list, list[str]
         files = isinstance(ds, (data.FolderImages, data.LabelsFileImages))
         small = files and _image_side(ds) <= IN_MEMORY_MAX_SIDE
         if files and (cfg.in_memory or (cfg.in_memory is None and small)):
-            ds = ds.to_memory(info.in_chans)
+            ds = _in_memory(ds, info.in_chans, chosen=bool(cfg.in_memory))
         datasets.append(ds)
     return datasets, bad_images
 
@@ -203,6 +203,22 @@ def _first(dataset: data.InMemoryImages | data.FolderImages, n: int | None, seed
         return dataset
     index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
     return dataset.subset(index.sort().values)
+
+
+def _in_memory(
+    ds: data.FolderImages | data.LabelsFileImages, channels: int, chosen: bool
+) -> data.InMemoryImages | data.FolderImages | data.LabelsFileImages:
+    """``ds`` decoded into RAM; small images of several sizes stay read per image (resized by
+    the transforms), with a notice, unless ``in_memory: true`` asked for RAM."""
+    try:
+        return ds.to_memory(channels)
+    except data.MixedSizesError as error:
+        if chosen:
+            raise ValueError(
+                f"{error}; in_memory: true needs one size (set in_memory: false)"
+            ) from None
+        notice(f"{error}: read per image and resized, not decoded into RAM once")
+        return ds
 
 
 def _image_side(ds: data.FolderImages | data.LabelsFileImages) -> int:
