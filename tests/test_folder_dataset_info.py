@@ -70,11 +70,9 @@ def test_a_test_class_unknown_to_training_is_an_error_naming_it(tmp_path: Path) 
 
 def test_split_folder_without_the_requested_split_is_an_error(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
-    shutil.rmtree(tree / "test")  # train/ only: validating on it would be validating on train
-    with pytest.raises(
-        FileNotFoundError, match=r"has no test/ or val/ sub-folder \(it has train/\)"
-    ):
-        data.build_dataset("folder", tree, "test")
+    shutil.rmtree(tree / "train")  # test/ only: there is nothing to train on
+    with pytest.raises(FileNotFoundError, match=r"has no train/ sub-folder \(it has test/\)"):
+        data.build_dataset("folder", tree, "train")
 
 
 def flat_tree(root: Path, per_class: int = 10) -> Path:
@@ -90,11 +88,11 @@ def flat_tree(root: Path, per_class: int = 10) -> Path:
 def test_folder_without_splits_holds_out_an_announced_validation_part(tmp_path, capsys) -> None:
     flat = flat_tree(tmp_path / "flat")
     train = data.build_dataset("folder", flat, "train")
-    assert "has no train/, val/ or test/ sub-folders" in capsys.readouterr().err
-    val = data.build_dataset("folder", flat, "test")
     notice = capsys.readouterr().err
-    assert "10% of each class (3 of its 30 images, chosen by file name)" in notice
-    assert "held-out part (3 images)" in notice
+    assert "has no train/, val/ or test/ sub-folders: 10% of each class" in notice
+    assert "(3 of 30 files; 27 for training)" in notice
+    val = data.build_dataset("folder", flat, "test")
+    assert "held out" not in capsys.readouterr().err  # said once, not per part
     train_files = {m for m, _ in train.samples}
     val_files = {m for m, _ in val.samples}
     assert not train_files & val_files  # never validate on the training images
@@ -201,3 +199,22 @@ def test_a_class_folder_without_images_directly_inside_is_an_error_naming_it(
     for split in ("train", "test"):  # test: the training classes are read first
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             data.build_dataset("folder", root, split)
+
+
+def test_folder_with_only_train_holds_out_part_of_it(tmp_path, capsys) -> None:
+    # The common download: train/<class>/ and nothing to validate on (a test/ without labels
+    # is usually left out). It validates on a part of train/, as a flat tree does.
+    tree = tmp_path / "tree"
+    flat_tree(tree / "train")
+    assert data.split_folder(tree, "val") is None
+    train = data.build_dataset("folder", tree, "train")
+    val = data.build_dataset("folder", tree, "val")
+    notice = capsys.readouterr().err
+    assert notice.count("held out") == 1
+    assert "has a train/ sub-folder but no val/ or test/: 10% of each class" in notice
+    train_files = {m for m, _ in train.samples}
+    val_files = {m for m, _ in val.samples}
+    assert not train_files & val_files and len(val_files) == 3 and len(train_files) == 27
+    assert all(m.startswith(str(tree / "train")) for m in train_files | val_files)
+    assert val.classes == train.classes == list(SPLITS["train"])
+    assert len(data.build_dataset("folder", tree, "all")) == 30

@@ -282,9 +282,8 @@ def test_eval_of_a_flat_folder_the_model_was_trained_on_scores_the_held_out_part
     assert main(train_args(flat, out)) == 0
     status, printed, err = run(["eval", "--checkpoint", str(out / "checkpoints" / "best.safetensors"), "--json"], capsys)  # fmt: skip
     assert status == 0, err
-    assert (
-        "the folder the model was trained on, has no split sub-folders: evaluating the part" in err
-    )
+    assert "has no train/, val/ or test/ sub-folders, and the model was trained on it" in err
+    assert "evaluating the part training held out" in err
     assert '"split": "val"' in printed and '"images": 4' in printed  # 10% of 2 x 20
 
 
@@ -350,3 +349,19 @@ def test_small_images_of_several_sizes_train_read_per_image(tmp_path, capsys):
     assert "images differ in size ([(8, 8), (12, 10)]...): read per image and resized" in err
     status, _, err = run(train_args(data_dir, tmp_path / "r2", "--set", "in_memory=true"), capsys)
     assert status == 2 and "in_memory: true needs one size (set in_memory: false)" in err, err
+
+
+def test_top5_is_shown_only_where_it_can_be_below_100_percent() -> None:
+    import torch
+
+    from densenet.cli.eval import _report_lines
+    from densenet.evaluation import EvalResult
+    from densenet.train.epoch import epoch_line
+
+    row = dict(epoch=1, train_loss=1.0, train_top1=50.0, val_loss=1.0, val_top1=60.0, val_top5=100.0, lr=0.1, img_per_s=10.0, time_s=1.0)  # fmt: skip
+    assert "top5" not in epoch_line(row, 2, top5=False) and "top5 100.00%" in epoch_line(row, 2)
+    for classes, shown in ((3, False), (5, False), (6, True), (10, True)):
+        names = [f"c{i}" for i in range(classes)]
+        result = EvalResult(60.0, 100.0, 1.0, 4, torch.eye(classes, dtype=torch.long), names)
+        assert ("top-5" in "\n".join(_report_lines(result, "t"))) == shown
+        assert result.to_dict()["top5"] == 100.0  # the JSON keeps its keys

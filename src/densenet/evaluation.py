@@ -51,6 +51,12 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
     return [100.0 * c / t if t else None for c, t in zip(correct, totals, strict=True)]
 
 
+def shows_top5(num_classes: int) -> bool:
+    """Is top-5 accuracy worth printing? Not with 5 classes or fewer, where it is always 100%
+    (it stays in the JSON and metrics files, whose keys do not change with the data)."""
+    return num_classes > 5
+
+
 @dataclass
 class EvalResult:
     """Metrics over ``images`` samples: accuracies in %, ``loss`` = mean cross-entropy (nats)."""

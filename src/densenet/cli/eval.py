@@ -291,32 +291,36 @@ def _resolve_split(args: argparse.Namespace, dataset_name: str, recorded: str | 
         return args.split
     if dataset_name != "folder" or not args.data_dir:
         return "test"
-    from densenet.data import folder_splits
+    from densenet.data import folder_splits, holdout_description, holds_out
 
-    if folder_splits(args.data_dir):
+    splits = folder_splits(args.data_dir)
+    if not holds_out(splits):
         return "test"
+    described = holdout_description(args.data_dir, splits)
     if recorded and Path(recorded).resolve() == Path(args.data_dir).resolve():
         print(
-            f"densenet eval: {args.data_dir}, the folder the model was trained on, has no split "
-            "sub-folders: evaluating the part training held out (--split all scores every "
-            "image, most of them seen in training)",
+            f"densenet eval: {described}, and the model was trained on it: evaluating the part "
+            "training held out (--split all scores every image, most of them seen in training)",
             file=sys.stderr,
         )
         return "val"
     print(
-        f"densenet eval: {args.data_dir} has no train/, val/ or test/ sub-folders: evaluating all "
-        "of it; if the model was trained on this folder, --split val evaluates only the images "
-        "training held out",
+        f"densenet eval: {described}: evaluating all of it; if the model was trained on this "
+        "folder, --split val evaluates only the images training held out",
         file=sys.stderr,
     )
     return "all"
 
 
 def _report_lines(result: EvalResult, title: str) -> list[str]:
+    from densenet.evaluation import shows_top5
+
     lines = [
         title,
         f"  images {result.images}   crops {result.crops}",
-        f"  top-1  {result.top1:6.2f}%   top-5  {result.top5:6.2f}%   loss {result.loss:.4f}",
+        f"  top-1  {result.top1:6.2f}%   "
+        + (f"top-5  {result.top5:6.2f}%   " if shows_top5(result.confusion.shape[0]) else "")
+        + f"loss {result.loss:.4f}",
     ]
     scored = [
         (acc, name)

@@ -129,10 +129,10 @@ def run(args: argparse.Namespace) -> int:
     if result.task == "multilabel":
         scores = f"mean AUROC {final['val_mean_auroc']:.4f} (best {result.best_mean_auroc:.4f})"
     else:
-        scores = (
-            f"top-1 {final['val_top1']:.2f}% (top-5 {final['val_top5']:.2f}%, best top-1 "
-            f"{result.best_top1:.2f}%)"
-        )
+        from densenet.evaluation import shows_top5
+
+        top5 = f"top-5 {final['val_top5']:.2f}%, " if shows_top5(result.num_classes) else ""
+        scores = f"top-1 {final['val_top1']:.2f}% ({top5}best top-1 {result.best_top1:.2f}%)"
     from densenet.train.inputs import validation_split_name
 
     print(

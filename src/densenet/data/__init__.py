@@ -19,7 +19,14 @@ reading it (classes, statistics) lives in :mod:`densenet.catalog`.
 from densenet.catalog import DATASETS, DatasetInfo
 from densenet.data.build import build_dataset, dataset_info
 from densenet.data.datasets import InMemoryImages, MixedSizesError
-from densenet.data.folders import FolderImages, folder_splits, is_data_name, split_folder
+from densenet.data.folders import (
+    FolderImages,
+    folder_splits,
+    holdout_description,
+    holds_out,
+    is_data_name,
+    split_folder,
+)
 from densenet.data.images import IMAGE_EXTENSIONS, SKIP_HINT, BadImageError, load_image, to_channels
 from densenet.data.labels import LabelsFileImages
 from densenet.data.loaders import EpochSampler, build_loader, set_epoch
@@ -55,6 +62,8 @@ __all__ = [
     "folder_splits",
     "is_data_name",
     "split_folder",
+    "holdout_description",
+    "holds_out",
     "load_image",
     "set_epoch",
     "to_channels",

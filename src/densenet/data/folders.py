@@ -223,12 +223,26 @@ def folder_splits(root: str | Path) -> list[str]:
     return [s for s in SPLIT_FOLDERS if s in tops]
 
 
+def holds_out(splits: Sequence[str]) -> bool:
+    """Does a folder with these split sub-folders validate on a part held out of its training
+    images? Yes without splits (a flat ``<class>/`` tree) and with train/ only."""
+    return list(splits) in ([], ["train"])
+
+
+def holdout_description(root: str | Path, splits: Sequence[str]) -> str:
+    """Why a folder (:func:`holds_out`) has no validation images of its own, for messages."""
+    if splits:
+        return f"{root} has a train/ sub-folder but no val/ or test/"
+    return f"{root} has no train/, val/ or test/ sub-folders"
+
+
 def split_folder(root: str | Path, split: str) -> str | None:
     """The sub-folder of ``root`` that ``split`` reads: itself, else 'val' and 'test' stand for
-    each other; None for a folder without split sub-folders (``split`` is then a held-out part).
-    ``FileNotFoundError`` when the folder has splits but none for ``split``."""
+    each other; None where ``split`` is a held-out part (a folder without split sub-folders, or
+    with train/ only: :func:`holds_out`). ``FileNotFoundError`` when the folder has splits
+    but none for ``split``."""
     splits = folder_splits(root)
-    if not splits or split == "all":
+    if holds_out(splits) or split == "all":
         return None
     candidates = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}[split]
     subdir = next((c for c in candidates if c in splits), None)
@@ -384,6 +398,15 @@ def _holdout(dataset: FolderImages) -> list[bool]:
     return held
 
 
+@functools.cache  # once per folder and process: training reads both parts, eval one
+def _announce_holdout(description: str, total: int, held_out: int) -> None:
+    notice(
+        f"{description}: {HOLDOUT_PERCENT}% of each class, chosen by file name, is held out for "
+        f"validation ({held_out} of {total} files; {total - held_out} for training). Make train/ "
+        "and val/ sub-folders to choose them yourself"
+    )
+
+
 def folder_dataset(
     root: Path,
     split: str,
@@ -394,20 +417,14 @@ def folder_dataset(
     """Split ``split`` of a folder dataset (see :func:`build_dataset`), not yet checked for bad
     images."""
     splits = folder_splits(root)
-    if not splits:
-        dataset = FolderImages(root, None, transform, classes=classes, classes_from=classes_from)
+    if holds_out(splits):
+        subdir = splits[0] if splits else None
+        dataset = FolderImages(root, subdir, transform, classes=classes, classes_from=classes_from)
         if split == "all":
             return dataset
         held = _holdout(dataset)
-        chosen = [i for i, h in enumerate(held) if h == (split != "train")]
-        total, validation = len(held), sum(held)
-        notice(
-            f"{root} has no train/, val/ or test/ sub-folders: {HOLDOUT_PERCENT}% of each class "
-            f"({validation} of its {total} images, chosen by file name) is held out for validation"
-            f"; this is the {'training' if split == 'train' else 'held-out'} part "
-            f"({len(chosen)} images). Make train/ and val/ sub-folders to choose them yourself"
-        )
-        return dataset.subset(chosen)
+        _announce_holdout(holdout_description(root, splits), len(held), sum(held))
+        return dataset.subset([i for i, h in enumerate(held) if h == (split != "train")])
     if split == "all":
         raise ValueError(
             f"{root} has split sub-folders ({', '.join(splits)}); choose one with --split"

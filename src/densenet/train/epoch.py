@@ -212,7 +212,8 @@ def epoch_row(
     }
 
 
-def epoch_line(row: dict, epochs: int) -> str:
+def epoch_line(row: dict, epochs: int, top5: bool = True) -> str:
+    """The epoch's log line; ``top5``: show top-5 accuracy (:func:`shows_top5`)."""
     if "val_mean_auroc" in row:
         scores = (
             f"train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f} "
@@ -221,8 +222,10 @@ def epoch_line(row: dict, epochs: int) -> str:
     else:
         scores = (
             f"train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}%  val loss "
-            f"{row['val_loss']:.4f} top1 {row['val_top1']:.2f}% top5 {row['val_top5']:.2f}%"
+            f"{row['val_loss']:.4f} top1 {row['val_top1']:.2f}%"
         )
+        if top5:
+            scores += f" top5 {row['val_top5']:.2f}%"
     return (
         f"epoch {int(row['epoch'])}/{epochs}  {scores}  lr {row['lr']:.4g}  "
         f"{row['img_per_s']:.0f} img/s  {row['time_s']:.1f}s"

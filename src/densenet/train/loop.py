@@ -13,6 +13,7 @@ import torch
 
 from densenet import runtime
 from densenet.config import TrainConfig, save_config
+from densenet.evaluation import shows_top5
 from densenet.io import load_state
 from densenet.messages import count
 from densenet.runtime import DistEnv
@@ -45,6 +46,7 @@ class RunResult:
     final: dict  # the last metrics row
     task: str = "multiclass"
     best_mean_auroc: float = -1.0  # multilabel: the best validation mean AUROC
+    num_classes: int = 0
 
 
 def train(
@@ -150,7 +152,7 @@ def _train_epochs(run: Run, state: TrainState) -> RunResult:
             if improved:
                 save_checkpoint(state, run, run.dir.best, evaluated)
             save_checkpoint(state, run, run.dir.last)
-            run.log(epoch_line(row, cfg.epochs))
+            run.log(epoch_line(row, cfg.epochs, shows_top5(run.data.num_classes)))
             (stopping,) = sum_over_ranks((stop.signum is not None,), env, run.device)
             if stopping and state.epoch < cfg.epochs:  # arrived during evaluation
                 raise stop.interrupted(state, run.dir)
@@ -161,6 +163,7 @@ def _train_epochs(run: Run, state: TrainState) -> RunResult:
         rows[-1] if rows else {},
         run.data.task,
         state.best_mean_auroc,
+        run.data.num_classes,
     )
 
 
