@@ -802,3 +802,31 @@ def test_skip_bad_images_names_each_skipped_file_then_counts(tmp_path):
         "... and 2 more unreadable images",
         "skipped 12 unreadable images (--skip-bad-images)",
     ]
+
+
+def test_a_run_that_failed_in_its_first_epoch_is_started_anew_without_overwrite(
+    folder, tmp_path, capsys, monkeypatch
+):
+    import densenet.train.loop
+
+    def out_of_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(densenet.train.loop, "train_one_epoch", out_of_memory)
+        with pytest.raises(RuntimeError, match="can't allocate"):
+            train(tiny(folder, run, epochs=1), progress=False, log=quiet)
+    assert (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+    train(tiny(folder, run, epochs=1), progress=False, log=quiet)
+    assert "stopped before its first epoch: starting anew" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.safetensors").exists()
+
+
+def test_another_tools_config_yaml_in_out_is_never_replaced(folder, tmp_path):
+    run = tmp_path / "project"
+    run.mkdir()
+    (run / "config.yaml").write_text("learning_rate: 3\nlayers: [1, 2]\n")
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(tiny(folder, run, epochs=1), progress=False, log=quiet)
+    assert (run / "config.yaml").read_text() == "learning_rate: 3\nlayers: [1, 2]\n"

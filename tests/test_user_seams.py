@@ -365,3 +365,34 @@ def test_top5_is_shown_only_where_it_can_be_below_100_percent() -> None:
         result = EvalResult(60.0, 100.0, 1.0, 4, torch.eye(classes, dtype=torch.long), names)
         assert ("top-5" in "\n".join(_report_lines(result, "t"))) == shown
         assert result.to_dict()["top5"] == 100.0  # the JSON keeps its keys
+
+
+def test_out_of_memory_is_one_line_with_what_to_change_and_the_run_can_start_again(
+    tmp_path, capsys, monkeypatch
+):
+    import densenet.train.loop
+
+    def out_of_memory(*args):  # the CPU allocator's words, as torch raises them
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 2999994000003 bytes. Error code 12"
+        )
+
+    data = add_split(tmp_path / "d", "train", 10)
+    add_split(tmp_path / "d", "val", 2)
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(densenet.train.loop, "train_one_epoch", out_of_memory)
+        status, _, err = run(train_args(data, out), capsys)
+    assert status == 2 and "Traceback" not in err
+    assert "error: out of memory (" in err and "2999994000003 bytes" in err
+    assert "--batch-size" in err and "input_size" in err
+    status, _, err = run(train_args(data, out), capsys)  # no --overwrite needed: nothing trained
+    assert status == 0, err
+
+    def bug(*args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(densenet.train.loop, "train_one_epoch", bug)
+    with pytest.raises(RuntimeError, match="shapes"):  # a bug keeps its traceback
+        main(train_args(data, tmp_path / "other"))

@@ -137,6 +137,26 @@ def _unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     return [flag for flag in flags if not any(name.startswith(flag) for name in known)]
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Is this the allocator's failure (CPU, CUDA or MPS), not a bug?"""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or "out of memory" in text or "can't allocate" in text
+
+
+def _out_of_memory_message(error: BaseException) -> str:
+    # torch's message is lines of allocator detail (or a DataLoader worker's wrapping of them):
+    # the line that names the size says what failed.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "memory" in line.lower()]
+    detail = (named or lines or [type(error).__name__])[0]
+    return (
+        f"out of memory ({detail[:200]}); use smaller batches (--batch-size, or "
+        "--set grad_accum_steps=N to split a training batch) or a smaller input_size; for "
+        "training, --set memory_efficient=true keeps deep models in less memory and "
+        "--set in_memory=false reads images from disk"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -155,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as error:
         print(f"densenet {args.command}: error: {in_cli_terms(str(error))}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        print(f"densenet {args.command}: error: {_out_of_memory_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         # Ctrl-C: one line, not a traceback; a command may say in the exception what it undid.

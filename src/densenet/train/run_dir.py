@@ -11,9 +11,12 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from densenet import runtime
 from densenet.config import TrainConfig, model_label
 from densenet.io import atomic_write
+from densenet.messages import notice
 from densenet.runtime import DistEnv
 from densenet.train.errors import TrainingError
 from densenet.visualize import plot_curves
@@ -45,6 +48,18 @@ class RunDir:
 
     def holds_run(self) -> bool:
         return any(p.exists() for p in (self.config, self.metrics, self.last, self.best))
+
+    def only_started(self) -> bool:
+        """Does the folder hold nothing of a run but the config.yaml a ``densenet train`` wrote
+        before it failed to start (no metrics, no checkpoint: nothing trained to lose)?"""
+        if any(p.exists() for p in (self.metrics, self.last, self.best)):
+            return False
+        try:
+            saved = yaml.safe_load(self.config.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return False
+        # Another tool's config.yaml in a folder given as --out is not ours to replace.
+        return isinstance(saved, dict) and {"model", "dataset", "epochs", "amp"} <= saved.keys()
 
     def clear(self) -> None:
         """Remove a previous run's files (only those a run writes)."""
@@ -87,7 +102,9 @@ def open_run_dir(
     (or a new name), never one holding a run unless ``overwrite`` (then it is cleared)."""
     run_dir = RunDir(runtime.broadcast_object(resume or cfg.out or default_run_dir(cfg), env))
     if resume is None and run_dir.holds_run():
-        if not overwrite:
+        if not overwrite and run_dir.only_started():
+            notice(f"{run_dir.path} holds a run that stopped before its first epoch: starting anew")
+        elif not overwrite:
             raise TrainingError(
                 f"run directory {run_dir.path} already holds a run; continue it with --resume "
                 f"{run_dir.path}, replace it with --overwrite, or choose another --out"
@@ -98,7 +115,7 @@ def open_run_dir(
     if resume is not None and not run_dir.last.exists():
         raise TrainingError(
             f"{run_dir.path}: no checkpoint to resume ({run_dir.last} is missing; the run stopped "
-            f"before its first one); start it again with --out {run_dir.path} --overwrite"
+            f"before its first one); start it again with --out {run_dir.path}"
         )
     return run_dir
 
