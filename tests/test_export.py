@@ -62,6 +62,17 @@ def test_export_command_json_on_real_images(tmp_path: Path, capsys) -> None:
     assert report["max_rel_error"] <= FLOAT32_REL_TOL
 
 
+def test_export_at_another_size_verifies_real_images_at_that_size(tmp_path: Path, capsys) -> None:
+    images = sorted(shared_data("test-samples").glob("cifar10_*.png"))[:2]
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())  # 32 px model
+    out = tmp_path / "tiny48.onnx"
+    argv = ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--size", "48", "--json"]
+    assert main(argv + ["--images", *map(str, images)]) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["input_size"] == [3, 48, 48]
+    assert "2 real images" in report["errors"]
+
+
 def test_export_command_rejects_wrong_suffix(tmp_path: Path, capsys) -> None:
     checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
     argv = ["export", "--checkpoint", str(checkpoint), "--format", "exported-program"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -121,12 +122,10 @@ def _verify_inputs(args: argparse.Namespace, model, info, size: int) -> dict:
         for n in (1, 3)
     }
     if args.images:
-        transform = info.transform()
+        # At the exported size (--size), resized and cropped as the model's own transform does.
+        at_size = dataclasses.replace(info, input_size=(info.input_size[0], size, size))
+        transform = at_size.transform()
         images = [transform(load_image(p)) for p in list_images(args.images)[:MAX_IMAGES]]
-        if images[0].shape[-1] != size:
-            raise CLIError(
-                f"the model's transform makes {images[0].shape[-1]}px images, exported at {size}px"
-            )
         inputs[f"{len(images)} real images"] = torch.stack(images)
     return inputs
 
