@@ -138,7 +138,9 @@ def test_existing_run_is_never_overwritten_silently(folder, tmp_path):
     run = tmp_path / "run"
     train(tiny(folder, run, epochs=1), progress=False, log=quiet)
     before = (run / "checkpoints" / "last.safetensors").read_bytes()
-    with pytest.raises(TrainingError, match="already holds a run.*--resume.*--overwrite"):
+    with pytest.raises(
+        TrainingError, match="already holds a run; continue it with --resume.*--overwrite"
+    ):
         train(tiny(folder, run, epochs=1, seed=2), progress=False, log=quiet)
     assert (run / "checkpoints" / "last.safetensors").read_bytes() == before
     train(tiny(folder, run, epochs=1, seed=2), overwrite=True, progress=False, log=quiet)
@@ -804,8 +806,8 @@ def test_skip_bad_images_names_each_skipped_file_then_counts(tmp_path):
     ]
 
 
-def test_a_run_that_failed_in_its_first_epoch_is_started_anew_without_overwrite(
-    folder, tmp_path, capsys, monkeypatch
+def test_a_run_that_failed_in_its_first_epoch_can_start_again_without_overwrite(
+    folder, tmp_path, monkeypatch
 ):
     import densenet.train.loop
 
@@ -817,16 +819,27 @@ def test_a_run_that_failed_in_its_first_epoch_is_started_anew_without_overwrite(
         patch.setattr(densenet.train.loop, "train_one_epoch", out_of_memory)
         with pytest.raises(RuntimeError, match="can't allocate"):
             train(tiny(folder, run, epochs=1), progress=False, log=quiet)
-    assert (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+    assert not run.exists()  # its config.yaml removed: nothing was trained
+    (run / "notes").mkdir(parents=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(densenet.train.loop, "train_one_epoch", out_of_memory)
+        with pytest.raises(RuntimeError, match="can't allocate"):
+            train(tiny(folder, run, epochs=1), progress=False, log=quiet)
+    assert (run / "notes").is_dir() and not (run / "config.yaml").exists()  # the user's stay
     train(tiny(folder, run, epochs=1), progress=False, log=quiet)
-    assert "stopped before its first epoch: starting anew" in capsys.readouterr().err
     assert (run / "checkpoints" / "last.safetensors").exists()
 
 
-def test_another_tools_config_yaml_in_out_is_never_replaced(folder, tmp_path):
+@pytest.mark.parametrize("text", ["learning_rate: 3\n", None])  # another tool's; --print-config's
+def test_a_config_yaml_in_out_is_never_replaced_without_overwrite(folder, tmp_path, text):
     run = tmp_path / "project"
     run.mkdir()
-    (run / "config.yaml").write_text("learning_rate: 3\nlayers: [1, 2]\n")
-    with pytest.raises(TrainingError, match="already holds a run"):
+    if text is None:
+        from densenet.config import save_config
+
+        save_config(tiny(folder, run, epochs=3), run / "config.yaml")  # a recipe kept there
+    before = (run / "config.yaml").read_text() if text is None else text
+    (run / "config.yaml").write_text(before)
+    with pytest.raises(TrainingError, match="already holds config.yaml but no checkpoint; replace"):
         train(tiny(folder, run, epochs=1), progress=False, log=quiet)
-    assert (run / "config.yaml").read_text() == "learning_rate: 3\nlayers: [1, 2]\n"
+    assert (run / "config.yaml").read_text() == before

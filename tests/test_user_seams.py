@@ -387,7 +387,8 @@ def test_out_of_memory_is_one_line_with_what_to_change_and_the_run_can_start_aga
     assert status == 2 and "Traceback" not in err
     assert "error: out of memory (" in err and "2999994000003 bytes" in err
     assert "--batch-size" in err and "input_size" in err
-    status, _, err = run(train_args(data, out), capsys)  # no --overwrite needed: nothing trained
+    assert not out.exists()  # nothing trained: the same command can run again as it is
+    status, _, err = run(train_args(data, out), capsys)
     assert status == 0, err
 
     def bug(*args):

@@ -65,7 +65,12 @@ def train(
         run, state = _start(
             cfg, env, device, resume, overwrite, progress, log if env.is_main else _quiet
         )
-        return _train_epochs(run, state)
+        try:
+            return _train_epochs(run, state)
+        except BaseException:
+            if resume is None and env.is_main:
+                run.dir.forget_failed_start()
+            raise
     finally:
         runtime.cleanup(env)
 

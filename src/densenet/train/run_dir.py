@@ -4,6 +4,7 @@ and the checks that decide whether a run may start in it."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -11,12 +12,9 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
-
 from densenet import runtime
 from densenet.config import TrainConfig, model_label
 from densenet.io import atomic_write
-from densenet.messages import notice
 from densenet.runtime import DistEnv
 from densenet.train.errors import TrainingError
 from densenet.visualize import plot_curves
@@ -49,17 +47,19 @@ class RunDir:
     def holds_run(self) -> bool:
         return any(p.exists() for p in (self.config, self.metrics, self.last, self.best))
 
-    def only_started(self) -> bool:
-        """Does the folder hold nothing of a run but the config.yaml a ``densenet train`` wrote
-        before it failed to start (no metrics, no checkpoint: nothing trained to lose)?"""
-        if any(p.exists() for p in (self.metrics, self.last, self.best)):
-            return False
-        try:
-            saved = yaml.safe_load(self.config.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            return False
-        # Another tool's config.yaml in a folder given as --out is not ours to replace.
-        return isinstance(saved, dict) and {"model", "dataset", "epochs", "amp"} <= saved.keys()
+    def has_progress(self) -> bool:
+        """Has the run finished an epoch or been interrupted (metrics or a checkpoint)?"""
+        return any(p.exists() for p in (self.metrics, self.last, self.best))
+
+    def forget_failed_start(self) -> None:
+        """After a new run failed before its first checkpoint: remove its config.yaml (nothing
+        trained to keep), and the folder if that leaves it empty, so the same command can run
+        again without --overwrite."""
+        if self.has_progress():
+            return
+        self.config.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: other files are not ours to remove
+            self.path.rmdir()
 
     def clear(self) -> None:
         """Remove a previous run's files (only those a run writes)."""
@@ -101,21 +101,23 @@ def open_run_dir(
     """The run directory to train in: ``resume`` (which must hold a checkpoint), else ``cfg.out``
     (or a new name), never one holding a run unless ``overwrite`` (then it is cleared)."""
     run_dir = RunDir(runtime.broadcast_object(resume or cfg.out or default_run_dir(cfg), env))
+    if resume is None and run_dir.holds_run() and not overwrite:
+        if run_dir.has_progress():
+            held = f"a run; continue it with --resume {run_dir.path},"
+        else:  # a recipe saved as config.yaml, or a run killed before it saved anything
+            held = f"{run_dir.config.name} but no checkpoint;"
+        raise TrainingError(
+            f"run directory {run_dir.path} already holds {held} replace it with --overwrite, or "
+            "choose another --out"
+        )
     if resume is None and run_dir.holds_run():
-        if not overwrite and run_dir.only_started():
-            notice(f"{run_dir.path} holds a run that stopped before its first epoch: starting anew")
-        elif not overwrite:
-            raise TrainingError(
-                f"run directory {run_dir.path} already holds a run; continue it with --resume "
-                f"{run_dir.path}, replace it with --overwrite, or choose another --out"
-            )
         runtime.barrier(env)  # every rank has looked before rank 0 clears
         if env.is_main:
             run_dir.clear()
     if resume is not None and not run_dir.last.exists():
         raise TrainingError(
             f"{run_dir.path}: no checkpoint to resume ({run_dir.last} is missing; the run stopped "
-            f"before its first one); start it again with --out {run_dir.path}"
+            f"before its first one); start it again with --out {run_dir.path} --overwrite"
         )
     return run_dir
 
