@@ -397,3 +397,35 @@ def test_out_of_memory_is_one_line_with_what_to_change_and_the_run_can_start_aga
     monkeypatch.setattr(densenet.train.loop, "train_one_epoch", bug)
     with pytest.raises(RuntimeError, match="shapes"):  # a bug keeps its traceback
         main(train_args(data, tmp_path / "other"))
+
+
+def test_eval_names_the_split_it_scores_not_the_one_asked_for(trained, tmp_path, capsys):
+    # train/ and test/ only: --split val reads test/, and says and records so.
+    data = make_image_folder(tmp_path / "d", size=8, per_class=4)
+    base = ["eval", "--checkpoint", str(trained["best"]), "--data-dir", str(data), "--json"]
+    status, out, err = run([*base, "--split", "val"], capsys)
+    assert status == 0, err
+    assert "has no val/ sub-folder: evaluating test/" in err
+    assert json.loads(out)["split"] == "test"
+    # train/ only: "test" is the part held out for validation, which picked the best checkpoint.
+    only_train = add_split(tmp_path / "t", "train", 10)
+    base = ["eval", "--checkpoint", str(trained["best"]), "--data-dir", str(only_train), "--json"]
+    status, out, err = run([*base, "--split", "test"], capsys)
+    assert status == 0, err
+    assert "--split test scores the part held out for validation" in err
+    assert "not an unseen test" in err
+    assert json.loads(out)["split"] == "val" and json.loads(out)["images"] == 2
+
+
+def test_int8_predict_skips_bad_images_in_its_calibration_too(trained, tmp_path, capsys):
+    images = add_split(tmp_path, "imgs", 3) / "imgs"
+    (images / "c0" / "broken.jpg").write_bytes(b"not a jpeg")
+    base = ["predict", "--checkpoint", str(trained["best"]), str(images), "--precision", "int8"]
+    status, _, err = run(base, capsys)
+    assert status == 2 and "broken.jpg is not a readable image" in err
+    status, out, err = run([*base, "--skip-bad-images", "--json"], capsys)
+    assert status == 0, err
+    assert "skipped" in err and "broken.jpg" in err
+    report = json.loads(out)
+    assert len(report["predictions"]) == 6  # 2 classes x 3, every readable image
+    assert [s["file"] for s in report["skipped"]] == [str(images / "c0" / "broken.jpg")]

@@ -124,16 +124,27 @@ def add_calibration_argument(parser: argparse.ArgumentParser, default: str) -> N
     )
 
 
-def calibration_batches(paths: list[str], info) -> list[torch.Tensor]:
+def calibration_batches(
+    paths: list[str], info, skip_bad_images: bool = False
+) -> list[torch.Tensor]:
     """The images in ``paths`` (files or folders) through the model's eval transform, as
-    batches of 32: int8 calibration data."""
+    batches of 32: int8 calibration data. ``skip_bad_images``: leave out unreadable files (the
+    command names them when it reads them itself) instead of stopping at the first."""
     import torch
 
-    from densenet.data import load_image
+    from densenet.data import BadImageError, load_image
     from densenet.predict import list_images
 
     transform = info.transform()
-    images = [transform(load_image(p)) for p in list_images(paths)]
+    images = []
+    for path in list_images(paths):
+        try:
+            images.append(transform(load_image(path)))
+        except BadImageError:
+            if not skip_bad_images:
+                raise
+    if not images:
+        raise CLIError(f"no readable image to calibrate int8 on in {' '.join(map(str, paths))}")
     return list(torch.stack(images).split(32))
 
 

@@ -176,9 +176,9 @@ def _calibration(
     import torch
 
     if args.calibration:
-        return calibration_batches(args.calibration, info)
+        return calibration_batches(args.calibration, info, args.skip_bad_images)
     one_crop = argparse.Namespace(**{**vars(args), "ten_crop": False, "limit": CALIBRATION_IMAGES})
-    # A folder without split sub-folders is evaluated whole: no image of it is unseen.
+    # --split all scores every image of a folder: none is left to calibrate on that is not scored.
     split = "all" if args.split == "all" else "train"
     try:
         loader, _ = _load_data(one_crop, dataset_name, info, device, split)
@@ -189,8 +189,8 @@ def _calibration(
         ) from None
     images = torch.cat([inputs for inputs, _ in loader]).float()
     source = (
-        f"the images evaluated ({args.data_dir} has no train/ sub-folder; --calibration IMAGES "
-        "calibrates on others)"
+        f"the images evaluated (--split all scores all of {args.data_dir}; --calibration "
+        "IMAGES calibrates on others)"
         if split == "all"
         else f"{dataset_name} train"
     )
@@ -285,31 +285,46 @@ def _data_dir(args: argparse.Namespace, dataset_name: str, recorded: str | None)
 
 
 def _resolve_split(args: argparse.Namespace, dataset_name: str, recorded: str | None) -> str:
-    """``--split``, defaulting to test. A folder without split sub-folders: the part training
-    held out when it is the folder the model was trained on (``recorded``), else all of it."""
-    if args.split is not None:
-        return args.split
+    """The split to score, named as what is read: ``--split`` (default test), and for folders
+    the sub-folder that stands in for it, or 'val' for the part training held out (a folder
+    without splits, or with train/ only: by default the held-out part of the folder the model
+    was trained on (``recorded``), else all of it)."""
     if dataset_name != "folder" or not args.data_dir:
-        return "test"
-    from densenet.data import folder_splits, holdout_description, holds_out
+        return args.split or "test"
+    from densenet.data import folder_splits, holdout_description, holds_out, split_folder
 
     splits = folder_splits(args.data_dir)
     if not holds_out(splits):
-        return "test"
+        split = args.split or "test"
+        used = split_folder(args.data_dir, split) or split
+        if used != split:
+            _say(f"{args.data_dir} has no {split}/ sub-folder: evaluating {used}/")
+        return used
     described = holdout_description(args.data_dir, splits)
+    if args.split in ("test", "val"):
+        if args.split == "test":
+            _say(
+                f"{described}: --split test scores the part held out for validation (training "
+                "picked its best checkpoint on it: a validation score, not an unseen test)"
+            )
+        return "val"
+    if args.split is not None:
+        return args.split
     if recorded and Path(recorded).resolve() == Path(args.data_dir).resolve():
-        print(
-            f"densenet eval: {described}, and the model was trained on it: evaluating the part "
-            "training held out (--split all scores every image, most of them seen in training)",
-            file=sys.stderr,
+        _say(
+            f"{described}, and the model was trained on it: evaluating the part training held "
+            "out (--split all scores every image, most of them seen in training)"
         )
         return "val"
-    print(
-        f"densenet eval: {described}: evaluating all of it; if the model was trained on this "
-        "folder, --split val evaluates only the images training held out",
-        file=sys.stderr,
+    _say(
+        f"{described}: evaluating all of it; if the model was trained on this folder, --split "
+        "val evaluates only the images training held out"
     )
     return "all"
+
+
+def _say(message: str) -> None:
+    print(f"densenet eval: {message}", file=sys.stderr)
 
 
 def _report_lines(result: EvalResult, title: str) -> list[str]:

@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     fast, precision = at_precision(
-        model, args.precision, lambda: calibration_batches(args.calibration or paths, info)
+        model,
+        args.precision,
+        lambda: calibration_batches(args.calibration or paths, info, args.skip_bad_images),
     )
     results = predict(
         fast, info, paths, args.topk, args.batch_size, skip_bad_images=args.skip_bad_images
