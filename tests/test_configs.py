@@ -150,3 +150,15 @@ def test_a_runs_config_yaml_starts_a_new_run_without_its_history(tmp_path):
     save_config(cfg, tmp_path / "config.yaml", [{"from_epoch": 2, "from_step": 9, "changed": {}}])
     assert "history:" in (tmp_path / "config.yaml").read_text()
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("size, ok", [(1, False), (3, False), (4, True)])
+def test_an_input_size_below_what_the_model_takes_is_refused_before_reading_data(size, ok):
+    from densenet.config import validate
+
+    cfg = TrainConfig(model="densenet_bc16_k12", input_size=size)  # smallest input: 4x4
+    if ok:
+        validate(cfg, check_data=False)
+        return
+    with pytest.raises(ValueError, match=f"input_size {size} is below the 4x4 pixels"):
+        validate(cfg, check_data=False)

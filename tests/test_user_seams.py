@@ -391,6 +391,15 @@ def test_out_of_memory_is_one_line_with_what_to_change_and_the_run_can_start_aga
     status, _, err = run(train_args(data, out), capsys)
     assert status == 0, err
 
+    def worker_killed(*args):  # what the DataLoader raises when the OOM killer took a worker
+        raise RuntimeError("DataLoader worker (pid(s) 1713) exited unexpectedly")
+
+    monkeypatch.setattr(densenet.train.loop, "train_one_epoch", worker_killed)
+    status, _, err = run(train_args(data, tmp_path / "killed"), capsys)
+    assert status == 2 and "Traceback" not in err
+    assert "a data-loading worker died (DataLoader worker (pid(s) 1713) exited" in err
+    assert "lack of memory" in err and "fewer --workers" in err
+
     def bug(*args):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 

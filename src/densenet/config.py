@@ -405,9 +405,15 @@ def _model_problems(c: TrainConfig, zoo, DenseNet) -> list[str]:
         return [f"model_args has unknown keys {unknown}; valid: {', '.join(sorted(valid))}"]
     try:
         with torch.device("meta"):  # builds the architecture without allocating weights
-            DenseNet(**model_kwargs(c))
+            net = DenseNet(**model_kwargs(c))
     except (ValueError, TypeError) as error:
         return [f"model_args: {error}"]
+    smallest = net.min_input_size()
+    if c.input_size is not None and 1 <= c.input_size < smallest:
+        return [
+            f"input_size {c.input_size} is below the {smallest}x{smallest} pixels {c.model} "
+            "takes; raise it (or null for the dataset's own size)"
+        ]
     return []
 
 

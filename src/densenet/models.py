@@ -200,7 +200,7 @@ def check_batch(x: torch.Tensor, in_chans: int) -> None:
 def input_too_small(height: int, width: int, min_size: int) -> ValueError:
     return ValueError(
         f"input {height}x{width} is too small for this network: it needs at least "
-        f"{min_size}x{min_size} pixels; resize the images"
+        f"{min_size}x{min_size} pixels; resize the images (training: --set input_size=N)"
     )
 
 

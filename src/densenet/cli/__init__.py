@@ -137,24 +137,30 @@ def _unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     return [flag for flag in flags if not any(name.startswith(flag) for name in known)]
 
 
-def _out_of_memory(error: BaseException) -> bool:
-    """Is this the allocator's failure (CPU, CUDA or MPS), not a bug?"""
-    text = str(error).lower()
-    return isinstance(error, MemoryError) or "out of memory" in text or "can't allocate" in text
-
-
-def _out_of_memory_message(error: BaseException) -> str:
+def _out_of_memory(error: BaseException) -> str | None:
+    """What to tell the user when ``error`` is a lack of memory (the allocator's failure on
+    CPU, CUDA or MPS, or a data-loading worker killed, usually by the kernel's OOM killer), not
+    a bug; else None."""
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    advice = (
+        "use smaller batches (--batch-size, or --set grad_accum_steps=N to split a training "
+        "batch) or a smaller input_size; for training, --set memory_efficient=true keeps deep "
+        "models in less memory and --set in_memory=false reads images from disk"
+    )
+    if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed" in text):
+        return (
+            f"a data-loading worker died ({lines[-1][:200]}), most often killed by the system for "
+            f"lack of memory: {advice}, or use fewer --workers"
+        )
+    allocator = "out of memory" in text.lower() or "can't allocate" in text
+    if not (isinstance(error, MemoryError) or allocator):
+        return None
     # torch's message is lines of allocator detail (or a DataLoader worker's wrapping of them):
     # the line that names the size says what failed.
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     named = [line for line in lines if "memory" in line.lower()]
     detail = (named or lines or [type(error).__name__])[0]
-    return (
-        f"out of memory ({detail[:200]}); use smaller batches (--batch-size, or "
-        "--set grad_accum_steps=N to split a training batch) or a smaller input_size; for "
-        "training, --set memory_efficient=true keeps deep models in less memory and "
-        "--set in_memory=false reads images from disk"
-    )
+    return f"out of memory ({detail[:200]}); {advice}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"densenet {args.command}: error: {in_cli_terms(str(error))}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as error:
-        if not _out_of_memory(error):
+        if (message := _out_of_memory(error)) is None:
             raise
-        print(f"densenet {args.command}: error: {_out_of_memory_message(error)}", file=sys.stderr)
+        print(f"densenet {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         # Ctrl-C: one line, not a traceback; a command may say in the exception what it undid.
