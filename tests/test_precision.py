@@ -229,10 +229,17 @@ def test_export_low_precision_files_read_back(tmp_path: Path, capsys) -> None:
             assert main([*base, "--out", str(out), "--precision", precision]) == 0
             report = json.loads(capsys.readouterr().out)
             assert report["precision"] == precision and report["max_rel_error"] <= tolerance
+            # int8 passes or fails on real images; random noise lies outside its calibration.
+            real = [f"{min(len(images), 16)} real images"]
+            assert report["judged"] == (real if precision == "int8" else list(report["errors"]))
             actual = load_exported(out)(x)
             assert actual.dtype == torch.float32
             assert FLOAT32_REL_TOL < rel_error(actual, expected) <= tolerance
             assert (actual.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
+    # Without --images, int8 is judged on (the first 16 of) the images it calibrated on.
+    calibrated = ["export", "--checkpoint", str(checkpoint), "--json", "--precision", "int8"]
+    assert main([*calibrated, "--calibration", *map(str, images), "--out", str(tmp_path / "c.onnx")]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["judged"] == ["16 calibration images"]
     # bf16 is a .pt2 program, int8 an ONNX graph: the other suffix names the problem.
     assert main([*base, "--out", str(tmp_path / "b.onnx"), "--precision", "bf16"]) == 2
     assert "precision bf16 exports as exported-program (.pt2)" in capsys.readouterr().err
