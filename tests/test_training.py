@@ -631,7 +631,7 @@ def test_changed_settings_apply_with_a_notice_and_config_yaml_records_them(folde
         ("batch_size=4", "batch_size (8 -> 4): it sets the steps of an epoch"),
         ("seed=2", "seed (1 -> 2): it chooses the training images and their order"),
         ("model_args={growth_rate: 4}", "model_args ("),
-        ("val_subset=2", "val_subset (null -> 2): it chooses the validation images"),
+        ("val_subset=2", "val_subset (default -> 2): it chooses the validation images"),
     ],
 )
 def test_settings_a_resume_cannot_change_are_refused_with_the_reason(

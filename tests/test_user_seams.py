@@ -438,3 +438,19 @@ def test_int8_predict_skips_bad_images_in_its_calibration_too(trained, tmp_path,
     report = json.loads(out)
     assert len(report["predictions"]) == 6  # 2 classes x 3, every readable image
     assert [s["file"] for s in report["skipped"]] == [str(images / "c0" / "broken.jpg")]
+
+
+def test_resume_on_data_with_other_classes_names_the_classes(tmp_path, capsys):
+    data = add_split(tmp_path / "d", "train", 6)
+    add_split(tmp_path / "d", "val", 2)
+    out = tmp_path / "run"
+    status, _, err = run(train_args(data, out, "--set", "schedule_epochs=2"), capsys)
+    assert status == 0, err
+    other = add_split(tmp_path / "o", "train", 6, ("c0", "c1", "c2"))
+    add_split(tmp_path / "o", "val", 2, ("c0", "c1", "c2"))
+    resume = ["train", "--resume", str(out), "--epochs", "2", "--no-progress"]
+    status, _, err = run([*resume, "--data-dir", str(other)], capsys)
+    assert status == 2 and "Traceback" not in err
+    assert "its data now has 3 classes, the run trained on 2 (new: c2)" in err
+    status, _, err = run(resume, capsys)  # its own data: it continues
+    assert status == 0, err

@@ -29,7 +29,7 @@ from densenet.train.epoch import (
 )
 from densenet.train.inputs import build_data, note_validation_folder
 from densenet.train.optim import build_criterion
-from densenet.train.resume import continue_run, record_resume
+from densenet.train.resume import check_same_classes, continue_run, record_resume
 from densenet.train.rng import seed_everything
 from densenet.train.run_dir import METRIC_FIELDS, open_run_dir, open_tensorboard
 from densenet.train.signals import StopSignal
@@ -95,15 +95,17 @@ def _start(
     cfg, amp_line = resolve_amp(cfg, device)  # config.yaml records what auto chose
     if amp_line:
         log(amp_line)
-    saved, previous, history = None, None, []
+    saved, saved_meta, previous, history = None, {}, None, []
     if resume is not None:
-        saved, _ = load_state(run_dir.last)
+        saved, saved_meta = load_state(run_dir.last)
         cfg, previous, history = continue_run(run_dir, cfg, saved["epoch"], saved["step"])
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)  # fewer than the cores helps on a shared machine
     # Each rank draws its own augmentation and dropout; DDP copies rank 0's initial weights.
     seed_everything(cfg.seed + env.rank, cfg.deterministic)
     run_data = build_data(cfg, device, env)
+    if saved is not None:
+        check_same_classes(run_dir, saved_meta.get("class_names"), run_data.info.class_names)
     _log_skipped(run_data.bad_images, log)
     state = build_state(cfg, run_data, env, device, log, resumed=saved is not None)
     autocast = autocast_factory(cfg, device)

@@ -14,6 +14,7 @@ only added epochs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,6 +104,25 @@ def continue_run(
     return cfg, previous, [*history, part]
 
 
+def check_same_classes(run: RunDir, trained: list[str] | None, found: Sequence[str]) -> None:
+    """:class:`TrainingError` when the data a resume reads has other classes than the run
+    trained on (another --data-dir, or a folder changed since): its outputs would mean others."""
+    if trained is None or list(trained) == list(found):
+        return
+    added = [c for c in found if c not in trained]
+    missing = [c for c in trained if c not in found]
+    differences = [
+        f"new: {', '.join(added)}" if added else "",
+        f"gone: {', '.join(missing)}" if missing else "",
+    ]
+    detail = "; ".join(d for d in differences if d) or "the same names in another order"
+    raise TrainingError(
+        f"cannot resume {run.path}: its data now has {len(found)} classes, the run trained on "
+        f"{len(trained)} ({detail}). Resume on the run's own data, or start a new run from "
+        f"its weights: densenet train --pretrained {run.last} --out NEW_DIR ..."
+    )
+
+
 def _refuse_what_cannot_continue(run: RunDir, cfg: TrainConfig, epoch: int, changed: dict) -> None:
     """:class:`TrainingError` for a change of :data:`FIXED_ON_RESUME`, a finished run, or epochs
     past a schedule that has reached lr 0, each naming the way out."""
@@ -153,8 +173,9 @@ def inline_yaml(value) -> str:
 
 
 def _show_change(key: str, change: list) -> str:
-    """``lr (0.1 -> 0.05)``."""
-    return f"{key} ({inline_yaml(change[0])} -> {inline_yaml(change[1])})"
+    """``lr (0.1 -> 0.05)``; an unset value reads ``default``."""
+    old, new = ("default" if v is None else inline_yaml(v) for v in change)
+    return f"{key} ({old} -> {new})"
 
 
 def _epochs(first: int, last: int) -> str:
