@@ -207,6 +207,17 @@ def test_weights_of_an_unregistered_layout_run_with_the_model_args_the_error_nam
     # cifar10_<n>_<class>.png; the checkpoint scores 79.7% on the test set
     right = sum(r["top"][0]["index"] == int(Path(r["file"]).stem.split("_")[-1]) for r in rows)
     assert len(rows) == len(samples) and right >= 0.6 * len(rows), rows
+    # The .pth records no normalization: the one used is named, and --mean/--std set the author's.
+    assert "records no normalization: using densenet_bc100_k12's mean [0.4914" in err
+    authors = ["--mean", "0.4914,0.4822,0.4465", "--std", "0.2023, 0.1994, 0.2010"]
+    status, out, err = run(["predict", *args, "--json", "--topk", "1", *authors, str(samples[0])], capsys)  # fmt: skip
+    assert status == 0 and "records no normalization" not in err, err
+    assert json.loads(out)["predictions"][0]["top"][0]["probability"] != rows[0]["top"][0]["probability"]  # fmt: skip
+    status, _, err = run(["predict", *args, "--mean", "0.5", str(samples[0])], capsys)
+    assert status == 2 and "--mean needs 3 values (one per input channel)" in err
+    with pytest.raises(SystemExit):
+        main(["predict", *args, "--std", "0.2;0.2;0.2", str(samples[0])])
+    assert "--std: expected numbers separated by commas" in capsys.readouterr().err
 
 
 def test_a_damaged_zip_as_data_dir_is_named_as_such(tmp_path, capsys):

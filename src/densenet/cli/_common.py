@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from densenet.cli import CLIError
@@ -35,7 +36,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="architecture arguments for --model, a YAML mapping, e.g. '{block_config: [6, 12, "
         "24]}' (weights of a layout no registered name has)",
     )
+    for stat in ("mean", "std"):
+        parser.add_argument(
+            f"--{stat}",
+            type=_floats,
+            metavar="X,X,X",
+            help=f"per-channel {stat} of the pixels (0-1) the weights were trained with, comma-"
+            "separated, when the file does not record it (third-party weights)",
+        )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+
+
+def _floats(text: str) -> list[float]:
+    """``"0.49,0.48,0.45"`` -> ``[0.49, 0.48, 0.45]``."""
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, like 0.485,0.456,0.406; got {text!r}"
+        ) from None
 
 
 def _model_args(text: str | None) -> dict:
@@ -71,11 +90,44 @@ def model_from_args(args: argparse.Namespace):
     device = resolve_device(args.device)
     model_args = _model_args(args.model_args)
     try:
-        return load_model(args.checkpoint, args.model, pretrained, device, model_args)
+        model, info = load_model(args.checkpoint, args.model, pretrained, device, model_args)
     except TypeError as error:
         if not model_args:
             raise  # not the user's arguments: a bug, kept as the traceback it is
         raise CLIError(f"--model-args: {error}") from None  # an argument DenseNet does not take
+    return model, _normalization(args, info, model.in_chans)
+
+
+def _normalization(args: argparse.Namespace, info, channels: int):
+    """``info`` with ``--mean``/``--std``; without them, say where a weights file that records
+    none gets its normalization from (a wrong one costs accuracy without an error)."""
+    import dataclasses
+
+    from densenet.io import read_metadata
+
+    given = {k: getattr(args, k, None) for k in ("mean", "std")}
+    for key, values in given.items():
+        if values is not None and len(values) != channels:
+            raise CLIError(f"--{key} needs {channels} values (one per input channel)")
+    if given["mean"] or given["std"]:
+        return dataclasses.replace(
+            info,
+            mean=tuple(given["mean"] or info.mean or ()) or None,
+            std=tuple(given["std"] or info.std or ()) or None,
+        )
+    weights = args.pretrained if args.model else None
+    if weights and Path(weights).is_file() and not read_metadata(weights).get("mean"):
+        print(
+            f"densenet {args.command}: {weights} records no normalization: using "
+            f"{args.model}'s mean {_rounded(info.mean)} std {_rounded(info.std)}; give "
+            "--mean/--std if its author normalized otherwise",
+            file=sys.stderr,
+        )
+    return info
+
+
+def _rounded(values) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]" if values else "(none)"
 
 
 def random_weights_notice(args: argparse.Namespace) -> None:
