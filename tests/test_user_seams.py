@@ -465,3 +465,23 @@ def test_resume_on_data_with_other_classes_names_the_classes(tmp_path, capsys):
     assert "its data now has 3 classes, the run trained on 2 (new: c2)" in err
     status, _, err = run(resume, capsys)  # its own data: it continues
     assert status == 0, err
+
+
+def test_a_folder_changed_since_training_is_never_validated_or_scored_as_the_same(tmp_path, capsys):
+    flat = add_split(tmp_path / "d", "flat", 20) / "flat"  # held out: 2 of each class
+    out = tmp_path / "run"
+    status, _, err = run(train_args(flat, out, "--set", "schedule_epochs=2"), capsys)
+    assert status == 0, err
+    evaluate = ["eval", "--checkpoint", str(out / "checkpoints" / "last.safetensors"), "--json"]
+    status, printed, err = run(evaluate, capsys)
+    assert status == 0 and "has changed since" not in err, err
+    # Five more images in c0: the lowest-hashing 10% of c0 is now another set of files.
+    pixels = np.random.default_rng(7).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for n in range(20, 25):
+        Image.fromarray(pixels).save(flat / "c0" / f"{n}.png")
+    status, printed, err = run(evaluate, capsys)
+    assert status == 0, err
+    assert "has changed since the model was trained" in err and "may hold images it trained" in err
+    resume = ["train", "--resume", str(out), "--epochs", "2", "--no-progress"]
+    status, _, err = run(resume, capsys)
+    assert status == 2 and "its folder's files changed since training began" in err

@@ -43,6 +43,7 @@ class ModelInfo:
     dataset: str | None = None
     source: str = field(default="", compare=False)
     data_dir: str | None = field(default=None, compare=False)  # where the training run read it
+    holdout: str | None = field(default=None, compare=False)  # its held-out part's fingerprint
     task: str = "multiclass"
     thresholds: dict | None = None
 
@@ -147,6 +148,7 @@ def _model_info(model: DenseNet, cfg: dict, source: str) -> ModelInfo:
         dataset=cfg.get("dataset"),
         source=source,
         data_dir=cfg.get("data_dir"),
+        holdout=cfg.get("holdout"),
         **_task_and_thresholds(cfg, class_names, source),
     )
 

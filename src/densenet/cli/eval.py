@@ -310,7 +310,7 @@ def _resolve_split(args: argparse.Namespace, dataset_name: str, recorded: str | 
         return "val"
     if args.split is not None:
         return args.split
-    if recorded and Path(recorded).resolve() == Path(args.data_dir).resolve():
+    if _same_folder(recorded, args.data_dir):
         _say(
             f"{described}, and the model was trained on it: evaluating the part training held "
             "out (--split all scores every image, most of them seen in training)"
@@ -321,6 +321,23 @@ def _resolve_split(args: argparse.Namespace, dataset_name: str, recorded: str | 
         "val evaluates only the images training held out"
     )
     return "all"
+
+
+def _same_folder(recorded: str | None, data_dir: str | None) -> bool:
+    return bool(recorded and data_dir) and Path(recorded).resolve() == Path(data_dir).resolve()
+
+
+def _check_holdout(data_dir: str, trained: str) -> None:
+    """Say when the part of ``data_dir`` held out now is not the one training held out (files
+    added or removed since): some of the images scored may have been trained on."""
+    from densenet.data import holdout_digest
+
+    if holdout_digest(data_dir) != trained:
+        _say(
+            f"{data_dir} has changed since the model was trained (files added or removed): the "
+            "part held out now is not the one training held out, and may hold images it trained "
+            "on, so this score can be optimistic; score a separate folder for an honest one"
+        )
 
 
 def _say(message: str) -> None:
@@ -446,6 +463,8 @@ def run(args: argparse.Namespace) -> int:
     recorded = _recorded_data_dir(args, info) if dataset_name == info.dataset else None
     args.data_dir = _data_dir(args, dataset_name, recorded)
     args.split = _resolve_split(args, dataset_name, recorded)
+    if args.split == "val" and info.holdout and _same_folder(recorded, args.data_dir):
+        _check_holdout(args.data_dir, info.holdout)
     loader, classes = _load_data(args, dataset_name, info, device, args.split)
     model, precision = at_precision(
         model, args.precision, lambda: _calibration(args, dataset_name, info, device)

@@ -398,6 +398,24 @@ def _holdout(dataset: FolderImages) -> list[bool]:
     return held
 
 
+def holdout_digest(root: str | Path) -> str | None:
+    """A fingerprint of the files a folder holds out for validation (None for a folder with its
+    own validation folder). Training records it; resume and eval compare it, so that a folder
+    changed since (files added or removed move others into or out of the held-out part) is
+    never validated or scored as if it were the same."""
+    splits = folder_splits(root)
+    if not holds_out(splits):
+        return None
+    dataset = FolderImages(root, splits[0] if splits else None)
+    held = _holdout(dataset)
+    names = sorted(
+        f"{Path(member).parent.name}/{Path(member).name}"
+        for (member, _), is_held in zip(dataset.samples, held, strict=True)
+        if is_held
+    )
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
 @functools.cache  # once per folder and process: training reads both parts, eval one
 def _announce_holdout(description: str, total: int, held_out: int) -> None:
     notice(

@@ -36,6 +36,9 @@ class RunData:
     task: str = "multiclass"  # or "multilabel": targets are multi-hot (N, L) float
     # Multilabel with pos_weight auto: each label's negatives / positives in the training data.
     pos_weight: torch.Tensor | None = None
+    # A folder that holds out its validation part: the fingerprint of that part (checkpoints
+    # record it; resume and eval compare it).
+    holdout: str | None = None
 
 
 def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv | None = None) -> RunData:
@@ -90,6 +93,7 @@ def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv | None = Non
         bad_images=bad_images,
         task=info.task,
         pos_weight=label_pos_weight(train_ds.targets) if cfg.pos_weight == "auto" else None,
+        holdout=data.holdout_digest(cfg.data_dir) if cfg.dataset == "folder" else None,
     )
 
 

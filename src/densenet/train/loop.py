@@ -29,7 +29,7 @@ from densenet.train.epoch import (
 )
 from densenet.train.inputs import build_data, note_validation_folder
 from densenet.train.optim import build_criterion
-from densenet.train.resume import check_same_classes, continue_run, record_resume
+from densenet.train.resume import check_same_data, continue_run, record_resume
 from densenet.train.rng import seed_everything
 from densenet.train.run_dir import METRIC_FIELDS, open_run_dir, open_tensorboard
 from densenet.train.signals import StopSignal
@@ -105,7 +105,7 @@ def _start(
     seed_everything(cfg.seed + env.rank, cfg.deterministic)
     run_data = build_data(cfg, device, env)
     if saved is not None:
-        check_same_classes(run_dir, saved_meta.get("class_names"), run_data.info.class_names)
+        check_same_data(run_dir, saved_meta, run_data)
     _log_skipped(run_data.bad_images, log)
     state = build_state(cfg, run_data, env, device, log, resumed=saved is not None)
     autocast = autocast_factory(cfg, device)

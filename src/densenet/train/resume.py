@@ -14,7 +14,6 @@ only added epochs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +35,7 @@ from densenet.train.optim import lr_at
 from densenet.train.run_dir import RunDir
 
 if TYPE_CHECKING:
+    from densenet.train.inputs import RunData
     from densenet.train.state import Run
 
 _MODEL = "the checkpoint holds this run's model, which does not fit another one"
@@ -104,22 +104,31 @@ def continue_run(
     return cfg, previous, [*history, part]
 
 
-def check_same_classes(run: RunDir, trained: list[str] | None, found: Sequence[str]) -> None:
-    """:class:`TrainingError` when the data a resume reads has other classes than the run
-    trained on (another --data-dir, or a folder changed since): its outputs would mean others."""
-    if trained is None or list(trained) == list(found):
+def check_same_data(run: RunDir, saved: dict, data: RunData) -> None:
+    """:class:`TrainingError` when the data a resume reads is not what the run trained on
+    (checkpoint metadata ``saved``): other classes (another --data-dir, a changed folder), or
+    another held-out validation part (files added to or removed from a folder without val/)."""
+    trained, found = saved.get("class_names"), list(data.info.class_names)
+    if trained is not None and list(trained) != found:
+        changes = {
+            "new": [c for c in found if c not in trained],
+            "gone": [c for c in trained if c not in found],
+        }
+        detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in changes.items() if v)
+        problem = (
+            f"its data now has {len(found)} classes, the run trained on {len(trained)} "
+            f"({detail or 'the same names in another order'})"
+        )
+    elif saved.get("holdout") not in (None, data.holdout):
+        problem = (
+            "its folder's files changed since training began, so the part held out for "
+            "validation is another one (and may hold images the run trained on)"
+        )
+    else:
         return
-    added = [c for c in found if c not in trained]
-    missing = [c for c in trained if c not in found]
-    differences = [
-        f"new: {', '.join(added)}" if added else "",
-        f"gone: {', '.join(missing)}" if missing else "",
-    ]
-    detail = "; ".join(d for d in differences if d) or "the same names in another order"
     raise TrainingError(
-        f"cannot resume {run.path}: its data now has {len(found)} classes, the run trained on "
-        f"{len(trained)} ({detail}). Resume on the run's own data, or start a new run from "
-        f"its weights: densenet train --pretrained {run.last} --out NEW_DIR ..."
+        f"cannot resume {run.path}: {problem}. Resume on the run's own data, or start a new run "
+        f"from its weights: densenet train --pretrained {run.last} --out NEW_DIR ..."
     )
 
 

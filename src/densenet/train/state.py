@@ -177,6 +177,7 @@ def _metadata(model: nn.Module, run: Run) -> dict:
         "input_size": list(run.data.input_size),
         "crop_pct": run.cfg.crop_pct,
         "interpolation": run.cfg.interpolation,
+        "holdout": run.data.holdout,
         "densenet_version": densenet.__version__,
     }
 
