@@ -73,6 +73,16 @@ def test_export_at_another_size_verifies_real_images_at_that_size(tmp_path: Path
     assert "2 real images" in report["errors"]
 
 
+def test_int8_export_at_another_size_calibrates_and_checks_at_that_size(tmp_path, capsys) -> None:
+    images = sorted(shared_data("test-samples").glob("cifar10_*.png"))[:8]
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())  # 32 px model
+    argv = ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "q.onnx"), "--json",
+            "--precision", "int8", "--size", "48", "--calibration", *map(str, images)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["input_size"] == [3, 48, 48] and report["judged"] == ["8 calibration images"]
+
+
 def test_export_command_rejects_wrong_suffix(tmp_path: Path, capsys) -> None:
     checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
     argv = ["export", "--checkpoint", str(checkpoint), "--format", "exported-program"]

@@ -220,8 +220,8 @@ def load_config(
 def default_val_split(dataset: str) -> str:
     """The split a run validates on unless told: ``val`` for labels files (csv) and image
     folders, whose ``test`` stays unseen (a folder without ``val/`` validates on ``test/``, one
-    without split sub-folders on its held-out part); ``test`` for the built-in datasets (the
-    papers' protocol)."""
+    without split sub-folders or with ``train/`` alone on its held-out part); ``test`` for the
+    built-in datasets (the papers' protocol)."""
     return "val" if dataset.lower() in ("csv", "folder") else TrainConfig.val_split
 
 

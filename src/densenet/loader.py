@@ -79,7 +79,7 @@ class ModelInfo:
         if mean is None or std is None:
             raise ValueError(
                 f"{self.source}: no normalization (mean/std) is known: the checkpoint has no "
-                "'mean'/'std' metadata and names no known dataset"
+                "'mean'/'std' metadata and names no known dataset; give --mean and --std"
             )
         return eval_transform(
             self.input_size, mean, std, self.crop_pct, self.interpolation, ten_crop=ten_crop

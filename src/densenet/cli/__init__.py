@@ -137,23 +137,31 @@ def _unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     return [flag for flag in flags if not any(name.startswith(flag) for name in known)]
 
 
-def _out_of_memory(error: BaseException) -> str | None:
-    """What to tell the user when ``error`` is a lack of memory (the allocator's failure on
-    CPU, CUDA or MPS, or a data-loading worker killed, usually by the kernel's OOM killer), not
-    a bug; else None."""
+def _out_of_memory(error: BaseException, command: str) -> str | None:
+    """What to tell the user of ``command`` when ``error`` is a lack of memory (the allocator's
+    failure on CPU, CUDA or MPS; a data-loading worker killed, usually by the kernel's OOM killer;
+    shared memory too small for the workers), not a bug; else None."""
     text = str(error)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    advice = (
-        "use smaller batches (--batch-size, or --set grad_accum_steps=N to split a training "
-        "batch) or a smaller input_size; for training, --set memory_efficient=true keeps deep "
-        "models in less memory and --set in_memory=false reads images from disk"
-    )
-    if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed" in text):
+    advice = {
+        "train": "use a smaller --batch-size (--set grad_accum_steps=N keeps the batch and splits "
+        "it) or a smaller input_size; --set memory_efficient=true keeps deep models in less "
+        "memory and --set in_memory=false reads images from disk",
+        "eval": "use a smaller --batch-size",
+        "predict": "use a smaller --batch-size",
+        "bench": "use smaller --batch sizes",
+    }.get(command, "use a smaller model or input size")
+    if "DataLoader worker" in text and "Bus error" in text:
+        return (
+            "a data-loading worker ran out of shared memory (/dev/shm; in Docker raise "
+            "--shm-size): use fewer --workers or --workers 0"
+        )
+    if "DataLoader worker" in text and ("signal: Killed" in text or "exited unexpectedly" in text):
         return (
             f"a data-loading worker died ({lines[-1][:200]}), most often killed by the system for "
             f"lack of memory: {advice}, or use fewer --workers"
         )
-    allocator = "out of memory" in text.lower() or "can't allocate" in text
+    allocator = "out of memory" in text.lower() or "can't allocate memory" in text
     if not (isinstance(error, MemoryError) or allocator):
         return None
     # torch's message is lines of allocator detail (or a DataLoader worker's wrapping of them):
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"densenet {args.command}: error: {in_cli_terms(str(error))}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as error:
-        if (message := _out_of_memory(error)) is None:
+        if (message := _out_of_memory(error, args.command)) is None:
             raise
         print(f"densenet {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ export, bench): which model to load, and what to tell the user about it."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,8 @@ from densenet.cli import CLIError
 if TYPE_CHECKING:  # torch is imported when a command runs, not for --help
     import torch
     from torch import nn
+
+    from densenet.loader import ModelInfo
 
 PRECISIONS = ("fp32", "bf16", "int8")  # densenet.inference.PRECISIONS (a test keeps them equal)
 
@@ -75,7 +78,7 @@ def _model_args(text: str | None) -> dict:
     return value
 
 
-def model_from_args(args: argparse.Namespace):
+def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, ModelInfo]:
     """``(model, ModelInfo)`` for the model the command line names, on ``args.device``."""
     from densenet.loader import load_model
     from densenet.runtime import resolve_device
@@ -98,7 +101,7 @@ def model_from_args(args: argparse.Namespace):
     return model, _normalization(args, info, model.in_chans)
 
 
-def _normalization(args: argparse.Namespace, info, channels: int):
+def _normalization(args: argparse.Namespace, info: ModelInfo, channels: int) -> ModelInfo:
     """``info`` with ``--mean``/``--std``; without them, say where a weights file that records
     none gets its normalization from (a wrong one costs accuracy without an error)."""
     import dataclasses
@@ -109,12 +112,24 @@ def _normalization(args: argparse.Namespace, info, channels: int):
     for key, values in given.items():
         if values is not None and len(values) != channels:
             raise CLIError(f"--{key} needs {channels} values (one per input channel)")
+        if values is not None and not all(math.isfinite(v) for v in values):
+            raise CLIError(f"--{key} must be finite numbers, got {values}")
+    if given["std"] and min(given["std"]) <= 0:
+        raise CLIError(f"--std must be positive (it divides the pixels), got {given['std']}")
     if given["mean"] or given["std"]:
-        return dataclasses.replace(
+        chosen = dataclasses.replace(
             info,
             mean=tuple(given["mean"] or info.mean or ()) or None,
             std=tuple(given["std"] or info.std or ()) or None,
         )
+        if info.mean and (chosen.mean, chosen.std) != (info.mean, info.std):
+            print(
+                f"densenet {args.command}: normalizing with mean {_rounded(chosen.mean)} std "
+                f"{_rounded(chosen.std)} (--mean/--std), not the model's mean "
+                f"{_rounded(info.mean)} std {_rounded(info.std)}",
+                file=sys.stderr,
+            )
+        return chosen
     weights = args.pretrained if args.model else None
     if weights and Path(weights).is_file() and not read_metadata(weights).get("mean"):
         print(
@@ -177,7 +192,7 @@ def add_calibration_argument(parser: argparse.ArgumentParser, default: str) -> N
 
 
 def calibration_batches(
-    paths: list[str], info, skip_bad_images: bool = False
+    paths: list[str], info: ModelInfo, skip_bad_images: bool = False
 ) -> list[torch.Tensor]:
     """The images in ``paths`` (files or folders) through the model's eval transform, as
     batches of 32: int8 calibration data. ``skip_bad_images``: leave out unreadable files (the
@@ -188,13 +203,20 @@ def calibration_batches(
     from densenet.predict import list_images
 
     transform = info.transform()
-    images = []
+    images, skipped = [], []
     for path in list_images(paths):
         try:
             images.append(transform(load_image(path)))
         except BadImageError:
             if not skip_bad_images:
                 raise
+            skipped.append(str(path))
+    if skipped:
+        print(
+            f"densenet: int8 calibration skipped {len(skipped)} unreadable image(s) "
+            f"(--skip-bad-images): {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}",
+            file=sys.stderr,
+        )
     if not images:
         raise CLIError(f"no readable image to calibrate int8 on in {' '.join(map(str, paths))}")
     return list(torch.stack(images).split(32))

@@ -43,8 +43,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--split",
-        help="split to evaluate (default test; a folder without train/ val/ test/ sub-folders: "
-        "all of it; 'val' there is the part training held out)",
+        help="split to evaluate (default test; a folder without val/ or test/ sub-folders: the "
+        "part training held out if the model was trained on it, else all of it; 'val' there is "
+        "the held-out part)",
     )
     parser.add_argument(
         "--ten-crop",
@@ -284,14 +285,17 @@ def _data_dir(args: argparse.Namespace, dataset_name: str, recorded: str | None)
     return None
 
 
-def _resolve_split(args: argparse.Namespace, dataset_name: str, recorded: str | None) -> str:
+def _resolve_split(
+    args: argparse.Namespace, dataset_name: str, info: ModelInfo, recorded: str | None
+) -> str:
     """The split to score, named as what is read: ``--split`` (default test), and for folders
-    the sub-folder that stands in for it, or 'val' for the part training held out (a folder
-    without splits, or with train/ only: by default the held-out part of the folder the model
-    was trained on (``recorded``), else all of it)."""
+    the sub-folder that stands in for it, or 'val' for the held-out part of a folder without
+    splits (or with train/ alone): by default that part of the folder the model was trained on,
+    all of any other folder (``recorded``: the folder it was trained on, if known)."""
     if dataset_name != "folder" or not args.data_dir:
         return args.split or "test"
     from densenet.data import folder_splits, holdout_description, holds_out, split_folder
+    from densenet.data.folders import HOLDOUT_PERCENT
 
     splits = folder_splits(args.data_dir)
     if not holds_out(splits):
@@ -301,16 +305,19 @@ def _resolve_split(args: argparse.Namespace, dataset_name: str, recorded: str | 
             _say(f"{args.data_dir} has no {split}/ sub-folder: evaluating {used}/")
         return used
     described = holdout_description(args.data_dir, splits)
+    trained_here = _trained_on(args.data_dir, info.holdout, recorded)
+    if args.split == "test":
+        role = (
+            "training picked its best checkpoint on it: a validation score, not an unseen test"
+            if trained_here
+            else f"the {HOLDOUT_PERCENT}% of each class a training run on it would validate on"
+        )
+        _say(f"{described}: --split test scores the part held out for validation ({role})")
     if args.split in ("test", "val"):
-        if args.split == "test":
-            _say(
-                f"{described}: --split test scores the part held out for validation (training "
-                "picked its best checkpoint on it: a validation score, not an unseen test)"
-            )
         return "val"
     if args.split is not None:
         return args.split
-    if _same_folder(recorded, args.data_dir):
+    if trained_here:
         _say(
             f"{described}, and the model was trained on it: evaluating the part training held "
             "out (--split all scores every image, most of them seen in training)"
@@ -323,21 +330,22 @@ def _resolve_split(args: argparse.Namespace, dataset_name: str, recorded: str | 
     return "all"
 
 
-def _same_folder(recorded: str | None, data_dir: str | None) -> bool:
-    return bool(recorded and data_dir) and Path(recorded).resolve() == Path(data_dir).resolve()
-
-
-def _check_holdout(data_dir: str, trained: str) -> None:
-    """Say when the part of ``data_dir`` held out now is not the one training held out (files
-    added or removed since): some of the images scored may have been trained on."""
+def _trained_on(data_dir: str, holdout: str | None, recorded: str | None) -> bool:
+    """Was the model trained on this folder: the one it was trained on (``recorded``; if the
+    held-out part changed since, say so: it may now hold trained images), or one whose held-out
+    part is the one its checkpoint records (``holdout``: the folder moved or copied)?"""
     from densenet.data import holdout_digest
 
-    if holdout_digest(data_dir) != trained:
-        _say(
-            f"{data_dir} has changed since the model was trained (files added or removed): the "
-            "part held out now is not the one training held out, and may hold images it trained "
-            "on, so this score can be optimistic; score a separate folder for an honest one"
-        )
+    held_out = holdout_digest(data_dir) if holdout else None
+    if recorded and Path(recorded).resolve() == Path(data_dir).resolve():
+        if held_out != holdout:
+            _say(
+                f"{data_dir} has changed since the model was trained (files added or removed): "
+                "the part held out now is not the one training held out, and may hold images it "
+                "trained on, so its score can be optimistic; score a separate folder"
+            )
+        return True
+    return held_out is not None and held_out == holdout
 
 
 def _say(message: str) -> None:
@@ -462,9 +470,7 @@ def run(args: argparse.Namespace) -> int:
     device = model_device(model)
     recorded = _recorded_data_dir(args, info) if dataset_name == info.dataset else None
     args.data_dir = _data_dir(args, dataset_name, recorded)
-    args.split = _resolve_split(args, dataset_name, recorded)
-    if args.split == "val" and info.holdout and _same_folder(recorded, args.data_dir):
-        _check_holdout(args.data_dir, info.holdout)
+    args.split = _resolve_split(args, dataset_name, info, recorded)
     loader, classes = _load_data(args, dataset_name, info, device, args.split)
     model, precision = at_precision(
         model, args.precision, lambda: _calibration(args, dataset_name, info, device)

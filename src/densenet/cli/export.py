@@ -109,41 +109,30 @@ def unchecked_file(out: Path) -> Iterator[Path]:
     os.replace(unchecked, out)
 
 
-def _verify_inputs(args: argparse.Namespace, model, info, size: int) -> dict:
-    """Named batches to compare on: random batches of 1 and 3, and ``--images`` when given."""
+def _verify_inputs(
+    args: argparse.Namespace, info: ModelInfo, calibration: list | None
+) -> tuple[dict, list[str]]:
+    """Named batches to compare on (random batches of 1 and 3, ``--images`` when given) at
+    ``info``'s (the exported) size, and the names of those that pass or fail the export: all
+    of them, but for int8 only real images (the calibration images when no --images are
+    given), since random noise lies outside the activation ranges calibration measured."""
     import torch
 
     from densenet.data import load_image
     from densenet.predict import list_images
 
     gen = torch.Generator().manual_seed(0)
-    inputs = {
-        f"random batch {n}": torch.randn(n, model.in_chans, size, size, generator=gen)
-        for n in (1, 3)
-    }
+    inputs = {f"random batch {n}": torch.randn(n, *info.input_size, generator=gen) for n in (1, 3)}
     if args.images:
-        # At the exported size (--size), resized and cropped as the model's own transform does.
-        at_size = dataclasses.replace(info, input_size=(info.input_size[0], size, size))
-        transform = at_size.transform()
+        transform = info.transform()
         images = [transform(load_image(p)) for p in list_images(args.images)[:MAX_IMAGES]]
         inputs[f"{len(images)} real images"] = torch.stack(images)
-    return inputs
-
-
-def _judged_inputs(inputs: dict, calibration: list | None) -> list[str]:
-    """The batches whose error passes or fails the export. int8 is judged on real images only
-    (adding the calibration images when no --images are given): random noise lies outside the
-    activation ranges calibration measured, so its error says nothing of the graph."""
-    if calibration is None:
-        return list(inputs)
-    real = [name for name in inputs if name.endswith("real images")]
-    if not real:
-        import torch
-
+    elif calibration is not None:
         images = torch.cat(calibration)[:MAX_IMAGES]
         inputs[f"{len(images)} calibration images"] = images
-        real = [f"{len(images)} calibration images"]
-    return real
+    if calibration is None:
+        return inputs, list(inputs)
+    return inputs, [name for name in inputs if not name.startswith("random")]
 
 
 def _calibration(args: argparse.Namespace, info):
@@ -199,10 +188,11 @@ def run(args: argparse.Namespace) -> int:
     random_weights_notice(args)
     model, info = model_from_args(args)
     size = args.size or info.input_size[-1]
+    # Images for int8 and the check at the exported size, resized as the model's transform does.
+    info = dataclasses.replace(info, input_size=(info.input_size[0], size, size))
     out = Path(args.out)
-    inputs = _verify_inputs(args, model, info, size)
     calibration = _calibration(args, info)
-    judged = _judged_inputs(inputs, calibration)
+    inputs, judged = _verify_inputs(args, info, calibration)
     limit = MAX_REL_ERROR[args.precision]
     metadata = _metadata(info, args.precision, size)
     with unchecked_file(out) as unchecked:
@@ -239,15 +229,23 @@ def run(args: argparse.Namespace) -> int:
         judged=judged,
         ok=True,
     )
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"wrote {out} ({args.format}, {args.precision}, batch dynamic, {size}x{size})")
-        print(_input_line(metadata))
-        for name, e in errors.items():
-            aside = "" if name in judged else "  (not judged: random inputs, outside int8's range)"
-            print(
-                f"  {name:>18}: max abs error {e['max_abs_error']:.3g}, "
-                f"max rel error {e['max_rel_error']:.3g}{aside}"
-            )
+    print(json.dumps(report) if args.json else _report_text(report, metadata))
     return 0
+
+
+def _report_text(report: dict, metadata: dict[str, str]) -> str:
+    """The export's report for a person: the file, how to feed it, each check's error."""
+    size = report["input_size"][-1]
+    lines = [
+        f"wrote {report['out']} ({report['format']}, {report['precision']}, batch dynamic, "
+        f"{size}x{size})",
+        _input_line(metadata),
+    ]
+    for name, e in report["errors"].items():
+        judged = name in report["judged"]
+        aside = "" if judged else "  (not judged: random inputs, outside int8's range)"
+        lines.append(
+            f"  {name:>18}: max abs error {e['max_abs_error']:.3g}, "
+            f"max rel error {e['max_rel_error']:.3g}{aside}"
+        )
+    return "\n".join(lines)

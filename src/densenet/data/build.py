@@ -121,9 +121,9 @@ def build_dataset(
 
     ``folder`` datasets: with ``train``/``val``/``test`` sub-folders, every split is labelled by
     the class names of the first of them (``classes`` given: by those), matched by name. Without
-    split sub-folders, ``HOLDOUT_PERCENT``% of each class (chosen by a hash of the file name, so
-    the same files every run) is held out: ``train`` is the rest, ``val``/``test`` the held-out
-    part, ``all`` the whole tree; a notice on stderr says so.
+    split sub-folders, or with ``train`` alone, ``HOLDOUT_PERCENT``% of each class (chosen by a
+    hash of the file name, so the same files every run) is held out: ``train`` is the rest,
+    ``val``/``test`` the held-out part, ``all`` the whole tree; a notice on stderr says so.
     """
     name = check_dataset_name(name)
     data_dir = Path(data_dir).expanduser() if data_dir else None

@@ -1,7 +1,8 @@
 """Class-per-folder image trees (a directory or a .zip): :class:`FolderImages`.
 
 Class folders are matched to a model's or the training split's classes BY NAME; a folder without
-``train``/``val``/``test`` sub-folders holds out part of each class (:func:`folder_dataset`).
+``train``/``val``/``test`` sub-folders, or with ``train`` alone, holds out part of each class
+(:func:`folder_dataset`).
 Images are decoded by :func:`densenet.data.images.load_image`.
 """
 
@@ -27,9 +28,10 @@ from densenet.messages import count, did_you_mean, notice
 from densenet.progress import progress
 
 SPLIT_FOLDERS = ("train", "val", "test")
-# A folder without split sub-folders holds out this share of each class for validation, chosen by
-# a hash of "<class>/<file name>" (not by --seed): the same files whatever the run's seed, and a
-# file keeps its side when others are added or removed.
+# A folder without split sub-folders (or with train/ alone) holds out this share of each class
+# for validation, the files whose hash of "<class>/<file name>" is lowest (not chosen by --seed):
+# the same files whatever the run's seed. Adding or removing files can move others across;
+# checkpoints record a fingerprint of the part (holdout_digest) so that is noticed.
 HOLDOUT_PERCENT = 10
 HOLDOUT_SALT = "densenet-holdout-0"
 # Folders that tools add beside the data (macOS zips, hidden folders): never a class or a wrapper.
@@ -241,6 +243,11 @@ def split_folder(root: str | Path, split: str) -> str | None:
     each other; None where ``split`` is a held-out part (a folder without split sub-folders, or
     with train/ only: :func:`holds_out`). ``FileNotFoundError`` when the folder has splits
     but none for ``split``."""
+    if split not in (*SPLIT_FOLDERS, "all"):
+        raise ValueError(
+            f"a folder dataset has no split {split!r}; choose one of train, val, test, all"
+            f"{did_you_mean(split, (*SPLIT_FOLDERS, 'all'), most=1)}"
+        )
     splits = folder_splits(root)
     if holds_out(splits) or split == "all":
         return None
@@ -250,7 +257,7 @@ def split_folder(root: str | Path, split: str) -> str | None:
         raise FileNotFoundError(
             f"{root} has no {' or '.join(c + '/' for c in candidates)} sub-folder (it has "
             f"{', '.join(s + '/' for s in splits)}); add one, or give a folder without split "
-            "sub-folders to hold out part of it"
+            "sub-folders (or with train/ alone) to hold out part of it"
         )
     return subdir
 

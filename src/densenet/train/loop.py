@@ -116,7 +116,7 @@ def _start(
         record_resume(run, previous, history, state.epoch, state.step)
     elif env.is_main:
         note_validation_folder(cfg)
-        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.make()
         save_config(cfg, run_dir.config)
     return run, state
 

@@ -119,13 +119,20 @@ def check_same_data(run: RunDir, saved: dict, data: RunData) -> None:
             f"its data now has {len(found)} classes, the run trained on {len(trained)} "
             f"({detail or 'the same names in another order'})"
         )
-    elif saved.get("holdout") not in (None, data.holdout):
+    elif "holdout" not in saved or saved["holdout"] == data.holdout:
+        return  # (checkpoints before the fingerprint was recorded are not checked)
+    elif saved["holdout"] is None:
+        problem = (
+            "it validated on its folder's own val/ or test/, which is gone: it would now validate "
+            "on a part of its training images"
+        )
+    elif data.holdout is None:
+        problem = "its folder has a val/ or test/ now: it would validate on other images"
+    else:
         problem = (
             "its folder's files changed since training began, so the part held out for "
             "validation is another one (and may hold images the run trained on)"
         )
-    else:
-        return
     raise TrainingError(
         f"cannot resume {run.path}: {problem}. Resume on the run's own data, or start a new run "
         f"from its weights: densenet train --pretrained {run.last} --out NEW_DIR ..."

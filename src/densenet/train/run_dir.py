@@ -43,23 +43,29 @@ class RunDir:
         self.curves = self.path / "curves.png"
         self.last = self.path / "checkpoints" / "last.safetensors"
         self.best = self.path / "checkpoints" / "best.safetensors"
+        self.created = False  # did this run make the folder (make)?
 
     def holds_run(self) -> bool:
         return any(p.exists() for p in (self.config, self.metrics, self.last, self.best))
 
-    def has_progress(self) -> bool:
-        """Has the run finished an epoch or been interrupted (metrics or a checkpoint)?"""
-        return any(p.exists() for p in (self.metrics, self.last, self.best))
+    def has_checkpoint(self) -> bool:
+        return self.last.exists() or self.best.exists()
+
+    def make(self) -> None:
+        """Create the folder (and its parents), remembering whether it was new."""
+        self.created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
 
     def forget_failed_start(self) -> None:
-        """After a new run failed before its first checkpoint: remove its config.yaml (nothing
-        trained to keep), and the folder if that leaves it empty, so the same command can run
-        again without --overwrite."""
-        if self.has_progress():
+        """After a new run failed before its first checkpoint: remove what it wrote (nothing
+        trained to keep), and the folder if it made it and that leaves it empty, so the same
+        command can run again without --overwrite."""
+        if self.has_checkpoint():
             return
-        self.config.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # not empty: other files are not ours to remove
-            self.path.rmdir()
+        self.clear()
+        if self.created:
+            with contextlib.suppress(OSError):  # not empty: other files are not ours to remove
+                self.path.rmdir()
 
     def clear(self) -> None:
         """Remove a previous run's files (only those a run writes)."""
@@ -102,10 +108,11 @@ def open_run_dir(
     (or a new name), never one holding a run unless ``overwrite`` (then it is cleared)."""
     run_dir = RunDir(runtime.broadcast_object(resume or cfg.out or default_run_dir(cfg), env))
     if resume is None and run_dir.holds_run() and not overwrite:
-        if run_dir.has_progress():
+        if run_dir.has_checkpoint():
             held = f"a run; continue it with --resume {run_dir.path},"
-        else:  # a recipe saved as config.yaml, or a run killed before it saved anything
-            held = f"{run_dir.config.name} but no checkpoint;"
+        else:  # a recipe saved as config.yaml, or a run killed before it saved a checkpoint
+            files = [p.name for p in (run_dir.config, run_dir.metrics) if p.exists()]
+            held = f"{' and '.join(files)} but no checkpoint;"
         raise TrainingError(
             f"run directory {run_dir.path} already holds {held} replace it with --overwrite, or "
             "choose another --out"
