@@ -386,8 +386,17 @@ def _imageless_message(
 def folder_classes(root: Path) -> list[str]:
     """The class names of a folder dataset: its train split's (else its first split's), or the
     top-level class folders of a flat tree."""
-    splits = folder_splits(root)
-    return FolderImages.scan(root, splits[0] if splits else None)[0]
+    return FolderImages.scan(root, _first_split(folder_splits(root)))[0]
+
+
+def _first_split(splits: Sequence[str]) -> str | None:
+    """The sub-folder that names the classes (and that a held-out part is taken from)."""
+    return splits[0] if splits else None
+
+
+def _holdout_name(member: str) -> str:
+    """``"<class>/<file>"``: what chooses a file's side, whatever the folder's path or zip."""
+    return f"{Path(member).parent.name}/{Path(member).name}"
 
 
 def _holdout(dataset: FolderImages) -> list[bool]:
@@ -395,7 +404,7 @@ def _holdout(dataset: FolderImages) -> list[bool]:
     (rounded, at least one of a class of two or more) whose "<class>/<file>" hashes lowest."""
     by_class: dict[int, list[tuple[bytes, int]]] = {}
     for i, (member, target) in enumerate(dataset.samples):
-        key = f"{HOLDOUT_SALT}/{Path(member).parent.name}/{Path(member).name}".encode()
+        key = f"{HOLDOUT_SALT}/{_holdout_name(member)}".encode()
         by_class.setdefault(target, []).append((hashlib.sha256(key).digest(), i))
     held = [False] * len(dataset.samples)
     for members in by_class.values():
@@ -413,10 +422,10 @@ def holdout_digest(root: str | Path) -> str | None:
     splits = folder_splits(root)
     if not holds_out(splits):
         return None
-    dataset = FolderImages(root, splits[0] if splits else None)
+    dataset = FolderImages(root, _first_split(splits))
     held = _holdout(dataset)
     names = sorted(
-        f"{Path(member).parent.name}/{Path(member).name}"
+        _holdout_name(member)
         for (member, _), is_held in zip(dataset.samples, held, strict=True)
         if is_held
     )
@@ -443,8 +452,9 @@ def folder_dataset(
     images."""
     splits = folder_splits(root)
     if holds_out(splits):
-        subdir = splits[0] if splits else None
-        dataset = FolderImages(root, subdir, transform, classes=classes, classes_from=classes_from)
+        dataset = FolderImages(
+            root, _first_split(splits), transform, classes=classes, classes_from=classes_from
+        )
         if split == "all":
             return dataset
         held = _holdout(dataset)
