@@ -450,12 +450,18 @@ def test_int8_predict_skips_bad_images_in_its_calibration_too(trained, tmp_path,
     assert [s["file"] for s in report["skipped"]] == [str(images / "c0" / "broken.jpg")]
 
 
-def test_resume_on_data_with_other_classes_names_the_classes(tmp_path, capsys):
+def half_trained_run(tmp_path: Path, capsys) -> tuple[Path, Path]:
+    """(data, run): a folder of train/ and val/, and epoch 1 of a 2-epoch run on it."""
     data = add_split(tmp_path / "d", "train", 6)
     add_split(tmp_path / "d", "val", 2)
     out = tmp_path / "run"
     status, _, err = run(train_args(data, out, "--set", "schedule_epochs=2"), capsys)
     assert status == 0, err
+    return data, out
+
+
+def test_resume_on_data_with_other_classes_names_the_classes(tmp_path, capsys):
+    data, out = half_trained_run(tmp_path, capsys)
     other = add_split(tmp_path / "o", "train", 6, ("c0", "c1", "c2"))
     add_split(tmp_path / "o", "val", 2, ("c0", "c1", "c2"))
     resume = ["train", "--resume", str(out), "--epochs", "2", "--no-progress"]
@@ -505,11 +511,7 @@ def test_a_mistyped_split_is_one_line_naming_the_splits(trained, three_splits, c
 
 
 def test_resume_after_the_val_folder_is_gone_is_refused(tmp_path, capsys):
-    data = add_split(tmp_path / "d", "train", 6)
-    add_split(tmp_path / "d", "val", 2)
-    out = tmp_path / "run"
-    status, _, err = run(train_args(data, out, "--set", "schedule_epochs=2"), capsys)
-    assert status == 0, err
+    data, out = half_trained_run(tmp_path, capsys)
     shutil.rmtree(data / "val")  # it would now validate on 10% of its training images
     status, _, err = run(["train", "--resume", str(out), "--epochs", "2", "--no-progress"], capsys)
     assert status == 2 and "it validated on its folder's own val/ or test/, which is gone" in err
