@@ -515,3 +515,11 @@ def test_resume_after_the_val_folder_is_gone_is_refused(tmp_path, capsys):
     shutil.rmtree(data / "val")  # it would now validate on 10% of its training images
     status, _, err = run(["train", "--resume", str(out), "--epochs", "2", "--no-progress"], capsys)
     assert status == 2 and "it validated on its folder's own val/ or test/, which is gone" in err
+
+
+def test_a_batch_larger_than_the_training_images_names_the_flag(tmp_path, capsys):
+    data = add_split(tmp_path / "d", "train", 3)  # 2 classes x 3 images
+    add_split(tmp_path / "d", "val", 1)
+    status, _, err = run([*train_args(data, tmp_path / "r"), "--batch-size", "16"], capsys)
+    assert status == 2 and "batch_size 16 is larger than the 6 training images" in err
+    assert "give a smaller --batch-size (at most 6)" in err

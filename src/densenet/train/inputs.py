@@ -78,7 +78,8 @@ def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv | None = Non
     val_loader, val_transform = _loader(cfg, val_ds, False, info, size, rank_batch, env, device)
     if len(train_loader) == 0:
         raise TrainingError(
-            f"batch_size {cfg.batch_size} is larger than the {len(train_ds)} training images"
+            f"batch_size {cfg.batch_size} is larger than the {len(train_ds)} training images; "
+            f"give a smaller --batch-size (at most {len(train_ds)})"
         )
     return RunData(
         info,
