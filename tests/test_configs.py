@@ -162,3 +162,16 @@ def test_an_input_size_below_what_the_model_takes_is_refused_before_reading_data
         return
     with pytest.raises(ValueError, match=f"input_size {size} is below the 4x4 pixels"):
         validate(cfg, check_data=False)
+
+
+def test_yaml_floats_without_a_dot_and_impossible_schedules():
+    from densenet.config import validate
+
+    # PyYAML reads 1e-3 as a string; --set and config files both give it.
+    assert load_config(None, parse_overrides(["lr=1e-3", "weight_decay=5E-4"]), check_data=False).lr == 1e-3  # fmt: skip
+    with pytest.raises(ValueError, match="config key 'lr' must be float, got 'abc'"):
+        load_config(None, parse_overrides(["lr=abc"]), check_data=False)
+    with pytest.raises(ValueError, match=r"min_lr \(1.0\) must not exceed lr \(0.1\)"):
+        validate(TrainConfig(lr=0.1, min_lr=1.0), check_data=False)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 2.0"):
+        validate(TrainConfig(momentum=2.0), check_data=False)

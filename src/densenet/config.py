@@ -133,6 +133,12 @@ def _check_type(key: str, value: Any) -> Any:
         ok = False
     elif isinstance(value, int) and float in allowed and not isinstance(value, bool):
         return float(value)
+    elif isinstance(value, str) and float in allowed and str not in allowed:
+        # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string.
+        try:
+            return float(value)
+        except ValueError:
+            ok = False
     else:
         ok = isinstance(value, allowed)
     if not ok:
@@ -313,7 +319,7 @@ def _value_problems(c: TrainConfig) -> list[str | None]:
         value = getattr(c, key)
         if value is not None and value < 1:
             problems.append(f"{key} must be >= 1 (or null for the default), got {value}")
-    non_negative = ("weight_decay", "momentum", "min_lr", "warmup_epochs", "grad_clip", "workers")
+    non_negative = ("weight_decay", "min_lr", "warmup_epochs", "grad_clip", "workers")
     problems += [
         f"{k} must be >= 0, got {getattr(c, k)}" for k in non_negative if getattr(c, k) < 0
     ]
@@ -324,7 +330,14 @@ def _value_problems(c: TrainConfig) -> list[str | None]:
         )
     if c.lr <= 0:
         problems.append(f"lr must be > 0, got {c.lr}")
-    fractions = {"gamma": c.gamma, "ema_decay": c.ema_decay, "label_smoothing": c.label_smoothing}
+    if c.min_lr > c.lr:
+        problems.append(f"min_lr ({c.min_lr}) must not exceed lr ({c.lr}): the lr would rise")
+    fractions = {
+        "gamma": c.gamma,
+        "ema_decay": c.ema_decay,
+        "label_smoothing": c.label_smoothing,
+        "momentum": c.momentum,
+    }
     problems += [f"{k} must be in [0, 1), got {v}" for k, v in fractions.items() if not 0 <= v < 1]
     if c.drop_rate is not None and not 0 <= c.drop_rate < 1:
         problems.append(f"drop_rate must be in [0, 1), got {c.drop_rate}")
