@@ -523,3 +523,14 @@ def test_a_batch_larger_than_the_training_images_names_the_flag(tmp_path, capsys
     status, _, err = run([*train_args(data, tmp_path / "r"), "--batch-size", "16"], capsys)
     assert status == 2 and "batch_size 16 is larger than the 6 training images" in err
     assert "give a smaller --batch-size (at most 6)" in err
+
+
+def test_a_fine_tuned_run_resumes_after_its_starting_weights_moved(tmp_path, capsys):
+    data, first = half_trained_run(tmp_path, capsys)
+    tuned = tmp_path / "tuned"
+    start = str(first / "checkpoints" / "best.safetensors")
+    status, _, err = run(train_args(data, tuned, "--pretrained", start, "--set", "schedule_epochs=2"), capsys)  # fmt: skip
+    assert status == 0, err
+    shutil.move(first, tmp_path / "elsewhere")  # the checkpoint of `tuned` holds every weight
+    status, _, err = run(["train", "--resume", str(tuned), "--epochs", "2", "--no-progress"], capsys)
+    assert status == 0, err

@@ -8,6 +8,7 @@ with weight EMA, ``best``'s ``model`` holds the EMA weights that scored best.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,10 @@ def build_state(
     """A new run's state: the configured model (logged), its optimizer, grad scaler and EMA.
     Rank 0 of a new run says where its data differ from the pretrained weights'."""
     compared_data = run_data.info if env.is_main and not resumed else None
-    model = build_model(cfg, run_data.num_classes, run_data.info.in_chans, compared_data)
+    # A resumed run's checkpoint holds every weight: the file it started from is not read again
+    # (it may have moved since).
+    built = dataclasses.replace(cfg, pretrained=None) if resumed else cfg
+    model = build_model(built, run_data.num_classes, run_data.info.in_chans, compared_data)
     model = model.to(device)
     log(model_line(model, cfg))
     if cfg.channels_last:
