@@ -169,3 +169,24 @@ def test_the_readme_workflow_train_eval_predict(mosaics, tmp_path, capsys):
     assert len(list((tmp_path / "out").glob(f"{image.stem}_*.png"))) == max(
         1, len(prediction["positive"])
     )
+
+
+def test_eval_of_a_run_on_one_labels_file_deals_it_as_the_run_did(mosaics, tmp_path, capsys):
+    root, names = mosaics
+    single = tmp_path / "one-file"
+    single.mkdir()
+    (single / "images").symlink_to(root / "images")
+    rows = [(root / f"{split}.csv").read_text().splitlines() for split in ("train", "val", "test")]
+    (single / "labels.csv").write_text("\n".join([rows[0][0]] + [r for s in rows for r in s[1:]]))
+    run = tmp_path / "run"
+    train = ["train", "--dataset", "csv", "--data-dir", str(single), "--epochs", "1", "--out", str(run),
+             "--batch-size", "8", "--workers", "0", "--set", "split_by=group", "--set", "seed=3"]  # fmt: skip
+    assert main(train) == 0
+    capsys.readouterr()
+    path = str(run / "checkpoints" / "best.safetensors")
+    output = run_eval(capsys, "--checkpoint", path)  # no --data-dir, --split-by or --seed
+    test = build_dataset("csv", single, "test", split_by="group", seed=3, task="multilabel")
+    assert output["images"] == len(test)
+    assert main(["eval", "--checkpoint", path, "--seed", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "training dealt" in err and "by group with seed 3" in err and "may hold images" in err

@@ -532,5 +532,7 @@ def test_a_fine_tuned_run_resumes_after_its_starting_weights_moved(tmp_path, cap
     status, _, err = run(train_args(data, tuned, "--pretrained", start, "--set", "schedule_epochs=2"), capsys)  # fmt: skip
     assert status == 0, err
     shutil.move(first, tmp_path / "elsewhere")  # the checkpoint of `tuned` holds every weight
-    status, _, err = run(["train", "--resume", str(tuned), "--epochs", "2", "--no-progress"], capsys)
+    status, _, err = run(
+        ["train", "--resume", str(tuned), "--epochs", "2", "--no-progress"], capsys
+    )
     assert status == 0, err

@@ -44,6 +44,8 @@ class ModelInfo:
     source: str = field(default="", compare=False)
     data_dir: str | None = field(default=None, compare=False)  # where the training run read it
     holdout: str | None = field(default=None, compare=False)  # its held-out part's fingerprint
+    split_by: str | None = field(default=None, compare=False)  # how it dealt a labels file
+    seed: int | None = field(default=None, compare=False)
     task: str = "multiclass"
     thresholds: dict | None = None
 
@@ -149,6 +151,8 @@ def _model_info(model: DenseNet, cfg: dict, source: str) -> ModelInfo:
         source=source,
         data_dir=cfg.get("data_dir"),
         holdout=cfg.get("holdout"),
+        split_by=cfg.get("split_by"),
+        seed=cfg.get("seed"),
         **_task_and_thresholds(cfg, class_names, source),
     )
 

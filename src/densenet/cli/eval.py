@@ -88,8 +88,8 @@ def _add_labels_file_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed",
         type=int,
-        default=0,
-        help="with --split-by: the training run's seed, which chose the groups of each split",
+        help="with --split-by: the training run's seed, which chose the groups of each split "
+        "(default: the one the checkpoint records, else 0)",
     )
     parser.add_argument(
         "--fit-thresholds-on",
@@ -337,7 +337,7 @@ def _trained_on(data_dir: str, holdout: str | None, recorded: str | None) -> boo
     from densenet.data import holdout_digest
 
     held_out = holdout_digest(data_dir) if holdout else None
-    if recorded and Path(recorded).resolve() == Path(data_dir).resolve():
+    if _same_path(recorded, data_dir):
         if held_out != holdout:
             _say(
                 f"{data_dir} has changed since the model was trained (files added or removed): "
@@ -346,6 +346,29 @@ def _trained_on(data_dir: str, holdout: str | None, recorded: str | None) -> boo
             )
         return True
     return held_out is not None and held_out == holdout
+
+
+def _resolve_split_by(args: argparse.Namespace, info: ModelInfo, recorded: str | None) -> None:
+    """``--split-by``/``--seed`` for a single labels file: on the file the model was trained
+    on, by default as training dealt it (another deal puts training groups in the test split,
+    which is said)."""
+    if not _same_path(recorded, args.data_dir) or not info.split_by:
+        args.seed = 0 if args.seed is None else args.seed
+        return
+    if args.split_by is None and args.seed is None:
+        _say(f"--split-by {info.split_by} --seed {info.seed} (as training dealt {args.data_dir})")
+    args.split_by = args.split_by or info.split_by
+    args.seed = info.seed if args.seed is None else args.seed
+    if (args.split_by, args.seed) != (info.split_by, info.seed):
+        _say(
+            f"training dealt {args.data_dir} by {info.split_by} with seed {info.seed}; "
+            f"--split-by {args.split_by} --seed {args.seed} deals it otherwise, so the split "
+            "scored may hold images the model trained on"
+        )
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and Path(a).resolve() == Path(b).resolve()
 
 
 def _say(message: str) -> None:
@@ -471,6 +494,8 @@ def run(args: argparse.Namespace) -> int:
     recorded = _recorded_data_dir(args, info) if dataset_name == info.dataset else None
     args.data_dir = _data_dir(args, dataset_name, recorded)
     args.split = _resolve_split(args, dataset_name, info, recorded)
+    if dataset_name == "csv":
+        _resolve_split_by(args, info, recorded)
     loader, classes = _load_data(args, dataset_name, info, device, args.split)
     model, precision = at_precision(
         model, args.precision, lambda: _calibration(args, dataset_name, info, device)

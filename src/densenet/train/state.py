@@ -182,6 +182,9 @@ def _metadata(model: nn.Module, run: Run) -> dict:
         "crop_pct": run.cfg.crop_pct,
         "interpolation": run.cfg.interpolation,
         "holdout": run.data.holdout,
+        # A single labels file is dealt into splits by these: eval deals it the same way.
+        "split_by": run.cfg.split_by,
+        "seed": run.cfg.seed,
         "densenet_version": densenet.__version__,
     }
 
