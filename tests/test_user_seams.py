@@ -74,6 +74,13 @@ def test_a_folder_with_val_and_test_validates_on_val_and_says_so(three_splits, t
     assert saved["val_split"] == "val"
 
 
+def test_a_recipe_validating_on_test_says_so_on_a_folder_with_val(three_splits, tmp_path, capsys):
+    status, _, err = run(train_args(three_splits, tmp_path / "r", "--set", "val_split=test"), capsys)  # fmt: skip
+    assert status == 0, err
+    assert f"validating on {three_splits}/test/ (val_split: test)" in err
+    assert "--set val_split=val validates on val/" in err
+
+
 def test_a_folder_with_test_only_validates_on_test_and_names_it(tmp_path, capsys):
     data = make_image_folder(tmp_path / "d", size=8, per_class=16)  # train/ and test/
     status, out, err = run(train_args(data, tmp_path / "r"), capsys)

@@ -137,6 +137,12 @@ def note_validation_folder(cfg: TrainConfig) -> None:
             f"validating on {cfg.data_dir}/val/ (it picks the best checkpoint); test/ stays "
             "unseen: densenet eval --split test scores it"
         )
+    elif used == "test" and "val" in splits:  # a paper recipe's val_split: test, on a folder
+        notice(
+            f"validating on {cfg.data_dir}/test/ (val_split: test), so it picks the best "
+            "checkpoint and a later test score is optimistic; --set val_split=val validates on "
+            "val/ and leaves test/ unseen"
+        )
 
 
 def _datasets(cfg: TrainConfig, info: data.DatasetInfo) -> tuple[list, list[str]]:
