@@ -17,6 +17,7 @@ import json
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,17 +107,29 @@ def _with_onnx_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
     return proto.SerializeToString()
 
 
-def read_export_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata :func:`export_model` wrote into an ``.onnx`` or ``.pt2`` file."""
+def read_export_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata :func:`export_model` wrote into an ``.onnx`` or ``.pt2`` file, decoded:
+    ``{"class_names": [...], "mean": [...], "input_size": [3, 224, 224], ...}``. (In the file
+    each value is a JSON string: ONNX ``metadata_props`` hold strings.)"""
     path = Path(path)
     if path.suffix == ".pt2":
         extra = {PT2_METADATA: ""}
         torch.export.load(path, extra_files=extra)
-        return json.loads(extra[PT2_METADATA] or "{}")
-    import onnx
+        stored = json.loads(extra[PT2_METADATA] or "{}")
+    else:
+        import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
-    return {entry.key: entry.value for entry in proto.metadata_props}
+        proto = onnx.load(str(path), load_external_data=False)
+        stored = {entry.key: entry.value for entry in proto.metadata_props}
+    return {key: _decoded(value) for key, value in stored.items()}
+
+
+def _decoded(value: str) -> Any:
+    """A metadata value as written (JSON), or the string itself for entries others added."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _check_precision(precision: str, fmt: str) -> None:
