@@ -175,3 +175,11 @@ def test_yaml_floats_without_a_dot_and_impossible_schedules():
         validate(TrainConfig(lr=0.1, min_lr=1.0), check_data=False)
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 2.0"):
         validate(TrainConfig(momentum=2.0), check_data=False)
+
+
+def test_a_frozen_backbone_with_a_backbone_lr_scale_is_refused():
+    from densenet.config import validate
+
+    with pytest.raises(ValueError, match="freeze_backbone trains only the classifier"):
+        validate(TrainConfig(freeze_backbone=True, backbone_lr_scale=0.1), check_data=False)
+    validate(TrainConfig(freeze_backbone=True), check_data=False)

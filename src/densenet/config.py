@@ -345,6 +345,11 @@ def _value_problems(c: TrainConfig) -> list[str | None]:
         problems.append(f"crop_pct must be in (0, 1], got {c.crop_pct}")
     if not 0 <= c.backbone_lr_scale <= 1:
         problems.append(f"backbone_lr_scale must be in [0, 1], got {c.backbone_lr_scale}")
+    if c.freeze_backbone and c.backbone_lr_scale != 1:
+        problems.append(
+            "freeze_backbone trains only the classifier: backbone_lr_scale (for a backbone that "
+            "trains) would do nothing; choose one"
+        )
     return problems
 
 

@@ -13,7 +13,7 @@ import densenet
 from densenet.catalog import DatasetInfo
 from densenet.config import TrainConfig, model_kwargs, model_label
 from densenet.io import read_metadata
-from densenet.messages import notice
+from densenet.messages import count, notice
 from densenet.train.resume import inline_yaml
 
 
@@ -65,8 +65,9 @@ def _note_pretrained_differences(
     size = meta.get("input_size") or []
     if size and int(size[0]) != in_chans:
         notice(
-            f"{pretrained}: weights for {size[0]}-channel input, {data.name} gives {in_chans} "
-            "channels: the first conv is adapted (its filters summed or repeated)"
+            f"{pretrained}: weights for {size[0]}-channel input, {data.name} gives "
+            f"{count(in_chans, 'channel')}: the first conv is adapted (its filters summed or "
+            "repeated)"
         )
     mean, std = meta.get("mean"), meta.get("std")
     if mean and std and _differ(mean, data.mean) + _differ(std, data.std):
