@@ -90,3 +90,24 @@ def test_same_seed_same_dataset_and_too_large_a_request_is_refused(mosaics, tmp_
         ).read_bytes()
     with pytest.raises(ValueError, match="source pictures needed"):
         build_mosaic_dataset(tmp_path / "big", groups=(5000, 0, 0), pictures_per_group=6)
+
+
+def test_labels_files_that_share_images_or_groups_across_splits_are_named(tmp_path, capsys):
+    from densenet.data.labels import read_table
+
+    (tmp_path / "train.csv").write_text(
+        "image,labels,group\na.png,x,p1\nb.png,y,p2\nb.png,x|y,p2\n"
+    )
+    (tmp_path / "val.csv").write_text("image,labels,group\nc.png,x,p3\n")
+    (tmp_path / "test.csv").write_text("image,labels,group\na.png,x,p1\nd.png,y,p4\n")
+    read_table(tmp_path)
+    err = capsys.readouterr().err
+    assert "1 image in more than one split (e.g. a.png in test, train)" in err
+    assert "1 group in more than one split (e.g. p1 in test, train)" in err
+    assert "1 image listed with different labels in different rows (e.g. b.png)" in err
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for split, row in (("train", "a.png,x,p1\nb.png,y,p2"), ("val", "c.png,x,p3"), ("test", "d.png,y,p4")):  # fmt: skip
+        (clean / f"{split}.csv").write_text(f"image,labels,group\n{row}\n")
+    read_table(clean)
+    assert "more than one split" not in capsys.readouterr().err

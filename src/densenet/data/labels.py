@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from densenet.data.datasets import InMemoryImages
 from densenet.data.images import SKIP_HINT, BadImageError, load_image
-from densenet.messages import did_you_mean, notice
+from densenet.messages import count, did_you_mean, notice
 from densenet.multilabel import TASKS
 from densenet.progress import progress
 
@@ -125,6 +125,33 @@ def _announce(message: str) -> None:
         notice(message)
 
 
+def _note_leaks(root: Path, splits: dict[str, list[LabelRow]]) -> None:
+    """Say where the splits share an image or a group (a score on the later split is then
+    partly on training data) and where one image is listed with two sets of labels."""
+    where: dict[str, dict[str, set[str]]] = {"image": {}, "group": {}}
+    labels: dict[str, set[tuple[str, ...]]] = {}
+    for split, rows in splits.items():
+        for row in rows:
+            where["image"].setdefault(row.image, set()).add(split)
+            if row.group:
+                where["group"].setdefault(row.group, set()).add(split)
+            labels.setdefault(row.image, set()).add(tuple(sorted(row.labels)))
+    for kind, found in where.items():
+        shared = sorted(k for k, in_splits in found.items() if len(in_splits) > 1)
+        if shared:
+            _announce(
+                f"{root}: {count(len(shared), kind)} in more than one split (e.g. {shared[0]} in "
+                f"{', '.join(sorted(found[shared[0]]))}): scores on val/test are then partly on "
+                "training data; put each in one split"
+            )
+    conflicting = sorted(image for image, sets in labels.items() if len(sets) > 1)
+    if conflicting:
+        _announce(
+            f"{root}: {count(len(conflicting), 'image')} listed with different labels in "
+            f"different rows (e.g. {conflicting[0]}); each row trains as written"
+        )
+
+
 @dataclass(frozen=True)
 class LabelsTable:
     """A labels-file dataset's rows by split, its label names and its task."""
@@ -159,6 +186,7 @@ def read_table(root: str | Path, split_by: str | None = None, seed: int = 0) -> 
     train = splits["train"]
     if not train:
         raise ValueError(f"{root}: the training split has no rows")
+    _note_leaks(root, splits)
     names = tuple(sorted({name for row in train for name in row.labels}))
     single = all(len(row.labels) == 1 for row in train)
     return LabelsTable(root, splits, names, "multiclass" if single else "multilabel")
