@@ -543,3 +543,16 @@ def test_a_fine_tuned_run_resumes_after_its_starting_weights_moved(tmp_path, cap
         ["train", "--resume", str(tuned), "--epochs", "2", "--no-progress"], capsys
     )
     assert status == 0, err
+
+
+def test_eval_on_other_data_keeps_the_results_on_the_runs_own(trained, tmp_path, capsys):
+    evaluate = ["eval", "--checkpoint", str(trained["best"]), "--json"]
+    status, own, err = run(evaluate, capsys)  # the run's own data: test/
+    assert status == 0, err
+    other = make_image_folder(tmp_path / "other.data", size=8, per_class=2)
+    status, printed, err = run([*evaluate, "--data-dir", str(other)], capsys)
+    assert status == 0, err
+    folder = trained["best"].parent
+    assert json.loads(printed)["confusion_png"] == str(folder / "eval_folder-other_data_test.png")
+    kept = json.loads((folder / "eval_folder_test.json").read_text())
+    assert kept["images"] == json.loads(own)["images"] == 32  # not overwritten by the other data

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -367,6 +368,19 @@ def _resolve_split_by(args: argparse.Namespace, info: ModelInfo, recorded: str |
         )
 
 
+def _results_name(args: argparse.Namespace, dataset: str, recorded: str | None, low: str) -> str:
+    """``eval_<dataset>[-<folder>]_<split>[_10crop][_<precision>]``: data other than what the
+    run was trained on (``recorded``) adds its folder's name, so that scoring another folder
+    does not overwrite the results on the run's own data."""
+    other = ""
+    if recorded and args.data_dir and not _same_path(recorded, args.data_dir):
+        name = Path(args.data_dir).resolve().name
+        name = name[:-4] if name.lower().endswith(".zip") else name
+        other = "-" + re.sub(r"[^A-Za-z0-9_-]+", "_", name)
+    crops = "_10crop" if args.ten_crop else ""
+    return f"eval_{dataset}{other}_{args.split}{crops}{low}"
+
+
 def _same_path(a: str | None, b: str | None) -> bool:
     return bool(a and b) and Path(a).resolve() == Path(b).resolve()
 
@@ -502,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
     )
     out = Path(args.out or (Path(args.checkpoint).parent if args.checkpoint else "."))
     low = "" if precision == "fp32" else f"_{precision}"
-    stem = out / (f"eval_{dataset_name}_{args.split}" + ("_10crop" if args.ten_crop else "") + low)
+    stem = out / _results_name(args, dataset_name, recorded, low)
     title = f"{info.source} on {dataset_name} {args.split}" + (
         " (10-crop)" if args.ten_crop else ""
     )
