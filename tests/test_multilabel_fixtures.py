@@ -111,3 +111,18 @@ def test_labels_files_that_share_images_or_groups_across_splits_are_named(tmp_pa
         (clean / f"{split}.csv").write_text(f"image,labels,group\n{row}\n")
     read_table(clean)
     assert "more than one split" not in capsys.readouterr().err
+
+
+def test_chestxray14_column_names_are_read(tmp_path):
+    from densenet.data.labels import read_rows
+
+    path = tmp_path / "Data_Entry_2017.csv"
+    path.write_text(
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age\n"
+        "00000001_000.png,Cardiomegaly|Emphysema,0,1,58\n00000002_000.png,No Finding,0,2,81\n"
+    )
+    rows = read_rows(path)
+    assert [(r.image, r.labels, r.group) for r in rows] == [
+        ("00000001_000.png", ("Cardiomegaly", "Emphysema"), "1"),
+        ("00000002_000.png", (), "2"),
+    ]

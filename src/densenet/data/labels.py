@@ -55,10 +55,16 @@ def parse_labels(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for n in names if n and n != NO_LABEL))
 
 
+# ChestX-ray14's Data_Entry_2017.csv names the columns so.
+COLUMN_ALIASES = {"Image Index": "image", "Finding Labels": "labels", "Patient ID": "group"}
+
+
 def read_rows(path: Path) -> list[LabelRow]:
     """The rows of labels file ``path``; a ``ValueError`` naming a missing column."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
+        if reader.fieldnames and not {"image", "labels"} & {c.strip() for c in reader.fieldnames}:
+            reader.fieldnames = [COLUMN_ALIASES.get(c.strip(), c) for c in reader.fieldnames]
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in ("image", "labels") if c not in columns]
         if missing:
