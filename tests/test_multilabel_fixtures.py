@@ -96,7 +96,7 @@ def test_labels_files_that_share_images_or_groups_across_splits_are_named(tmp_pa
     from densenet.data.labels import read_table
 
     (tmp_path / "train.csv").write_text(
-        "image,labels,group\na.png,x,p1\nb.png,y,p2\nb.png,x|y,p2\n"
+        "image,labels,group\na.png,x,p1\nb.png,y,p2\nb.png,x|y,p2\ne.png,X,p5\n"
     )
     (tmp_path / "val.csv").write_text("image,labels,group\nc.png,x,p3\n")
     (tmp_path / "test.csv").write_text("image,labels,group\na.png,x,p1\nd.png,y,p4\n")
@@ -105,6 +105,7 @@ def test_labels_files_that_share_images_or_groups_across_splits_are_named(tmp_pa
     assert "1 image in more than one split (e.g. a.png in test, train)" in err
     assert "1 group in more than one split (e.g. p1 in test, train)" in err
     assert "1 image listed with different labels in different rows (e.g. b.png)" in err
+    assert "labels X and x differ only in case: two labels" in err
     clean = tmp_path / "clean"
     clean.mkdir()
     for split, row in (("train", "a.png,x,p1\nb.png,y,p2"), ("val", "c.png,x,p3"), ("test", "d.png,y,p4")):  # fmt: skip

@@ -194,6 +194,11 @@ def read_table(root: str | Path, split_by: str | None = None, seed: int = 0) -> 
         raise ValueError(f"{root}: the training split has no rows")
     _note_leaks(root, splits)
     names = tuple(sorted({name for row in train for name in row.labels}))
+    by_folded: dict[str, list[str]] = {}
+    for name in names:
+        by_folded.setdefault(name.casefold(), []).append(name)
+    for spellings in (s for s in by_folded.values() if len(s) > 1):
+        _announce(f"{root}: labels {' and '.join(spellings)} differ only in case: two labels")
     single = all(len(row.labels) == 1 for row in train)
     return LabelsTable(root, splits, names, "multiclass" if single else "multilabel")
 
