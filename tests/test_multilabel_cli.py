@@ -5,6 +5,7 @@ against scikit-learn and against the library functions they report."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,13 +127,18 @@ def test_predict_cam_on_the_mosaics(mosaics, tmp_path, capsys):
         assert overlay.size == (56, 56) and overlay.mode == "RGB"
 
 
+def one_labels_file(root: Path, folder: Path) -> Path:
+    """``folder/labels.csv``: the rows of ``root``'s train, val and test files in one file."""
+    folder.mkdir()
+    (folder / "images").symlink_to(root / "images")
+    rows = [(root / f"{split}.csv").read_text().splitlines() for split in ("train", "val", "test")]
+    (folder / "labels.csv").write_text("\n".join([rows[0][0]] + [r for s in rows for r in s[1:]]))
+    return folder
+
+
 def test_eval_deals_one_labels_file_by_group_as_training_did(mosaics, tmp_path, capsys):
     root, names = mosaics
-    single = tmp_path / "one-file"
-    single.mkdir()
-    (single / "images").symlink_to(root / "images")
-    rows = [(root / f"{split}.csv").read_text().splitlines() for split in ("train", "val", "test")]
-    (single / "labels.csv").write_text("\n".join([rows[0][0]] + [r for s in rows for r in s[1:]]))
+    single = one_labels_file(root, tmp_path / "one-file")
     path = checkpoint(tmp_path / "ck.safetensors", names)
     args = ["--checkpoint", str(path), "--data-dir", str(single), "--split-by", "group"]
     output = run_eval(capsys, *args, "--seed", "3")
@@ -173,11 +179,7 @@ def test_the_readme_workflow_train_eval_predict(mosaics, tmp_path, capsys):
 
 def test_eval_of_a_run_on_one_labels_file_deals_it_as_the_run_did(mosaics, tmp_path, capsys):
     root, names = mosaics
-    single = tmp_path / "one-file"
-    single.mkdir()
-    (single / "images").symlink_to(root / "images")
-    rows = [(root / f"{split}.csv").read_text().splitlines() for split in ("train", "val", "test")]
-    (single / "labels.csv").write_text("\n".join([rows[0][0]] + [r for s in rows for r in s[1:]]))
+    single = one_labels_file(root, tmp_path / "one-file")
     run = tmp_path / "run"
     train = ["train", "--dataset", "csv", "--data-dir", str(single), "--epochs", "1", "--out", str(run),
              "--batch-size", "8", "--workers", "0", "--set", "split_by=group", "--set", "seed=3"]  # fmt: skip
