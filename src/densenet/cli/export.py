@@ -125,8 +125,10 @@ def _verify_inputs(
     inputs = {f"random batch {n}": torch.randn(n, *info.input_size, generator=gen) for n in (1, 3)}
     if args.images:
         transform = info.transform()
-        images = [transform(load_image(p)) for p in list_images(args.images)[:MAX_IMAGES]]
-        inputs[f"{len(images)} real images"] = torch.stack(images)
+        paths = list_images(args.images)
+        images = [transform(load_image(p)) for p in paths[:MAX_IMAGES]]
+        first = f" (the first of {len(paths)})" if len(paths) > MAX_IMAGES else ""
+        inputs[f"{len(images)} real images{first}"] = torch.stack(images)
     elif calibration is not None:
         images = torch.cat(calibration)[:MAX_IMAGES]
         inputs[f"{len(images)} calibration images"] = images
