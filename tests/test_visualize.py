@@ -41,9 +41,9 @@ def test_the_figure_draws_densenet_gradcam_map(tmp_path, monkeypatch):
         calls.append((args, kwargs))
         return real_grad_cam(*args, **kwargs)
 
-    def header(fig, shown, cam, probs, class_names):
-        drawn.append((cam, probs))
-        real_header(fig, shown, cam, probs, class_names)
+    def header(fig, shown, cam, probs, class_names, top_title):
+        drawn.append((cam, probs, top_title))
+        real_header(fig, shown, cam, probs, class_names, top_title)
 
     monkeypatch.setattr(visualize, "grad_cam", spy)
     monkeypatch.setattr(visualize, "_draw_header", header)
@@ -63,7 +63,8 @@ def test_the_figure_draws_densenet_gradcam_map(tmp_path, monkeypatch):
     )
     _check_png(path)
     assert len(calls) == 1 and calls[0][1] == {"task": "multilabel"}
-    cam, probs = drawn[0]
+    cam, probs, top_title = drawn[0]
+    assert top_title == "top-5 labels (each its own sigmoid)"
     assert torch.equal(cam, real_grad_cam(loaded, x, task="multilabel").cam)
     with torch.no_grad():
         assert torch.allclose(probs, loaded(x)[0].sigmoid())  # labels, not a softmax

@@ -157,13 +157,14 @@ def feature_map_figure(
     columns = max(channels, 4)
     fig = Figure(figsize=(1.9 * columns, 2.0 * len(maps) + 3.2))
     header, grid = fig.subfigures(2, 1, height_ratios=[3.2, 2.0 * len(maps)])
-    _draw_header(header, shown, cam, probs, class_names)
+    top_title = "top-5 labels (each its own sigmoid)" if task == "multilabel" else "top-5 classes"
+    _draw_header(header, shown, cam, probs, class_names, top_title)
     _draw_feature_maps(grid, maps, channels)
     return _save(fig, path)
 
 
 def _draw_header(
-    fig, shown: np.ndarray, cam: torch.Tensor, probs: torch.Tensor, class_names
+    fig, shown: np.ndarray, cam: torch.Tensor, probs: torch.Tensor, class_names, top_title: str
 ) -> None:
     """Input image, Grad-CAM ``(H, W)`` in [0, 1] over it, bar chart of the top-5
     probabilities."""
@@ -184,7 +185,7 @@ def _draw_header(
     bar_ax.set_yticks(positions, labels, fontsize=9)
     bar_ax.set_xlim(0, 100)
     bar_ax.set_xlabel("probability (%)", fontsize=9)
-    bar_ax.set_title("top-5 classes", fontsize=9)
+    bar_ax.set_title(top_title, fontsize=9)
 
 
 def _draw_feature_maps(fig, maps: Sequence[torch.Tensor], channels: int) -> None:
