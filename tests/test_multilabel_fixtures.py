@@ -127,3 +127,16 @@ def test_chestxray14_column_names_are_read(tmp_path):
         ("00000001_000.png", ("Cardiomegaly", "Emphysema"), "1"),
         ("00000002_000.png", (), "2"),
     ]
+
+
+def test_a_listed_image_that_is_missing_names_the_labels_file_row(tmp_path):
+    from densenet.data.images import BadImageError
+    from densenet.data.labels import LabelsFileImages, read_table
+
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.csv").write_text("image,labels\nimages/gone.png,x\n")
+    images = LabelsFileImages(read_table(tmp_path), "train")
+    with pytest.raises(BadImageError, match="gone.png .*remove its row from the labels file"):
+        images.load(0)
+    images.drop_unreadable()
+    assert len(images.bad_images) == 1 and "labels file" not in images.bad_images[0]

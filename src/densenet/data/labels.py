@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from densenet.data.datasets import InMemoryImages
-from densenet.data.images import SKIP_HINT, BadImageError, load_image
+from densenet.data.images import BadImageError, load_image
 from densenet.messages import count, did_you_mean, notice
 from densenet.multilabel import TASKS
 from densenet.progress import progress
@@ -55,6 +55,8 @@ def parse_labels(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for n in names if n and n != NO_LABEL))
 
 
+# What to do about an image a labels file lists that cannot be read (or does not exist).
+ROW_HINT = "fix its path or remove its row from the labels file, or pass --skip-bad-images"
 # ChestX-ray14's Data_Entry_2017.csv names the columns so.
 COLUMN_ALIASES = {"Image Index": "image", "Finding Labels": "labels", "Patient ID": "group"}
 
@@ -252,7 +254,7 @@ class LabelsFileImages(Dataset):
     def load(self, index: int, channels: int | None = None) -> Any:
         """Image ``index`` decoded by :func:`load_image`; ``BadImageError`` naming the file."""
         path = self.root / self.rows[index].image
-        return load_image(path, str(path), SKIP_HINT, channels or self.channels)
+        return load_image(path, str(path), ROW_HINT, channels or self.channels)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         image = self.load(index)
@@ -277,7 +279,7 @@ class LabelsFileImages(Dataset):
             try:
                 self.load(index)
             except BadImageError as error:
-                self.bad_images.append(str(error).removesuffix(f"; {SKIP_HINT}"))
+                self.bad_images.append(str(error).removesuffix(f"; {ROW_HINT}"))
             else:
                 good.append(index)
         self.skipped += len(self.rows) - len(good)
