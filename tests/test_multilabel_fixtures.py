@@ -140,3 +140,17 @@ def test_a_listed_image_that_is_missing_names_the_labels_file_row(tmp_path):
         images.load(0)
     images.drop_unreadable()
     assert len(images.bad_images) == 1 and "labels file" not in images.bad_images[0]
+
+
+def test_a_labels_file_dataset_without_val_csv_validates_on_test_csv(tmp_path, capsys):
+    from densenet.data.labels import LabelsFileImages, read_table
+
+    (tmp_path / "train.csv").write_text("image,labels\na.png,x\nb.png,y\n")
+    (tmp_path / "test.csv").write_text("image,labels\nc.png,x\n")
+    table = read_table(tmp_path)
+    val = LabelsFileImages(table, "val")
+    assert [r.image for r in val.rows] == ["c.png"]
+    assert f"{tmp_path} has no val.csv: using test.csv for split val" in capsys.readouterr().err
+    (tmp_path / "test.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="no val.csv"):
+        LabelsFileImages(read_table(tmp_path), "val")

@@ -235,6 +235,10 @@ class LabelsFileImages(Dataset):
         transform: Callable | None = None,
         channels: int | None = None,
     ) -> None:
+        stand_in = {"val": "test", "test": "val"}.get(split)
+        if split not in table.splits and stand_in in table.splits:  # as folders' val/ and test/
+            _announce(f"{table.root} has no {split}.csv: using {stand_in}.csv for split {split}")
+            split = stand_in
         if split not in table.splits:
             raise FileNotFoundError(f"{table.root}: no {split}.csv (dataset csv, split {split})")
         self.root = table.root
