@@ -25,3 +25,14 @@ def count(n: int, noun: str) -> str:
 def notice(message: str) -> None:
     """A one-line message to the user on stderr (never silent, never an exception)."""
     print(f"densenet: {message}", file=sys.stderr)
+
+
+_said: set[str] = set()
+
+
+def notice_once(message: str) -> None:
+    """:func:`notice`, the first time this process says ``message`` (a dataset read once per
+    split, or by several commands in one process, says what it found once)."""
+    if message not in _said:
+        _said.add(message)
+        notice(message)

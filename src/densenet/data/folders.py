@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from densenet.data.datasets import InMemoryImages
 from densenet.data.images import IMAGE_EXTENSIONS, SKIP_HINT, BadImageError, load_image
-from densenet.messages import count, did_you_mean, notice
+from densenet.messages import count, did_you_mean, notice_once
 from densenet.progress import progress
 
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -304,9 +304,6 @@ def _listing(root: Path, inside: PurePosixPath) -> tuple[set[str], list[str]]:
     return folders, files
 
 
-_NOTED: set[str] = set()  # the wrapper-folder notices already printed (one per folder or zip)
-
-
 def _inner_folder(root: Path) -> str | None:
     """The one top folder to read inside, if ``root`` holds nothing else that counts and that
     folder holds no image directly (it wraps the tree: ``zip -r small.zip small`` puts everything
@@ -320,9 +317,7 @@ def _inner_folder(root: Path) -> str | None:
         return None  # a tree with one split
     if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in _listing(root, PurePosixPath(top))[1]):
         return None  # a one-class flat tree: the folder is the class
-    if str(root) not in _NOTED:
-        _NOTED.add(str(root))
-        notice(f"{root} holds only the folder {top}/: reading the images inside it")
+    notice_once(f"{root} holds only the folder {top}/: reading the images inside it")
     return top
 
 
@@ -432,15 +427,6 @@ def holdout_digest(root: str | Path) -> str | None:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
-@functools.cache  # once per folder and process: training reads both parts, eval one
-def _announce_holdout(description: str, total: int, held_out: int) -> None:
-    notice(
-        f"{description}: {HOLDOUT_PERCENT}% of each class, chosen by file name, is held out for "
-        f"validation ({held_out} of {total} files; {total - held_out} for training). Make train/ "
-        "and val/ sub-folders to choose them yourself"
-    )
-
-
 def folder_dataset(
     root: Path,
     split: str,
@@ -458,7 +444,13 @@ def folder_dataset(
         if split == "all":
             return dataset
         held = _holdout(dataset)
-        _announce_holdout(holdout_description(root, splits), len(held), sum(held))
+        total, held_out = len(held), sum(held)
+        notice_once(  # training reads both parts: said once
+            f"{holdout_description(root, splits)}: {HOLDOUT_PERCENT}% of each class, chosen by "
+            f"file name, is held out for validation ({held_out} of {total} files; "
+            f"{total - held_out} for training). Make train/ and val/ sub-folders to choose them "
+            "yourself"
+        )
         return dataset.subset([i for i, h in enumerate(held) if h == (split != "train")])
     if split == "all":
         raise ValueError(

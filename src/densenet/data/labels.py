@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from densenet.data.datasets import InMemoryImages
 from densenet.data.images import BadImageError, load_image
-from densenet.messages import count, did_you_mean, notice
+from densenet.messages import count, did_you_mean, notice_once
 from densenet.multilabel import TASKS
 from densenet.progress import progress
 
@@ -123,16 +123,6 @@ def _group_split(rows: list[LabelRow], seed: int, source: Path) -> dict[str, lis
     return splits
 
 
-_announced: set[str] = set()
-
-
-def _announce(message: str) -> None:
-    """A notice shown once per process (the table is read for each split)."""
-    if message not in _announced:
-        _announced.add(message)
-        notice(message)
-
-
 def _note_leaks(root: Path, splits: dict[str, list[LabelRow]]) -> None:
     """Say where the splits share an image or a group (a score on the later split is then
     partly on training data) and where one image is listed with two sets of labels."""
@@ -147,14 +137,14 @@ def _note_leaks(root: Path, splits: dict[str, list[LabelRow]]) -> None:
     for kind, found in where.items():
         shared = sorted(k for k, in_splits in found.items() if len(in_splits) > 1)
         if shared:
-            _announce(
+            notice_once(
                 f"{root}: {count(len(shared), kind)} in more than one split (e.g. {shared[0]} in "
                 f"{', '.join(sorted(found[shared[0]]))}): scores on val/test are then partly on "
                 "training data; put each in one split"
             )
     conflicting = sorted(image for image, sets in labels.items() if len(sets) > 1)
     if conflicting:
-        _announce(
+        notice_once(
             f"{root}: {count(len(conflicting), 'image')} listed with different labels in "
             f"different rows (e.g. {conflicting[0]}); each row trains as written"
         )
@@ -181,7 +171,7 @@ def read_table(root: str | Path, split_by: str | None = None, seed: int = 0) -> 
         source = _single_file(root)
         splits = _group_split(read_rows(source), seed, source)
         sizes = ", ".join(f"{len(splits[s])} {s}" for s in CSV_SPLITS)
-        _announce(f"{source}: split by group (seed {seed}) into {sizes} images; no group divided")
+        notice_once(f"{source}: split by group (seed {seed}) into {sizes} images; no group divided")
     else:
         missing = [s for s in CSV_SPLITS if not (root / f"{s}.csv").is_file()]
         if "train" in missing:
@@ -200,7 +190,7 @@ def read_table(root: str | Path, split_by: str | None = None, seed: int = 0) -> 
     for name in names:
         by_folded.setdefault(name.casefold(), []).append(name)
     for spellings in (s for s in by_folded.values() if len(s) > 1):
-        _announce(f"{root}: labels {' and '.join(spellings)} differ only in case: two labels")
+        notice_once(f"{root}: labels {' and '.join(spellings)} differ only in case: two labels")
     single = all(len(row.labels) == 1 for row in train)
     return LabelsTable(root, splits, names, "multiclass" if single else "multilabel")
 
@@ -237,7 +227,7 @@ class LabelsFileImages(Dataset):
     ) -> None:
         stand_in = {"val": "test", "test": "val"}.get(split)
         if split not in table.splits and stand_in in table.splits:  # as folders' val/ and test/
-            _announce(f"{table.root} has no {split}.csv: using {stand_in}.csv for split {split}")
+            notice_once(f"{table.root} has no {split}.csv: using {stand_in}.csv for split {split}")
             split = stand_in
         if split not in table.splits:
             raise FileNotFoundError(f"{table.root}: no {split}.csv (dataset csv, split {split})")
