@@ -245,6 +245,52 @@ def test_channels_last():
     assert block_out.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_each_transition_runs_as_the_head_of_the_block_before_it(monkeypatch):
+    plain, eff = pair(block_config=(2, 2, 2))
+    heads = []
+    apply = efficient._DenseBlockFunction.apply
+    monkeypatch.setattr(
+        efficient._DenseBlockFunction, "apply", lambda *a: heads.append(a[1]) or apply(*a)
+    )
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert_same_step(step(plain, x), step(eff, x), 1e-10)
+    transitions = [eff.features.transition1, eff.features.transition2]
+    assert [None if h is None else h[2] for h in heads] == [t.conv for t in transitions] + [None]
+
+
+def test_hooks_on_a_transition_unfuse_it_and_run(monkeypatch):
+    # A fused transition is never called as a module: with hooks it runs as one, and they fire.
+    plain, eff = pair()
+    seen = []
+    eff.features.transition1.norm.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert_same_step(step(plain, x), step(eff, x), 1e-10)
+    assert seen == [torch.Size((2, 20, 8, 8))]
+
+
+def test_fusing_the_transition_keeps_less_for_backward():
+    _, fused = pair(torch.float32)
+    _, unfused = pair(torch.float32)
+    unfused.features.transition1.register_forward_hook(lambda *args: None)
+    x = torch.randn(4, 3, 16, 16)
+    block_output = 4 * 20 * 16 * 16 * 4  # bytes of transition1's input (float32)
+    # Unfused, autograd also keeps the block's output and its BN-ReLU for the transition.
+    assert saved_bytes(unfused, x) - saved_bytes(fused, x) >= 2 * block_output
+
+
+def test_forward_intermediates_with_gradients_match_plain():
+    plain, eff = pair()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    maps = [model.forward_intermediates(x) for model in (plain, eff)]
+    for a, b in zip(*maps, strict=True):
+        assert rel(b, a) <= 1e-10
+    grads = [
+        torch.autograd.grad(sum(m.square().sum() for m in ms), model.features.conv0.weight)[0]
+        for ms, model in zip(maps, (plain, eff), strict=True)
+    ]
+    assert rel(grads[1], grads[0]) <= 1e-10
+
+
 def test_torch_compile_runs_the_blocks_eagerly_with_the_same_results(monkeypatch):
     # The blocks are excluded from tracing (torch.compiler.disable), the rest is compiled.
     plain, eff = pair(torch.float32)

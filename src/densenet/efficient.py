@@ -20,6 +20,13 @@ number of layers. Here one autograd Function runs the whole block (the design of
   saved statistics and re-runs the bottleneck's 1x1 conv for the second stage (keeping every
   bottleneck output would hold ``bn_size*k`` channels per layer, 4x the buffer's k); the conv is
   never re-run for its own gradient (``aten.convolution_backward``, or two matrix products);
+* a bottleneck's 1x1 conv is computed as ``prefix^T @ weight^T``, so its output comes out
+  channels_last and the layer's second stage (BN-ReLU-conv3x3, forward and backward) runs in the
+  layout oneDNN is fastest in, whatever the model's layout;
+* the transition after a block (its BN-ReLU-1x1 conv: the *head*) runs in the same Function when
+  the model calls it (``DenseNet.forward_features``): it reads the buffer like one more layer, so
+  neither the block's output nor its BN-ReLU is ever stored (backward recomputes the BN-ReLU), and
+  the conv is a matrix product as well; its pool and dropout stay ordinary modules;
 * dropout keeps its own tiny autograd graph: the plain model's call, so the same random numbers in
   the same order and the same mask;
 * backward walks the layers in reverse and adds every prefix gradient into one shared,
@@ -32,8 +39,9 @@ would (bfloat16 under bf16 autocast): half the float32 memory, statistics still 
 Parameters get their gradients as ordinary outputs of the Function (one per parameter per step), so
 DDP's hooks see the usual pattern. Under ``torch.compile`` the blocks run eagerly
 (``torch.compiler.disable``) and everything between them is compiled. Limits: forward hooks on the
-BatchNorm and conv modules of a layer's first stage are not called, and a second backward through
-the same graph (``retain_graph=True``) raises. Inference (no grad) never takes this path.
+BatchNorm and conv modules of a layer's first stage are not called (a transition with hooks on it
+or its modules is not fused, and they run), and a second backward through the same graph
+(``retain_graph=True``) raises. Inference (no grad) never takes this path.
 """
 
 from __future__ import annotations
@@ -136,11 +144,17 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 # dense NCHW tensor with the same per-channel values. BatchNorm (statistics, normalization,
 # backward) over it is BatchNorm over (N, H, W), on its fast dense kernels, without copying the
 # prefix out; a 1x1 conv of it is one matrix product ``weight (out, width) @ prefix (width, N*H*W)``.
+# Between channels_last and channel-major a copy is a transpose of (N*H*W, C). ATen's 2D transpose
+# kernel is the faster one for many channels; for few (a layer's k new channels) the plain strided
+# copy is, up to 3.5x (measured on bf16 and float32, 12-64 channels, 8x8 to 56x56, on AVX-512).
+_FEW_CHANNELS = 32
+
+
 def _copy_channel_major(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(N, C, H, W)`` (contiguous or channels_last) copied into the channel-major ``out``
     ``(C, N, H, W)`` (contiguous)."""
     n, c, h, w = x.shape
-    if _memory_format(x) == torch.channels_last:  # a 2D transpose: ATen's blocked copy
+    if _memory_format(x) == torch.channels_last and c > _FEW_CHANNELS:
         out.view(c, -1).copy_(x.permute(0, 2, 3, 1).reshape(-1, c).t())
     else:
         out.copy_(x.transpose(0, 1))
@@ -163,7 +177,7 @@ def _copy_batch_major(out: torch.Tensor, features: torch.Tensor) -> torch.Tensor
     """Channel-major ``features`` (contiguous, ``C*N*H*W`` values) copied into ``out``
     ``(N, C, H, W)`` (contiguous or channels_last)."""
     n, c, h, w = out.shape
-    if _memory_format(out) == torch.channels_last:  # a 2D transpose: ATen's blocked copy
+    if _memory_format(out) == torch.channels_last and c > _FEW_CHANNELS:
         out.permute(0, 2, 3, 1).reshape(-1, c).copy_(features.reshape(c, -1).t())
     else:
         out.copy_(features.reshape(c, n, h, w).transpose(0, 1))
@@ -193,9 +207,27 @@ def _is_pointwise(conv: nn.Conv2d) -> bool:
     )
 
 
-def _pointwise(conv: nn.Conv2d, flat: torch.Tensor) -> torch.Tensor:
-    """``conv`` (1x1) of :func:`_flat` features ``(1, C, N*H, W)``: channel-major ``(C', N*H*W)``."""
-    return torch.mm(conv.weight.view(conv.out_channels, -1), flat.view(flat.shape[1], -1))
+def _pointwise(
+    conv: nn.Conv2d,
+    flat: torch.Tensor,
+    shape: torch.Size,
+    memory_format: torch.memory_format = torch.channels_last,
+) -> torch.Tensor:
+    """``conv`` (1x1) of :func:`_flat` features ``(1, C, N*H, W)`` (``shape``: their batch-major
+    shape ``(N, C, H, W)``): ``(N, C', H, W)`` in ``memory_format``.
+
+    For channels_last the product is taken as ``prefix^T @ weight^T``, whose rows are pixels: it
+    comes out channels_last without a copy, the layout in which the bottleneck's BN-ReLU-conv3x3
+    (forward and backward, bf16 and float32) runs fastest on oneDNN.
+    """
+    n, _, h, w = shape
+    weight = conv.weight.view(conv.out_channels, -1)
+    features = flat.view(flat.shape[1], -1)
+    if memory_format != torch.channels_last:
+        out_shape = torch.Size((n, conv.out_channels, h, w))
+        return _batch_major(torch.mm(weight, features), out_shape, memory_format)
+    pixels = torch.mm(features.t(), weight.t())
+    return pixels.view(n, h, w, conv.out_channels).permute(0, 3, 1, 2)
 
 
 def _workspace_view(workspace: torch.Tensor, shape: torch.Size, memory_format=None) -> torch.Tensor:
@@ -227,28 +259,28 @@ class _Workspaces:
 
 
 def _prefix_forward(
-    layer: DenseLayer,
+    stage: Stage,
     prefix: torch.Tensor,
     known: Stats | None,
     workspaces: _Workspaces,
     shape: torch.Size,
     memory_format: torch.memory_format,
+    pointwise_format: torch.memory_format = torch.channels_last,
 ) -> torch.Tensor:
-    """The first stage of a layer (BN-ReLU-conv of the channel-major ``prefix``, whose batch
-    statistics are ``known`` when computed already): the conv's output ``(N, C', H, W)`` in the
-    model's layout. A 1x1 conv is a matrix product on the channel-major values; another conv (a
-    basic layer's 3x3) gets a batch-major copy of the activation."""
-    norm, relu, conv, _ = _stages(layer)[0]
+    """A stage that reads the channel-major ``prefix`` (a layer's first, or the transition head:
+    BN-ReLU-conv; ``known``: the prefix's batch statistics when computed already): the conv's
+    output ``(N, C', H, W)``. A 1x1 conv is a matrix product on the channel-major values, its
+    output in ``pointwise_format``; another conv (a basic layer's 3x3) gets a batch-major copy of
+    the activation, its output in the model's layout (``memory_format``)."""
+    norm, relu, conv, _ = stage
     flat = _flat(prefix)
     out = None
     if workspaces.dtype == prefix.dtype:
         out = _workspace_view(workspaces[0], flat.shape)
     normed, _ = _norm_forward(norm, flat, known, out)
     activated = relu(normed)
-    n, _, h, w = shape
     if _is_pointwise(conv):
-        result = _pointwise(conv, activated)
-        return _batch_major(result, torch.Size((n, conv.out_channels, h, w)), memory_format)
+        return _pointwise(conv, activated, shape, pointwise_format)
     batch_major = None
     if workspaces.dtype == activated.dtype:
         batch_major = _workspace_view(workspaces[1], shape, memory_format)
@@ -274,7 +306,8 @@ def _layer_forward(
     features = None
     for s, (norm, relu, conv, drop) in enumerate(_stages(layer)):
         if s == 0:
-            conv_out = _prefix_forward(layer, prefix, known, workspaces, shape, memory_format)
+            first = (norm, relu, conv, drop)
+            conv_out = _prefix_forward(first, prefix, known, workspaces, shape, memory_format)
         else:
             normed, stats = _norm_forward(norm, features, None)
             stage_stats.append(stats)
@@ -282,6 +315,9 @@ def _layer_forward(
                 stage_inputs.append(features)
             conv_out = conv(relu(normed))
             del normed
+        if drop.training and getattr(drop, "p", 0) > 0:
+            # Dropout draws its mask in memory order: the plain model's layout, the same mask.
+            conv_out = conv_out.contiguous(memory_format=memory_format)
         with torch.enable_grad():  # the plain model's dropout call: same RNG, same mask
             features = drop(conv_out.requires_grad_())
         if features is conv_out:
@@ -306,15 +342,16 @@ class _DenseBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, block: DenseBlock, x: torch.Tensor, *params: torch.Tensor
+        ctx: Any, block: DenseBlock, head: Stage | None, x: torch.Tensor, *params: torch.Tensor
     ) -> torch.Tensor:
         layers = list(block.values())
         growth, in_channels = block.growth_rate, x.shape[1]
         total = in_channels + len(layers) * growth
         memory_format = _memory_format(x)
         block_input = _channel_major(x)
-        stats = _block_stats(layers, block_input, total)
-        widest = x.numel() // in_channels * (total - growth)
+        norms = [_stages(layer)[0][0] for layer in layers] + ([head[0]] if head else [])
+        stats = _block_stats(norms, block_input, total)
+        widest = x.numel() // in_channels * (total if head else total - growth)
         workspaces = _Workspaces(widest, x.dtype, x.device)
         buffer, stage_inputs, stage_stats, dropouts = None, [], [], []
         for i, layer in enumerate(layers):
@@ -332,9 +369,13 @@ class _DenseBlockFunction(torch.autograd.Function):
                 if dtype != workspaces.dtype:
                     workspaces = _Workspaces(widest, dtype, x.device)
             _write_features(buffer, width, features, stats, layers[0])
+        shape = torch.Size((x.shape[0], total, *x.shape[2:]))
+        if head is None:
+            output = _batch_major(buffer, shape, memory_format)
+        else:  # the block's output is never made: the head reads the buffer
+            output = _prefix_forward(head, buffer, stats, workspaces, shape, *[memory_format] * 2)
         del workspaces
-        output = _batch_major(buffer, torch.Size((x.shape[0], total, *x.shape[2:])), memory_format)
-        ctx.block, ctx.params, ctx.in_channels = block, params, in_channels
+        ctx.block, ctx.head, ctx.params, ctx.in_channels = block, head, params, in_channels
         ctx.memory_format = memory_format
         device_type = x.device.type
         ctx.autocast = dict(
@@ -357,7 +398,9 @@ class _DenseBlockFunction(torch.autograd.Function):
             )
         buffer, mean, var, *stage_inputs = ctx.saved_tensors
         dropouts, ctx.dropouts = ctx.dropouts, None
-        state = _BlockBackward(ctx, buffer, grad_output, (stage_inputs, ctx.stage_stats, dropouts))
+        saved = (stage_inputs, ctx.stage_stats, dropouts)
+        stats = None if mean is None else (mean, var)
+        state = _BlockBackward(ctx, buffer, grad_output, stats, saved)
         for i, layer in reversed(list(enumerate(ctx.block.values()))):
             width = ctx.in_channels + i * ctx.block.growth_rate
             state.layer(layer, width, None if mean is None else (mean[:width], var[:width]))
@@ -366,15 +409,18 @@ class _DenseBlockFunction(torch.autograd.Function):
             torch.Size((buffer.shape[1], ctx.in_channels, *buffer.shape[2:])),
             ctx.memory_format,
         )
-        return (None, grad_x, *(state.grads.get(p) for p in ctx.params))
+        return (None, None, grad_x, *(state.grads.get(p) for p in ctx.params))
 
 
-def _block_stats(layers: list[DenseLayer], block_input: torch.Tensor, total: int) -> Stats | None:
+def _block_stats(
+    norms: list[nn.BatchNorm2d], block_input: torch.Tensor, total: int
+) -> Stats | None:
     """Float statistics for all ``total`` channels of the block, the block input's filled in
-    (from its channel-major copy); None when no layer's BatchNorm uses batch statistics."""
-    if not any(_uses_batch_stats(_stages(layer)[0][0]) for layer in layers):
+    (from its channel-major copy); None when none of the ``norms`` reading the buffer (each
+    layer's first, the head's) uses batch statistics."""
+    if not any(_uses_batch_stats(norm) for norm in norms):
         return None
-    norm = _stages(layers[0])[0][0]
+    norm = norms[0]
     mean = torch.empty(total, dtype=norm.weight.dtype, device=block_input.device)
     var = torch.empty_like(mean)
     channels = block_input.shape[0]
@@ -406,16 +452,35 @@ class _BlockBackward:
     gradients (``grads``)."""
 
     def __init__(
-        self, ctx: Any, buffer: torch.Tensor, grad_output: torch.Tensor, saved: tuple[list, ...]
+        self,
+        ctx: Any,
+        buffer: torch.Tensor,
+        grad_output: torch.Tensor,
+        stats: Stats | None,
+        saved: tuple[list, ...],
     ) -> None:
         self.memory_format, self.autocast = ctx.memory_format, ctx.autocast
         self.buffer = buffer
-        self.grad_buffer = _channel_major(grad_output)
-        growth = ctx.block.growth_rate
-        widest = buffer.numel() // buffer.shape[0] * (buffer.shape[0] - growth)
+        channels = buffer.shape[0] if ctx.head else buffer.shape[0] - ctx.block.growth_rate
+        widest = buffer.numel() // buffer.shape[0] * channels
         self.workspaces = _Workspaces(widest, self.buffer.dtype, self.buffer.device)
         self.stage_inputs, self.stage_stats, self.dropouts = saved
         self.grads: dict[torch.Tensor, torch.Tensor] = {}
+        if ctx.head is None:
+            self.grad_buffer = _channel_major(grad_output)
+        else:
+            self.grad_buffer = self._head(ctx.head, grad_output, stats)
+
+    def _head(self, head: Stage, grad_output: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+        """Backward of the head (BN-ReLU-conv1x1 of the whole buffer, ``grad_output``: its
+        output's gradient): the buffer's gradient, channel-major."""
+        norm, _, conv, _ = head
+        flat = _flat(self.buffer)
+        activated = _activate(norm, flat, stats, _workspace_view(self.workspaces[0], flat.shape))
+        grad = _pointwise_stage_backward(
+            norm, conv, flat, stats, activated, grad_output, self.grads
+        )
+        return grad.view(self.buffer.shape)
 
     def layer(self, layer: DenseLayer, width: int, stats: Stats | None) -> None:
         """Layer ``layer`` (reading the first ``width`` channels, whose forward statistics are
@@ -439,7 +504,9 @@ class _BlockBackward:
         # Layer i's output gradient is complete: only later layers read its channels.
         growth = conv.out_channels if len(stages) == 1 else stages[1][2].out_channels
         new = self.grad_buffer[width : width + growth]
-        grad = _batch_major(new, torch.Size((n, growth, h, w)), self.memory_format)
+        # A bottleneck layer's second stage ran channels_last (see _pointwise).
+        layout = torch.channels_last if pointwise and len(stages) == 2 else self.memory_format
+        grad = _batch_major(new, torch.Size((n, growth, h, w)), layout)
         if len(stages) == 2:
             grad = self._second_stage(stages, activated, pointwise, dropouts, grad)
         grad = _dropout_backward(dropouts[0], grad)
@@ -468,10 +535,8 @@ class _BlockBackward:
             with torch.autocast(**self.autocast):
                 if pointwise:
                     n, _, h, w = grad.shape
-                    shape = torch.Size((n, conv.out_channels, h, w))
-                    bottleneck = _batch_major(
-                        _pointwise(conv, activated), shape, self.memory_format
-                    )
+                    shape = torch.Size((n, activated.shape[1], h, w))
+                    bottleneck = _pointwise(conv, activated, shape)
                 else:
                     bottleneck = _conv(conv, activated)
         else:
@@ -596,18 +661,22 @@ def _pointwise_stage_backward(
     """:func:`_stage_backward` of a 1x1 conv on the channel-major ``prefix`` (``(1, C, N*H, W)``):
     the conv's backward as two matrix products; the gradient is channel-major too.
 
-    ``grad_out``: the conv output's gradient ``(N, C', H, W)``, in any layout.
+    ``grad_out``: the conv output's gradient ``(N, C', H, W)``, contiguous or channels_last (as
+    :func:`_pointwise` wrote the output), read as the matrix ``(C', N*H*W)`` without a transpose.
     """
     normed_dtype = activated.dtype
     channels = prefix.shape[1]
-    grad_out = _channel_major(grad_out).view(conv.out_channels, -1)
+    if _memory_format(grad_out) == torch.channels_last:  # a view of (N*H*W, C')
+        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, conv.out_channels).t()
+    else:  # a batched copy
+        grad_rows = _channel_major(grad_out).view(conv.out_channels, -1)
     activated = activated.view(channels, -1).to(grad_out.dtype)
     weight = conv.weight.view(conv.out_channels, channels).to(grad_out.dtype)
-    if conv.weight.requires_grad:  # (activated @ grad_out^T)^T: faster than grad_out @ activated^T
-        grad_weight = torch.mm(activated, grad_out.t()).t()
+    if conv.weight.requires_grad:  # (activated @ grad^T)^T: faster than grad @ activated^T
+        grad_weight = torch.mm(activated, grad_rows.t()).t()
         _put(grads, conv.weight, grad_weight.reshape(conv.weight.shape))
-    grad_act = torch.mm(weight.t(), grad_out)
-    del grad_out
+    grad_act = torch.mm(weight.t(), grad_rows)
+    del grad_out, grad_rows
     grad_act = torch.ops.aten.threshold_backward.grad_input(
         grad_act, activated, 0, grad_input=activated
     )
@@ -634,11 +703,54 @@ def _compiler_disabled_when_compiling(fn):
     return wrapper
 
 
+def fusable_head(transition: nn.Module) -> bool:
+    """Whether :func:`dense_block_memory_efficient` can run ``transition``'s BN-ReLU-conv (a
+    ``Transition``: ``norm``, ``relu``, ``conv``) as the head of the block before it: a
+    BatchNorm2d, a ReLU and a bias-free 1x1 conv, none of them with hooks (a fused head is
+    never called as a module)."""
+    norm, relu, conv = (getattr(transition, name, None) for name in ("norm", "relu", "conv"))
+    return (
+        isinstance(norm, nn.BatchNorm2d)
+        and isinstance(relu, nn.ReLU)
+        and isinstance(conv, nn.Conv2d)
+        and _is_pointwise(conv)
+        and not any(has_hooks(m) for m in (transition, norm, relu, conv))
+    )
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones)."""
+    from torch.nn.modules import module as torch_module
+
+    hooks = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
+        torch_module._global_forward_hooks,
+        torch_module._global_forward_pre_hooks,
+        torch_module._global_backward_hooks,
+        torch_module._global_backward_pre_hooks,
+    )
+    return any(hooks)
+
+
 @_compiler_disabled_when_compiling
-def dense_block_memory_efficient(block: DenseBlock, x: torch.Tensor) -> torch.Tensor:
-    """Same result as ``DenseBlock.forward`` with memory linear in the number of layers."""
+def dense_block_memory_efficient(
+    block: DenseBlock, x: torch.Tensor, head: nn.Module | None = None
+) -> torch.Tensor:
+    """Same result as ``DenseBlock.forward`` with memory linear in the number of layers.
+
+    ``head``: the transition after the block (see :func:`fusable_head`); the result is then its
+    1x1 conv's output, ``head.conv(head.relu(head.norm(block(x))))``, and neither the block's
+    output nor its BN-ReLU is ever stored: backward recomputes them from the block's buffer.
+    """
+    stage = None if head is None else (head.norm, head.relu, head.conv, None)
     params = list(block.parameters())
+    if head is not None:
+        params += [*head.norm.parameters(), *head.conv.parameters()]
     if not x.requires_grad and not any(p.requires_grad for p in params):
         with torch.no_grad():  # nothing to differentiate: the plain forward
-            return block(x)
-    return _DenseBlockFunction.apply(block, x, *params)
+            out = block(x)
+            return out if head is None else head.conv(head.relu(head.norm(out)))
+    return _DenseBlockFunction.apply(block, stage, x, *params)

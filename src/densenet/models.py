@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densenet.efficient import dense_block_memory_efficient
+from densenet.efficient import dense_block_memory_efficient, fusable_head, has_hooks
 
 STEMS = ("imagenet", "cifar", "cifar_bn", "deep")
 BLUR_MODES = ("none", "stem", "all")
@@ -141,6 +141,13 @@ class Transition(nn.Sequential):
             self.add_module("drop", nn.Dropout(drop_rate))
         pool = BlurPool2d(out_channels, stride=2) if blur else nn.AvgPool2d(2, stride=2)
         self.add_module("pool", pool)
+
+    def after_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The modules after the conv ([dropout,] pool) on the conv's output ``x``."""
+        names = list(self._modules)
+        for name in names[names.index("conv") + 1 :]:
+            x = self._modules[name](x)
+        return x
 
 
 def _conv_bn_relu(index: int, in_ch: int, out_ch: int, kernel: int, stride: int) -> list:
@@ -386,7 +393,31 @@ class DenseNet(nn.Module):
         """``(N, in_chans, H, W) -> (N, num_features, H/32, W/32)`` after the final BN-ReLU."""
         if not torch.compiler.is_compiling():
             self.check_input(x)
+        if self.memory_efficient and torch.is_grad_enabled() and not has_hooks(self.features):
+            return self._features_memory_efficient(x)
         return self.features(x)
+
+    def _features_memory_efficient(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.features(x)``, each dense block run with the BN-ReLU-conv of the transition
+        after it as one memory-efficient step: backward keeps the block's buffer only, not also
+        the block's output and its BN-ReLU (a third of the peak memory, and faster)."""
+        modules = list(self.features.children())
+        fused = False
+        for module, following in zip(modules, modules[1:] + [None], strict=True):
+            if fused:  # the transition already ran with its block
+                fused = False
+                continue
+            fused = (
+                isinstance(module, DenseBlock)
+                and isinstance(following, Transition)
+                and not has_hooks(module)
+                and fusable_head(following)
+            )
+            if fused:
+                x = following.after_conv(dense_block_memory_efficient(module, x, following))
+            else:
+                x = module(x)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global pool, dropout and classifier: ``(N, C, h, w) -> (N, num_classes)``."""
