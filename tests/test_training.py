@@ -583,6 +583,7 @@ def test_more_epochs_past_a_schedule_at_lr_0_are_refused_naming_the_fix(folder, 
 
     run = tmp_path / "r"
     train(tiny(folder, run, epochs=1), progress=False, log=quiet)  # cosine to min_lr 0
+
     def untouched() -> tuple:  # not st_atime: reading the checkpoint may update it
         stat = (run / "checkpoints" / "last.safetensors").stat()
         return (run / "config.yaml").read_text(), stat.st_ino, stat.st_size, stat.st_mtime_ns

@@ -38,21 +38,26 @@ model, and the buffer, workspaces and gradient buffer hold what the plain model'
 would (bfloat16 under bf16 autocast): half the float32 memory, statistics still in float32.
 Parameters get their gradients as ordinary outputs of the Function (one per parameter per step), so
 DDP's hooks see the usual pattern. Under ``torch.compile`` the blocks run eagerly
-(``torch.compiler.disable``) and everything between them is compiled. Limits: forward hooks on the
-BatchNorm and conv modules of a layer's first stage are not called (a transition with hooks on it
-or its modules is not fused, and they run), and a second backward through the same graph
-(``retain_graph=True``) raises. Inference (no grad) never takes this path.
+(``torch.compiler.disable``) and everything between them is compiled. The Function computes the
+layers' (and the head's) BatchNorm, ReLU, conv and dropout itself: a block (or transition) with a
+module it cannot compute so (a subclass such as SyncBatchNorm, a parametrization such as
+weight_norm, a hook) runs the plain way, with a warning for a block (:func:`computable`). Limits:
+a second backward through the same graph (``retain_graph=True``) raises, and so does a backward
+after the parameters were swapped back (``torch.func.functional_call``). Inference (no grad) never
+takes this path.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.utils import parametrize
 
 if TYPE_CHECKING:
     from densenet.models import DenseBlock, DenseLayer
@@ -396,6 +401,12 @@ class _DenseBlockFunction(torch.autograd.Function):
                 "backward ran twice through a memory-efficient dense block, which frees its graph "
                 "after the first backward; use memory_efficient=False for retain_graph=True"
             )
+        if list(map(id, _parameters(ctx.block, ctx.head))) != list(map(id, ctx.params)):
+            raise RuntimeError(
+                "the parameters of a memory-efficient dense block changed between forward and "
+                "backward (e.g. torch.func.functional_call swaps them only during forward): "
+                "backward reads them from the modules; use memory_efficient=False there"
+            )
         buffer, mean, var, *stage_inputs = ctx.saved_tensors
         dropouts, ctx.dropouts = ctx.dropouts, None
         saved = (stage_inputs, ctx.stage_stats, dropouts)
@@ -597,7 +608,7 @@ def _norm_backward(
         *saved,
         batch,
         norm.eps,
-        [True, norm.weight.requires_grad, norm.bias.requires_grad],
+        [True, *(p is not None and p.requires_grad for p in (norm.weight, norm.bias))],
     )
     _put(grads, norm.weight, grad_weight)
     _put(grads, norm.bias, grad_bias)
@@ -703,18 +714,38 @@ def _compiler_disabled_when_compiling(fn):
     return wrapper
 
 
+_COMPUTABLE = (nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.Dropout)
+
+
+def computable(modules: Iterable[nn.Module]) -> bool:
+    """Whether the Function may compute ``modules`` itself instead of calling them: each exactly a
+    BatchNorm2d, ReLU, Conv2d or Dropout (a subclass such as SyncBatchNorm has its own forward),
+    without parametrizations (their weight is computed on every access) and without hooks."""
+    return all(
+        type(m) in _COMPUTABLE and not parametrize.is_parametrized(m) and not has_hooks(m)
+        for m in modules
+    )
+
+
+def _parameters(block: DenseBlock, head: Stage | None) -> list[torch.Tensor]:
+    """The parameters the Function reads: the block's, and the head's norm and conv."""
+    head_params = [] if head is None else [*head[0].parameters(), *head[2].parameters()]
+    return [*block.parameters(), *head_params]
+
+
 def fusable_head(transition: nn.Module) -> bool:
     """Whether :func:`dense_block_memory_efficient` can run ``transition``'s BN-ReLU-conv (a
-    ``Transition``: ``norm``, ``relu``, ``conv``) as the head of the block before it: a
-    BatchNorm2d, a ReLU and a bias-free 1x1 conv, none of them with hooks (a fused head is
-    never called as a module)."""
-    norm, relu, conv = (getattr(transition, name, None) for name in ("norm", "relu", "conv"))
+    ``Transition``: ``norm``, ``relu``, ``conv`` first) as the head of the block before it:
+    :func:`computable`, the conv bias-free 1x1, no hooks on the transition (a fused head is never
+    called as a module)."""
+    if list(transition._modules)[:3] != ["norm", "relu", "conv"]:
+        return False
+    norm, relu, conv = (transition._modules[name] for name in ("norm", "relu", "conv"))
     return (
-        isinstance(norm, nn.BatchNorm2d)
-        and isinstance(relu, nn.ReLU)
-        and isinstance(conv, nn.Conv2d)
+        computable((norm, relu, conv))
         and _is_pointwise(conv)
-        and not any(has_hooks(m) for m in (transition, norm, relu, conv))
+        and isinstance(relu, nn.ReLU)
+        and not has_hooks(transition)
     )
 
 
@@ -746,9 +777,7 @@ def dense_block_memory_efficient(
     output nor its BN-ReLU is ever stored: backward recomputes them from the block's buffer.
     """
     stage = None if head is None else (head.norm, head.relu, head.conv, None)
-    params = list(block.parameters())
-    if head is not None:
-        params += [*head.norm.parameters(), *head.conv.parameters()]
+    params = _parameters(block, stage)
     if not x.requires_grad and not any(p.requires_grad for p in params):
         with torch.no_grad():  # nothing to differentiate: the plain forward
             out = block(x)

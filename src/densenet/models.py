@@ -12,6 +12,7 @@ Shapes: inputs are ``(N, in_chans, H, W)`` float tensors; logits are ``(N, num_c
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densenet.efficient import dense_block_memory_efficient, fusable_head, has_hooks
+from densenet.efficient import computable, dense_block_memory_efficient, fusable_head, has_hooks
 
 STEMS = ("imagenet", "cifar", "cifar_bn", "deep")
 BLUR_MODES = ("none", "stem", "all")
@@ -118,8 +119,26 @@ class DenseBlock(nn.ModuleDict):
         in_channels = first.norm1.num_features if first.has_bottleneck else first.norm2.num_features
         return in_channels + len(self) * self.growth_rate
 
+    def memory_efficient_path(self) -> bool:
+        """Whether forward (with gradients) takes the memory-efficient path: when it is on and the
+        block's modules are the ones it computes itself (:func:`densenet.efficient.computable`;
+        a replaced, hooked or parametrized module runs the plain way, with a warning)."""
+        if not self.memory_efficient:
+            return False
+        if all(type(layer) is DenseLayer for layer in self.values()) and computable(
+            m for layer in self.values() for m in layer.children()
+        ):
+            return True
+        warnings.warn(
+            "memory_efficient: a dense block has modules the memory-efficient path cannot compute "
+            "(a subclass such as SyncBatchNorm, a parametrization or a hook); it runs the plain "
+            "way: same results, more memory",
+            stacklevel=3,
+        )
+        return False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.memory_efficient and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.memory_efficient_path():
             return dense_block_memory_efficient(self, x)
         features = [x]
         for layer in self.values():
@@ -408,10 +427,12 @@ class DenseNet(nn.Module):
                 fused = False
                 continue
             fused = (
-                isinstance(module, DenseBlock)
-                and isinstance(following, Transition)
+                type(module) is DenseBlock
+                and type(following) is Transition
                 and not has_hooks(module)
+                and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
                 and fusable_head(following)
+                and module.memory_efficient_path()
             )
             if fused:
                 x = following.after_conv(dense_block_memory_efficient(module, x, following))
