@@ -248,17 +248,25 @@ def test_channels_last():
     assert block_out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_each_transition_runs_as_the_head_of_the_block_before_it(monkeypatch):
-    plain, eff = pair(block_config=(2, 2, 2))
-    heads = []
+def recorded_calls(monkeypatch) -> list[tuple]:
+    """The arguments of every ``_DenseBlockFunction.apply`` from now on (which still runs):
+    ``(block, head, x, *params)``."""
+    calls = []
     apply = efficient._DenseBlockFunction.apply
     monkeypatch.setattr(
-        efficient._DenseBlockFunction, "apply", lambda *a: heads.append(a[1]) or apply(*a)
+        efficient._DenseBlockFunction, "apply", lambda *a: calls.append(a) or apply(*a)
     )
+    return calls
+
+
+def test_each_transition_runs_as_the_head_of_the_block_before_it(monkeypatch):
+    plain, eff = pair(block_config=(2, 2, 2))
+    calls = recorded_calls(monkeypatch)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     assert_same_step(step(plain, x), step(eff, x), 1e-10)
     transitions = [eff.features.transition1, eff.features.transition2]
-    assert [None if h is None else h[2] for h in heads] == [t.conv for t in transitions] + [None]
+    heads = [None if head is None else head[2] for _, head, *_ in calls]
+    assert heads == [t.conv for t in transitions] + [None]
 
 
 def test_hooks_on_a_transition_unfuse_it_and_run(monkeypatch):
@@ -355,28 +363,20 @@ def test_replaced_or_parametrized_modules_give_plain_results_and_gradients(chang
 def test_a_block_that_cannot_be_computed_warns_and_runs_plain(monkeypatch):
     _, eff = pair()
     _weight_norm(eff.features.denseblock1.denselayer1.conv2)
-    ran = []
-    apply = efficient._DenseBlockFunction.apply
-    monkeypatch.setattr(
-        efficient._DenseBlockFunction, "apply", lambda *a: ran.append(a[0]) or apply(*a)
-    )
+    calls = recorded_calls(monkeypatch)
     with pytest.warns(UserWarning, match="runs the plain way: same results, more memory"):
         eff(torch.randn(2, 3, 8, 8, dtype=torch.float64)).sum().backward()
-    assert ran == [eff.features.denseblock2]
+    assert [block for block, *_ in calls] == [eff.features.denseblock2]
 
 
 def test_the_per_block_flag_and_frozen_blocks_are_honoured(monkeypatch):
     _, eff = pair(block_config=(2, 2, 2))
-    ran = []
-    apply = efficient._DenseBlockFunction.apply
-    monkeypatch.setattr(
-        efficient._DenseBlockFunction, "apply", lambda *a: ran.append(a[0]) or apply(*a)
-    )
+    calls = recorded_calls(monkeypatch)
     eff.features.denseblock2.memory_efficient = False
     for p in [*eff.features.conv0.parameters(), *eff.features.denseblock1.parameters()]:
         p.requires_grad_(False)  # nothing before transition1 needs a gradient: block 1 runs plain
     eff(torch.randn(2, 3, 8, 8, dtype=torch.float64)).sum().backward()
-    assert ran == [eff.features.denseblock3]
+    assert [block for block, *_ in calls] == [eff.features.denseblock3]
     assert eff.features.transition1.conv.weight.grad is not None
 
 
@@ -391,11 +391,7 @@ def test_functional_call_gets_a_clear_error_not_wrong_gradients():
 def test_torch_compile_runs_the_blocks_eagerly_with_the_same_results(monkeypatch):
     # The blocks are excluded from tracing (torch.compiler.disable), the rest is compiled.
     plain, eff = pair(torch.float32)
-    calls = []
-    apply = efficient._DenseBlockFunction.apply
-    monkeypatch.setattr(
-        efficient._DenseBlockFunction, "apply", lambda *a: calls.append(1) or apply(*a)
-    )
+    calls = recorded_calls(monkeypatch)
     x = torch.randn(2, 3, 8, 8)
     compiled = torch.compile(eff, backend="aot_eager")
     assert_same_step(step(plain, x), step(compiled, x), 1e-4)
