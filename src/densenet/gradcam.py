@@ -99,8 +99,8 @@ def _forward_with_capture(
         model.train(was_training)
     if capture.activation is None:
         raise ValueError(
-            f"layer {layer!r} did not run in the forward pass (memory-efficient dense blocks "
-            f"compute their layers without calling them); choose a block or '{DEFAULT_LAYER}'"
+            f"layer {layer!r} did not run in the forward pass (its model computes it without "
+            f"calling it as a module); choose a block or '{DEFAULT_LAYER}'"
         )
     if capture.activation.dim() != 4:
         raise ValueError(
@@ -144,7 +144,7 @@ def grad_cam(
     except RuntimeError as error:
         raise ValueError(
             f"the output does not depend on layer {layer!r} through autograd ({error}); "
-            f"choose a layer outside a recomputed (memory-efficient) block, e.g. '{DEFAULT_LAYER}'"
+            f"choose a layer outside a recomputed (checkpointed) part, e.g. '{DEFAULT_LAYER}'"
         ) from None
     weights = gradient[0].mean(dim=(1, 2))  # (C,)
     cam = torch.relu(torch.einsum("c,chw->hw", weights, activation[0].detach()))

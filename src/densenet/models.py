@@ -119,7 +119,7 @@ class DenseBlock(nn.ModuleDict):
         in_channels = first.norm1.num_features if first.has_bottleneck else first.norm2.num_features
         return in_channels + len(self) * self.growth_rate
 
-    def memory_efficient_path(self) -> bool:
+    def memory_efficient_path(self, warn: bool = True) -> bool:
         """Whether forward (with gradients) takes the memory-efficient path: when it is on and the
         block's modules are the ones it computes itself (:func:`densenet.efficient.computable`;
         a replaced, hooked or parametrized module runs the plain way, with a warning)."""
@@ -129,12 +129,13 @@ class DenseBlock(nn.ModuleDict):
             m for layer in self.values() for m in layer.children()
         ):
             return True
-        warnings.warn(
-            "memory_efficient: a dense block has modules the memory-efficient path cannot compute "
-            "(a subclass such as SyncBatchNorm, a parametrization or a hook); it runs the plain "
-            "way: same results, more memory",
-            stacklevel=3,
-        )
+        if warn:
+            warnings.warn(
+                "memory_efficient: a dense block has modules the memory-efficient path cannot "
+                "compute (a subclass such as SyncBatchNorm, a parametrization or a hook); it runs "
+                "the plain way: same results, more memory",
+                stacklevel=3,
+            )
         return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -432,7 +433,7 @@ class DenseNet(nn.Module):
                 and not has_hooks(module)
                 and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
                 and fusable_head(following)
-                and module.memory_efficient_path()
+                and module.memory_efficient_path(warn=False)  # its own call warns
             )
             if fused:
                 x = following.after_conv(dense_block_memory_efficient(module, x, following))
