@@ -50,13 +50,14 @@ takes this path.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 
 if TYPE_CHECKING:
@@ -320,7 +321,7 @@ def _layer_forward(
                 stage_inputs.append(features)
             conv_out = conv(relu(normed))
             del normed
-        if drop.training and getattr(drop, "p", 0) > 0:
+        if drop.training and drop.p > 0:
             # Dropout draws its mask in memory order: the plain model's layout, the same mask.
             conv_out = conv_out.contiguous(memory_format=memory_format)
         with torch.enable_grad():  # the plain model's dropout call: same RNG, same mask
@@ -378,7 +379,8 @@ class _DenseBlockFunction(torch.autograd.Function):
         if head is None:
             output = _batch_major(buffer, shape, memory_format)
         else:  # the block's output is never made: the head reads the buffer
-            output = _prefix_forward(head, buffer, stats, workspaces, shape, *[memory_format] * 2)
+            formats = (memory_format, memory_format)  # a 3x3 conv's, and a 1x1 conv's
+            output = _prefix_forward(head, buffer, stats, workspaces, shape, *formats)
         del workspaces
         ctx.block, ctx.head, ctx.params, ctx.in_channels = block, head, params, in_channels
         ctx.memory_format = memory_format
@@ -714,17 +716,23 @@ def _compiler_disabled_when_compiling(fn):
     return wrapper
 
 
-_COMPUTABLE = (nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.Dropout)
+# What the Function computes itself, by position in a BN-ReLU-conv[-dropout] stage.
+_STAGE_TYPES = (nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.Dropout)
 
 
-def computable(modules: Iterable[nn.Module]) -> bool:
-    """Whether the Function may compute ``modules`` itself instead of calling them: each exactly a
-    BatchNorm2d, ReLU, Conv2d or Dropout (a subclass such as SyncBatchNorm has its own forward),
-    without parametrizations (their weight is computed on every access) and without hooks."""
+def _computable(stage: Sequence[nn.Module]) -> bool:
+    """Whether the Function may compute ``stage`` itself instead of calling its modules: each
+    exactly its type (a subclass such as SyncBatchNorm has its own forward), without
+    parametrizations (their weight is computed on every access) and without hooks."""
     return all(
-        type(m) in _COMPUTABLE and not parametrize.is_parametrized(m) and not has_hooks(m)
-        for m in modules
+        type(module) is kind and not parametrize.is_parametrized(module) and not has_hooks(module)
+        for module, kind in zip(stage, _STAGE_TYPES, strict=False)
     )
+
+
+def computable(block: DenseBlock) -> bool:
+    """Whether the Function may compute every stage of ``block``'s layers itself."""
+    return all(_computable(stage) for layer in block.values() for stage in _stages(layer))
 
 
 def _parameters(block: DenseBlock, head: Stage | None) -> list[torch.Tensor]:
@@ -733,26 +741,24 @@ def _parameters(block: DenseBlock, head: Stage | None) -> list[torch.Tensor]:
     return [*block.parameters(), *head_params]
 
 
+def needs_grad(x: torch.Tensor, params: Iterable[torch.Tensor]) -> bool:
+    """Whether anything computed from ``x`` and ``params`` is to be differentiated."""
+    return x.requires_grad or any(p.requires_grad for p in params)
+
+
 def fusable_head(transition: nn.Module) -> bool:
     """Whether :func:`dense_block_memory_efficient` can run ``transition``'s BN-ReLU-conv (a
     ``Transition``: ``norm``, ``relu``, ``conv`` first) as the head of the block before it:
-    :func:`computable`, the conv bias-free 1x1, no hooks on the transition (a fused head is never
-    called as a module)."""
+    computable as a stage, the conv bias-free 1x1, no hooks on the transition (a fused head is
+    never called as a module)."""
     if list(transition._modules)[:3] != ["norm", "relu", "conv"]:
         return False
-    norm, relu, conv = (transition._modules[name] for name in ("norm", "relu", "conv"))
-    return (
-        computable((norm, relu, conv))
-        and _is_pointwise(conv)
-        and isinstance(relu, nn.ReLU)
-        and not has_hooks(transition)
-    )
+    stage = [transition._modules[name] for name in ("norm", "relu", "conv")]
+    return _computable(stage) and _is_pointwise(stage[2]) and not has_hooks(transition)
 
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run hooks (its own or global ones)."""
-    from torch.nn.modules import module as torch_module
-
     hooks = (
         module._forward_hooks,
         module._forward_pre_hooks,
@@ -778,7 +784,7 @@ def dense_block_memory_efficient(
     """
     stage = None if head is None else (head.norm, head.relu, head.conv, None)
     params = _parameters(block, stage)
-    if not x.requires_grad and not any(p.requires_grad for p in params):
+    if not needs_grad(x, params):
         with torch.no_grad():  # nothing to differentiate: the plain forward
             out = block(x)
             return out if head is None else head.conv(head.relu(head.norm(out)))

@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densenet.efficient import computable, dense_block_memory_efficient, fusable_head, has_hooks
+from densenet.efficient import (
+    computable,
+    dense_block_memory_efficient,
+    fusable_head,
+    has_hooks,
+    needs_grad,
+)
 
 STEMS = ("imagenet", "cifar", "cifar_bn", "deep")
 BLUR_MODES = ("none", "stem", "all")
@@ -125,9 +131,7 @@ class DenseBlock(nn.ModuleDict):
         a replaced, hooked or parametrized module runs the plain way, with a warning)."""
         if not self.memory_efficient:
             return False
-        if all(type(layer) is DenseLayer for layer in self.values()) and computable(
-            m for layer in self.values() for m in layer.children()
-        ):
+        if all(type(layer) is DenseLayer for layer in self.values()) and computable(self):
             return True
         if warn:
             warnings.warn(
@@ -420,7 +424,8 @@ class DenseNet(nn.Module):
     def _features_memory_efficient(self, x: torch.Tensor) -> torch.Tensor:
         """``self.features(x)``, each dense block run with the BN-ReLU-conv of the transition
         after it as one memory-efficient step: backward keeps the block's buffer only, not also
-        the block's output and its BN-ReLU (a third of the peak memory, and faster)."""
+        the block's output and its BN-ReLU (DenseNet-BC-100: 0.26 against 0.35 GB per step, and
+        faster; docs/benchmarks.md)."""
         modules = list(self.features.children())
         fused = False
         for module, following in zip(modules, modules[1:] + [None], strict=True):
@@ -431,7 +436,7 @@ class DenseNet(nn.Module):
                 type(module) is DenseBlock
                 and type(following) is Transition
                 and not has_hooks(module)
-                and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+                and needs_grad(x, module.parameters())
                 and fusable_head(following)
                 and module.memory_efficient_path(warn=False)  # its own call warns
             )
