@@ -219,23 +219,26 @@ def measure_memory(spec: dict) -> dict:
 def measure_time(spec: dict) -> dict:
     """Median step time (s) of each configuration, the configurations' steps interleaved.
 
-    Interleaving in one process exposes every configuration to the same machine load; the first
-    step of each (allocating gradients and optimizer state) is not counted.
+    Interleaving in one process exposes every configuration to the same machine load. The first
+    ``warmup`` rounds are not counted: the first allocates gradients and optimizer state, and on this
+    project's CPU the plain model's float32 step was seen to get faster for another 10-20 steps in
+    a process holding several models (docs/benchmarks.md, "bf16 training").
     """
     steps = {config: _training_step(spec, config)[0] for config in spec["configs"]}
     times: dict[str, list[float]] = {config: [] for config in steps}
     cpu_times: dict[str, list[float]] = {config: [] for config in steps}
     threads = torch.get_num_threads()
-    for round_ in range(spec["steps"] + 1):
+    warmup = spec.get("warmup", 1)
+    for round_ in range(warmup + spec["steps"]):
         order = list(steps) if round_ % 2 == 0 else list(reversed(steps))
         for config in order:
             start, cpu_start = time.perf_counter(), time.process_time()
             steps[config]()
             times[config].append(time.perf_counter() - start)
             cpu_times[config].append((time.process_time() - cpu_start) / threads)
-    step = {config: statistics.median(t[1:]) for config, t in times.items()}
-    best = {config: min(t[1:]) for config, t in times.items()}
-    cpu = {config: statistics.median(t[1:]) for config, t in cpu_times.items()}
+    step = {config: statistics.median(t[warmup:]) for config, t in times.items()}
+    best = {config: min(t[warmup:]) for config, t in times.items()}
+    cpu = {config: statistics.median(t[warmup:]) for config, t in cpu_times.items()}
     return dict(spec, step=step, best=best, cpu=cpu, times=times, threads=threads)
 
 
@@ -273,7 +276,7 @@ def measure_model(model: str, configs: list[str], args: argparse.Namespace) -> l
         rows.append(row)
     measured = [row["config"] for row in rows if "error" not in row]
     if measured and args.steps > 0:
-        timing = dict(spec, kind="time", configs=measured, steps=args.steps)
+        timing = dict(spec, kind="time", configs=measured, steps=args.steps, warmup=args.warmup)
         timing = run_child(timing, False, args.timeout)
         for row in rows:
             if row["config"] in timing.get("step", {}):
@@ -427,7 +430,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps",
         type=int,
         default=3,
-        help="timed training steps per configuration after one untimed (0 = memory only)",
+        help="timed training steps per configuration after the --warmup ones (0 = memory only)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed interleaved rounds before the timed ones (at least 1)",
     )
     p.add_argument(
         "--depths",
@@ -461,6 +470,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", help="write a PNG of memory against depth")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (the first step allocates gradients and state)")
     for config in args.configs:
         try:
             parse_config(config)
@@ -484,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch_size}, {args.steps} timed steps, memory children with {MALLOC_ENV}")  # fmt: skip
+          f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, memory children with {MALLOC_ENV}")  # fmt: skip
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average {_load()}")
     results = run(args)
     print("\n".join(summary(results)))
