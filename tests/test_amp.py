@@ -55,7 +55,9 @@ def test_a_run_records_what_auto_chose_and_its_resume_keeps_it(folder, tmp_path,
     monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
     lines.clear()
     train(resume_config(run, {"epochs": 2}), resume=run, progress=False, log=lines.append)
-    assert not any(line.startswith("amp:") for line in lines)
+    assert not any(line.startswith("amp: auto") for line in lines)
+    # It says that bf16 is emulated here (slow), not silently.
+    assert any(line.startswith("amp: bf16 on a cpu without native bfloat16") for line in lines)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["amp"] == "bf16"
     assert "amp" not in saved["history"][-1]["changed"]
@@ -70,3 +72,20 @@ def test_a_run_records_what_auto_chose_and_its_resume_keeps_it(folder, tmp_path,
 
 def test_the_default_is_auto():
     assert TrainConfig().amp == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device auto must resolve to the CPU")
+def test_fp16_on_the_cpu_is_refused_before_any_work(folder, tmp_path, monkeypatch):  # noqa: F811
+    """With device auto resolving to the CPU, amp fp16 used to fail only after data and model
+    were built; now at once, and no run directory is left."""
+    from densenet.train import TrainingError, loop
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before amp was checked")
+
+    monkeypatch.setattr(loop, "build_data", no_data)
+    run = tmp_path / "r"
+    cfg = tiny(folder, run, amp="fp16", device="auto")
+    with pytest.raises(TrainingError, match="amp fp16 needs CUDA"):
+        train(cfg, progress=False, log=lambda line: None)
+    assert not run.exists()

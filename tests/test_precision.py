@@ -116,6 +116,32 @@ def test_impossible_precisions_are_named(precision: str, backend: str, message: 
         optimize_for_inference(tiny_model(), backend, precision=precision)
 
 
+@pytest.mark.parametrize(
+    "batches, message",
+    [
+        # uint8 pixels quantized without a word gave logits unrelated to fp32's (a user report)
+        ([torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)], "batch 0: .*floating-point"),
+        ([torch.randn(4, 1, 16, 16)], "batch 0: expected 3 input channels"),
+        ([torch.randn(4, 3, 16, 16), torch.randn(3, 16, 16)], "batch 1: expected a 4-D batch"),
+        ([torch.randn(4, 3, 16, 16), torch.randn(2, 3, 20, 20)], "batch 1 is 20x20, batch 0 16x16"),
+        ([torch.randn(2, 3, 1, 1)], "batch 0: input 1x1 is too small"),
+        ([], "needs at least one batch"),
+    ],
+)
+def test_int8_calibration_batches_are_checked(batches: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        optimize_for_inference(tiny_model(), "onnxruntime", precision="int8", calibration=batches)
+
+
+@torch.no_grad()
+def test_int8_calibration_may_be_one_batch_tensor() -> None:
+    """A single (N, C, H, W) tensor is one batch (iterating it would yield 3-D images)."""
+    model = tiny_model()
+    x = torch.randn(8, 3, 16, 16)
+    fast = optimize_for_inference(model, "onnxruntime", precision="int8", calibration=x)
+    assert rel_error(fast(x), model(x)) < 0.1
+
+
 @needs_bf16
 def test_bf16_on_onnxruntime_names_the_backends_that_can() -> None:
     with pytest.raises(ValueError, match="no bfloat16 convolution kernels.*'openvino'"):
@@ -173,6 +199,51 @@ def test_bench_precision_errors(tmp_path: Path, capsys) -> None:
     assert "calibrat" in capsys.readouterr().err
 
 
+def test_bench_says_where_a_precision_did_not_run(tmp_path: Path, capsys) -> None:
+    """--precision applies to the optimized* backends: asked for with none of them, it is named
+    as run nowhere; an int8 row on a backend without int8 names bench's own backends."""
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
+    base = ["bench", "--checkpoint", str(checkpoint), "--iters", "1", "--batch", "1", "--json"]
+    assert main([*base, "--precision", "int8", "--backends", "eager"]) == 0
+    skipped = json.loads(capsys.readouterr().out)["skipped"]
+    assert "add --backends optimized" in skipped["--precision int8"]
+    images = sorted(shared_data("test-samples").glob("cifar10_*.png"))[:4]
+    argv = [*base, "--precision", "int8", "--backends", "optimized-eager,optimized-onnxruntime"]
+    assert main([*argv, "--calibration", *map(str, images)]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert list(report["results"]["1"]) == ["optimized-onnxruntime:int8"]
+    why = report["skipped"]["optimized-eager:int8"]
+    assert "runs on optimized-onnxruntime, optimized-openvino" in why and "'eager'" not in why
+    assert "--precision int8" not in report["skipped"]
+    assert "int8 calibrates on 4 images of --calibration" in captured.err
+
+
+def test_unreadable_calibration_is_an_error_before_any_work(tmp_path: Path, capsys) -> None:
+    """An empty folder or a non-image as --calibration stops bench, export and predict at once
+    (bench used to skip its int8 rows and succeed); the message names the file and the fix."""
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
+    empty, text = tmp_path / "empty", tmp_path / "notes.jpg"
+    empty.mkdir()
+    text.write_text("not an image")
+    image = str(sorted(shared_data("test-samples").glob("cifar10_*.png"))[0])
+    commands = {
+        "bench": ["bench", "--checkpoint", str(checkpoint), "--precision", "int8", "--iters", "1"],
+        "export": ["export", "--checkpoint", str(checkpoint), "--precision", "int8", "--out",
+                   str(tmp_path / "q.onnx")],
+        "predict": ["predict", "--checkpoint", str(checkpoint), image, "--precision", "int8"],
+    }  # fmt: skip
+    for command, argv in commands.items():
+        assert main([*argv, "--calibration", str(empty)]) == 2, command
+        assert "no image files" in capsys.readouterr().err, command
+        assert main([*argv, "--calibration", str(text)]) == 2, command
+        err = capsys.readouterr().err
+        assert "notes.jpg" in err and "not a readable image" in err, (command, err)
+        fix = "--skip-bad-images" if command == "predict" else "remove it from --calibration"
+        assert fix in err, (command, err)
+    assert not (tmp_path / "q.onnx").exists()
+
+
 # --- the commands ----------------------------------------------------------------------------
 def test_eval_precisions_on_real_cifar10_jpegs(tmp_path: Path, capsys) -> None:
     """``eval --precision``: the same images scored at each precision, int8 calibrated on the
@@ -190,7 +261,7 @@ def test_eval_precisions_on_real_cifar10_jpegs(tmp_path: Path, capsys) -> None:
         assert result["precision"] == expected and result["images"] == 200
         top1[precision] = result["top1"]
         if precision == "int8":
-            assert "int8 calibrated on 256 images of folder train" in captured.err
+            assert "int8 calibrates on 256 images of folder train" in captured.err
         suffix = "" if expected == "fp32" else f"_{expected}"
         assert (tmp_path / f"eval_folder_test{suffix}.json").is_file()
     # 78% in fp32 on these 200; low precision moves a few images at most.
@@ -209,7 +280,7 @@ def test_predict_precision(tmp_path: Path, capsys) -> None:
         report = json.loads(captured.out)
         assert report["precision"] == precision
         labels[precision] = [p["top"][0]["label"] for p in report["predictions"]]
-    assert "int8 calibrated on the 20 images predicted" in captured.err
+    assert "int8 calibrates on 20 images of the images predicted" in captured.err
     agree = sum(a == b for a, b in zip(labels["fp32"], labels["int8"], strict=True))
     assert agree >= 18
 
@@ -246,3 +317,28 @@ def test_export_low_precision_files_read_back(tmp_path: Path, capsys) -> None:
     assert main([*base, "--out", str(tmp_path / "i.pt2"), "--precision", "int8"]) == 2
     assert "precision int8 exports as onnx (.onnx)" in capsys.readouterr().err
     assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "i.pt2").exists()
+
+
+def test_calibration_without_int8_is_named_not_silently_ignored(tmp_path: Path, capsys) -> None:
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
+    image = str(sorted(shared_data("test-samples").glob("cifar10_*.png"))[0])
+    missing = str(tmp_path / "no-such-folder")
+    argv = ["predict", "--checkpoint", str(checkpoint), image, "--calibration", missing, "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["precision"] == "fp32"
+    assert "--calibration calibrates int8 only; ignored here" in captured.err
+
+
+def test_export_names_the_format_before_asking_for_calibration(tmp_path: Path, capsys) -> None:
+    """int8 to a .pt2: the format is the first problem, not the missing images; an extension
+    that names no format gets advice that works (the old advice, --format, was refused next)."""
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
+    base = ["export", "--checkpoint", str(checkpoint)]
+    assert main([*base, "--precision", "int8", "--out", str(tmp_path / "q.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert "precision int8 exports as onnx (.onnx)" in err and "calibration" not in err
+    assert main([*base, "--out", str(tmp_path / "z.bin")]) == 2
+    err = capsys.readouterr().err
+    assert "its extension chooses the format: .onnx onnx, .pt2 exported-program" in err
+    assert "give --format" not in err

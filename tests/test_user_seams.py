@@ -195,7 +195,7 @@ def test_int8_eval_of_a_folder_without_splits_says_it_calibrates_on_what_it_scor
         capsys,
     )
     assert status == 0, err
-    assert "int8 calibrated on 12 images of the images evaluated" in err
+    assert "int8 calibrates on 12 images of the images evaluated" in err
     assert "held out for validation" not in err
 
 

@@ -67,7 +67,7 @@ def export_model(
     metadata = metadata or {}
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    _check_precision(precision, fmt)
+    check_precision(precision, fmt)
     if precision == "int8":
         from densenet.quantization import quantize_onnx, save_quantized
 
@@ -132,7 +132,8 @@ def _decoded(value: str) -> Any:
         return value
 
 
-def _check_precision(precision: str, fmt: str) -> None:
+def check_precision(precision: str, fmt: str) -> None:
+    """A ``ValueError`` unless ``fmt`` can hold a ``precision`` export, naming the one that can."""
     if precision not in PRECISION_FORMATS:
         raise ValueError(f"precision must be one of {tuple(PRECISION_FORMATS)}, got {precision!r}")
     if fmt not in PRECISION_FORMATS[precision]:

@@ -325,7 +325,8 @@ def _as_densenet(model: nn.Module) -> DenseNet:
     if isinstance(model, DenseNet):
         return model
     raise ValueError(
-        f"optimize_for_inference needs a densenet.DenseNet, got {type(model).__name__}; build it "
+        f"optimize_for_inference needs a densenet.DenseNet, got "
+        f"{type(model).__module__}.{type(model).__qualname__}; build it "
         "with densenet.create_model(...) (torchvision/timm state dicts load into it unchanged)"
     )
 

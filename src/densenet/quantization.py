@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from densenet.inference import fuse_for_inference
+from densenet.inference import InputCheck, fuse_for_inference
 from densenet.io import atomic_write
 from densenet.runtimes import import_onnxruntime, onnx_bytes
 
 
 def quantize_onnx(
     model: nn.Module,
-    calibration: Iterable[torch.Tensor],
+    calibration: Iterable[torch.Tensor] | torch.Tensor,
     *,
     per_channel: bool = True,
     reduce_range: bool = False,
@@ -36,8 +36,8 @@ def quantize_onnx(
 ) -> bytes:
     """Serialized int8 ONNX of ``model``, activation ranges from ``calibration`` batches.
 
-    ``calibration`` yields float ``(N, C, H, W)`` batches, normalized like the model's inputs
-    (a few hundred real images are enough). ``reduce_range`` uses 7-bit weights, which avoids
+    ``calibration`` yields float ``(N, C, H, W)`` batches of one image size, normalized like the
+    model's inputs (a few hundred real images are enough), or is one such batch. ``reduce_range`` uses 7-bit weights, which avoids
     int16 overflow on CPUs without VNNI at some accuracy cost. onnxruntime's own warnings
     (root-logger advice, per-node notes) are shown only when ``verbose``.
     """
@@ -46,9 +46,8 @@ def quantize_onnx(
     import_onnxruntime()
     from onnxruntime import quantization as q
 
-    batches = [b.detach().float().cpu().contiguous() for b in calibration]
-    if not batches:
-        raise ValueError("int8 calibration needs at least one batch of real, normalized images")
+    graph = fuse_for_inference(model, preallocate=False)
+    batches = calibration_batches(calibration, graph.check_input)
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
@@ -62,7 +61,6 @@ def quantize_onnx(
             batch = next(self.items, None)
             return None if batch is None else {"input": batch.numpy()}
 
-    graph = fuse_for_inference(model, preallocate=False)
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
         fp32.write_bytes(onnx_bytes(graph, batches[0][:1]))
@@ -81,6 +79,32 @@ def quantize_onnx(
                 op_types_to_quantize=["Conv", "Gemm"],
             )
         return int8.read_bytes()
+
+
+def calibration_batches(
+    calibration: Iterable[torch.Tensor] | torch.Tensor, check_input: InputCheck
+) -> list[torch.Tensor]:
+    """The calibration batches as float32 CPU tensors, each checked against the model's input
+    contract (``check_input``) and of one image size (the graph is traced at it); a tensor
+    is one batch. Raises ``ValueError`` naming the first bad batch."""
+    if isinstance(calibration, torch.Tensor):
+        calibration = [calibration]
+    batches: list[torch.Tensor] = []
+    for i, batch in enumerate(calibration):
+        try:
+            check_input(batch)
+        except ValueError as e:
+            raise ValueError(f"int8 calibration batch {i}: {e}") from None
+        if batches and batch.shape[2:] != batches[0].shape[2:]:
+            size = "x".join(map(str, batches[0].shape[2:]))
+            raise ValueError(
+                f"int8 calibration batch {i} is {'x'.join(map(str, batch.shape[2:]))}, batch 0 "
+                f"{size}: give every calibration image the size the model will run at"
+            )
+        batches.append(batch.detach().float().cpu().contiguous())
+    if not batches:
+        raise ValueError("int8 calibration needs at least one batch of real, normalized images")
+    return batches
 
 
 @contextlib.contextmanager

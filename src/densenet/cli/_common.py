@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from densenet.cli import CLIError
+from densenet.messages import count
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not for --help
     import torch
@@ -167,15 +168,19 @@ def random_weights_notice(args: argparse.Namespace) -> None:
     )
 
 
-def add_precision_arguments(parser: argparse.ArgumentParser, calibration_default: str) -> None:
+BF16_HELP = "bf16 (on CPUs with AVX512_BF16 or AMX and on GPUs; fp32 with a notice elsewhere)"
+
+
+def add_precision_arguments(
+    parser: argparse.ArgumentParser, calibration_default: str, bf16: str = BF16_HELP
+) -> None:
     """``--precision`` and ``--calibration`` (int8's images; ``calibration_default`` says which
-    images are used without it)."""
+    images are used without it); ``bf16``: what the bf16 choice does, for the help."""
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="arithmetic to run the model in: fp32 (exact), bf16 (on CPUs with AVX512_BF16 or "
-        "AMX and on GPUs; fp32 with a notice elsewhere) or int8 (CPU, calibrated on "
+        help=f"arithmetic to run the model in: fp32 (exact), {bf16} or int8 (CPU, calibrated on "
         "--calibration); accuracy and speed of each: docs/benchmarks.md",
     )
     add_calibration_argument(parser, calibration_default)
@@ -191,34 +196,55 @@ def add_calibration_argument(parser: argparse.ArgumentParser, default: str) -> N
     )
 
 
+def unused_calibration_notice(command: str, calibration: list[str] | None, int8: bool) -> None:
+    """Say that ``--calibration`` is ignored when no int8 model is made (it is not checked
+    either), instead of ignoring it silently."""
+    if calibration and not int8:
+        print(
+            f"densenet {command}: note: --calibration calibrates int8 only; ignored here "
+            "(add --precision int8 to use it)",
+            file=sys.stderr,
+        )
+
+
 def calibration_batches(
-    paths: list[str], info: ModelInfo, skip_bad_images: bool = False
+    paths: list[str],
+    info: ModelInfo,
+    command: str,
+    source: str,
+    skip_bad_images: bool = False,
+    hint: str | None = None,
 ) -> list[torch.Tensor]:
     """The images in ``paths`` (files or folders) through the model's eval transform, as
-    batches of 32: int8 calibration data. ``skip_bad_images``: leave out unreadable files (the
-    command names them when it reads them itself) instead of stopping at the first."""
+    batches of 32: int8 calibration data; says on stderr how many it calibrates on and from
+    where (``source``, e.g. "--calibration"). An unreadable file stops it (its message ends with
+    ``hint``, default: remove it or pass --skip-bad-images), or with ``skip_bad_images`` is left
+    out and named."""
     import torch
 
-    from densenet.data import BadImageError, load_image
+    from densenet.data import SKIP_HINT, BadImageError, load_image
     from densenet.predict import list_images
 
     transform = info.transform()
     images, skipped = [], []
     for path in list_images(paths):
         try:
-            images.append(transform(load_image(path)))
+            images.append(transform(load_image(path, hint=hint or SKIP_HINT)))
         except BadImageError:
             if not skip_bad_images:
                 raise
             skipped.append(str(path))
+    left_out = ""
     if skipped:
-        print(
-            f"densenet: int8 calibration skipped {len(skipped)} unreadable image(s) "
-            f"(--skip-bad-images): {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}",
-            file=sys.stderr,
-        )
+        named = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        left_out = f"; {count(len(skipped), 'unreadable image')} left out: {named}"
     if not images:
-        raise CLIError(f"no readable image to calibrate int8 on in {' '.join(map(str, paths))}")
+        raise CLIError(f"no readable image to calibrate int8 on in {source}{left_out}")
+    print(
+        f"densenet {command}: int8 calibrates on {count(len(images), 'image')} of {source}"
+        f"{left_out}",
+        file=sys.stderr,
+    )
     return list(torch.stack(images).split(32))
 
 

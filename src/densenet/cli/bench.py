@@ -34,6 +34,7 @@ from densenet.cli._common import (
     calibration_batches,
     model_from_args,
     random_weights_notice,
+    unused_calibration_notice,
 )
 
 if TYPE_CHECKING:  # torch is imported when the command runs, not for --help
@@ -166,8 +167,25 @@ def torchvision_model(model: nn.Module) -> nn.Module:
 
 def _calibration_batches(args: argparse.Namespace, info) -> list[torch.Tensor]:
     if not args.calibration:
-        raise CLIError("the int8 backend calibrates on real images: add --calibration IMAGES")
-    return calibration_batches(args.calibration, info)
+        raise CLIError("int8 calibrates on real images: add --calibration IMAGES")
+    return calibration_batches(
+        args.calibration, info, "bench", "--calibration", hint="remove it from --calibration"
+    )
+
+
+def _unreached(
+    precisions: tuple[str, ...], names: list[str], precision_of: dict, skipped: dict
+) -> dict[str, str]:
+    """A note for each requested precision that no backend runs and no skipped row explains:
+    ``--precision`` applies to the optimized* backends only."""
+    ran = set(precision_of.values()) | {row.split(":")[-1] for row in skipped if ":" in row}
+    optimized = any(name.startswith("optimized") for name in names)
+    return {
+        f"--precision {precision}": "no backend given runs it; --precision sets the optimized* "
+        "backends' precision (add --backends optimized)"
+        for precision in precisions
+        if precision not in ran and not (optimized and precision == "fp32")
+    }
 
 
 def build_backends(
@@ -241,10 +259,18 @@ def _optimized(
 ) -> tuple[Callable, str]:
     """Our graph on ``backend`` at ``precision``; a ``ValueError`` when that cannot run here."""
     from densenet import runtime
-    from densenet.inference import optimize_for_inference
+    from densenet.inference import PRECISION_BACKENDS, PRECISION_LIMITS, optimize_for_inference
 
     if precision == "bf16" and not runtime.native_bf16("cpu"):
         raise ValueError("this CPU has no native bfloat16 (AVX512_BF16 or AMX)")
+    able = PRECISION_BACKENDS[precision]
+    if backend != "auto" and backend not in able:
+        # optimize_for_inference would name its own backends; this command's are optimized-*.
+        raise ValueError(
+            f"{precision} does not run on optimized-{backend}"
+            f"{PRECISION_LIMITS.get((precision, backend), '')}; it runs on "
+            f"{', '.join('optimized-' + b for b in able)} (and optimized: the fastest of them)"
+        )
     if precision == "int8" and options.calibration is None:
         raise ValueError("int8 calibrates on real images: add --calibration IMAGES")
     fn = optimize_for_inference(
@@ -379,17 +405,27 @@ def run(args: argparse.Namespace) -> int:
     model = model.cpu().eval()
     size = args.size or info.input_size[-1]
     example = torch.randn(1, model.in_chans, size, size)
+    calibration = None
+    optimized = any(name.startswith("optimized") for name in names)
+    int8 = "int8" in names or ("int8" in precisions and optimized)  # a row will calibrate
+    unused_calibration_notice("bench", args.calibration, int8)
+    if int8:  # unreadable images are an error before any work, not a skipped row
+        calibration = _calibration_batches(args, info)
     backends, skipped, precision_of = build_backends(
         names,
         model,
         example,
         args.threads,
-        lambda: _calibration_batches(args, info),
+        (lambda: calibration) if calibration else None,
         args.micro_batch,
         args.streams,
         precisions,
         {"verbose": args.verbose},
     )
+    skipped.update(_unreached(precisions, names, precision_of, skipped))
+    if not backends:
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+        raise CLIError(f"no backend can run here ({reasons})")
     report = dict(
         model=info.name,
         source=info.source,

@@ -19,6 +19,7 @@ from densenet.cli._common import (
     calibration_batches,
     model_device,
     model_from_args,
+    unused_calibration_notice,
 )
 
 # int8 calibrates on this many training images of the dataset unless --calibration is given.
@@ -178,7 +179,9 @@ def _calibration(
     import torch
 
     if args.calibration:
-        return calibration_batches(args.calibration, info, args.skip_bad_images)
+        return calibration_batches(
+            args.calibration, info, "eval", "--calibration", args.skip_bad_images
+        )
     one_crop = argparse.Namespace(**{**vars(args), "ten_crop": False, "limit": CALIBRATION_IMAGES})
     # --split all scores every image of a folder: none is left to calibrate on that is not scored.
     split = "all" if args.split == "all" else "train"
@@ -190,13 +193,17 @@ def _calibration(
             f"({error}); give --calibration IMAGES"
         ) from None
     images = torch.cat([inputs for inputs, _ in loader]).float()
-    source = (
-        f"the images evaluated (--split all scores all of {args.data_dir}; --calibration "
-        "IMAGES calibrates on others)"
-        if split == "all"
-        else f"{dataset_name} train"
-    )
-    print(f"densenet eval: int8 calibrated on {len(images)} images of {source}", file=sys.stderr)
+    others = "--calibration IMAGES calibrates on others"
+    if split == "all":
+        source = (
+            f"the images evaluated (split all: every image of {args.data_dir} is scored, none is "
+            f"left apart; {others})"
+        )
+    elif args.split == "train":
+        source = f"{dataset_name} train, the split evaluated ({others})"
+    else:
+        source = f"{dataset_name} train"
+    print(f"densenet eval: int8 calibrates on {len(images)} images of {source}", file=sys.stderr)
     return list(images.split(32))
 
 
@@ -498,6 +505,7 @@ def run(args: argparse.Namespace) -> int:
     from densenet.io import atomic_write
 
     _check(args)
+    unused_calibration_notice("eval", args.calibration, args.precision == "int8")
     model, info = model_from_args(args)
     dataset_name = args.dataset or info.dataset
     if not dataset_name:

@@ -23,6 +23,7 @@ from densenet.cli._common import (
     calibration_batches,
     model_from_args,
     random_weights_notice,
+    unused_calibration_notice,
 )
 
 if TYPE_CHECKING:  # torch-free at import: --help stays instant
@@ -55,7 +56,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--optimize",
         action="store_true",
-        help="export the inference graph (BN folded, pool-first transitions)",
+        help="export the inference graph (BN folded, pool-first transitions); bf16 and int8 "
+        "always export it",
     )
     parser.add_argument("--size", type=int, help="traced input height=width (default: the model's)")
     parser.add_argument(
@@ -64,7 +66,11 @@ def add_parser(subparsers) -> None:
         metavar="IMAGE_OR_FOLDER",
         help=f"real images to verify on too (the first {MAX_IMAGES})",
     )
-    add_precision_arguments(parser, "the --images")
+    add_precision_arguments(
+        parser,
+        "the --images",
+        bf16="bf16 (written as bf16 whatever this machine's CPU: the file is for where it runs)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -77,8 +83,9 @@ def output_format(out: str, fmt: str | None) -> str:
         by_suffix = {value: name for name, value in SUFFIXES.items()}
         if suffix not in by_suffix:
             raise CLIError(
-                f"--out {out}: name the file .onnx or .pt2 (or give --format "
-                f"{' or '.join(SUFFIXES)})"
+                f"--out {out}: name the file .onnx or .pt2 (its extension chooses the format: "
+                + ", ".join(f"{suffix} {name}" for name, suffix in SUFFIXES.items())
+                + ")"
             )
         return by_suffix[suffix]
     if suffix != SUFFIXES[fmt]:
@@ -147,7 +154,8 @@ def _calibration(args: argparse.Namespace, info):
         raise CLIError(
             "--precision int8 calibrates on real images: add --calibration IMAGES (or --images)"
         )
-    return calibration_batches(paths, info)
+    source = "--calibration" if args.calibration else "--images"
+    return calibration_batches(paths, info, "export", source, hint=f"remove it from {source}")
 
 
 def _metadata(info: ModelInfo, precision: str, size: int) -> dict[str, str]:
@@ -183,9 +191,11 @@ def _input_line(metadata: dict[str, str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet.export import export_model, verify_export
+    from densenet.export import check_precision, export_model, verify_export
 
     args.format = output_format(args.out, args.format)
+    check_precision(args.precision, args.format)  # before any image is read for calibration
+    unused_calibration_notice("export", args.calibration, args.precision == "int8")
     args.device = "cpu"
     random_weights_notice(args)
     model, info = model_from_args(args)

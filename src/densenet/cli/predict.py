@@ -15,8 +15,8 @@ from densenet.cli._common import (
     at_precision,
     calibration_batches,
     model_from_args,
+    unused_calibration_notice,
 )
-from densenet.messages import count
 
 
 def add_parser(subparsers) -> None:
@@ -82,17 +82,19 @@ def run(args: argparse.Namespace) -> int:
     if args.topk < 1 or args.batch_size < 1:
         raise CLIError("--topk and --batch-size must be at least 1")
     paths = list_images(args.inputs)
+    unused_calibration_notice("predict", args.calibration, args.precision == "int8")
     model, info = model_from_args(args)
-    if args.precision == "int8" and not args.calibration:
-        print(
-            f"densenet predict: int8 calibrated on the {count(len(paths), 'image')} predicted "
-            "(--calibration IMAGES picks others; a few hundred are best)",
-            file=sys.stderr,
-        )
+    source = (
+        "--calibration"
+        if args.calibration
+        else "the images predicted (--calibration IMAGES picks others; a few hundred are best)"
+    )
     fast, precision = at_precision(
         model,
         args.precision,
-        lambda: calibration_batches(args.calibration or paths, info, args.skip_bad_images),
+        lambda: calibration_batches(
+            args.calibration or paths, info, "predict", source, args.skip_bad_images
+        ),
     )
     results = predict(
         fast, info, paths, args.topk, args.batch_size, skip_bad_images=args.skip_bad_images
@@ -107,6 +109,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.cam:
+        if precision != "fp32":
+            print(
+                f"densenet predict: note: Grad-CAM needs gradients, so its maps come from the "
+                f"fp32 model, for the classes {precision} predicted",
+                file=sys.stderr,
+            )
         save_cams(model, info, results, args.cam)
     _thresholds_notice(info)
     if args.json:

@@ -99,6 +99,12 @@ def _start(
     if resume is not None:
         saved, saved_meta = load_state(run_dir.last)
         cfg, previous, history = continue_run(run_dir, cfg, saved["epoch"], saved["step"])
+    autocast = autocast_factory(cfg, device)  # an impossible amp is refused before any work
+    if cfg.amp == "bf16" and not runtime.native_bf16(device):
+        log(
+            f"amp: bf16 on a {device.type} without native bfloat16 arithmetic is emulated: "
+            "slower than float32 (--set amp=none, or amp: auto, which picks float32 here)"
+        )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)  # fewer than the cores helps on a shared machine
     # Each rank draws its own augmentation and dropout; DDP copies rank 0's initial weights.
@@ -108,7 +114,6 @@ def _start(
         check_same_data(run_dir, saved_meta, run_data)
     _log_skipped(run_data.bad_images, log)
     state = build_state(cfg, run_data, env, device, log, resumed=saved is not None)
-    autocast = autocast_factory(cfg, device)
     criterion = build_criterion(cfg, run_data.task, run_data.pos_weight).to(device)
     run = Run(cfg, env, device, run_data, run_dir, log, progress, autocast, criterion)
     if saved is not None:
