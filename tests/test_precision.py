@@ -342,3 +342,16 @@ def test_export_names_the_format_before_asking_for_calibration(tmp_path: Path, c
     err = capsys.readouterr().err
     assert "its extension chooses the format: .onnx onnx, .pt2 exported-program" in err
     assert "give --format" not in err
+
+
+def test_eval_int8_says_how_classes_are_matched_once(tmp_path: Path, capsys) -> None:
+    """A model without class names on a class folder: the matching is said once, although int8
+    also reads the train split to calibrate (it was said twice)."""
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model(), class_names=None)
+    data = shared_data("cifar10-jpeg", "cifar10_yoongikim_jpeg_q75.zip")
+    argv = ["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--data-dir", str(data)]
+    argv += ["--limit", "20", "--workers", "0", "--precision", "int8", "--json"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("the model has no class names of its own") == 1, err
+    assert "int8 calibrates on 256 images of folder train" in err

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from inference_helpers import save_checkpoint, shared_data, tiny_model
 from PIL import Image
 from test_data import SHARED, make_image_folder
 
@@ -556,3 +557,23 @@ def test_eval_on_other_data_keeps_the_results_on_the_runs_own(trained, tmp_path,
     assert json.loads(printed)["confusion_png"] == str(folder / "eval_folder-other_data_test.png")
     kept = json.loads((folder / "eval_folder_test.json").read_text())
     assert kept["images"] == json.loads(own)["images"] == 32  # not overwritten by the other data
+
+
+def test_eval_names_a_built_in_dataset_with_other_classes(tmp_path: Path, capsys) -> None:
+    """A Fashion-MNIST model scored on MNIST (scored by position) is named as such; on
+    Fashion-MNIST itself nothing is said."""
+    from densenet.data import dataset_info
+
+    fashion = list(dataset_info("fashion_mnist").class_names)
+    model = tiny_model(in_chans=1)
+    checkpoint = save_checkpoint(
+        tmp_path / "fm.safetensors", model, class_names=fashion, dataset="fashion_mnist",
+        mean=[0.286], std=[0.353], input_size=[1, 28, 28],
+    )  # fmt: skip
+    base = ["eval", "--checkpoint", str(checkpoint), "--limit", "20", "--workers", "0", "--json"]
+    for dataset, other in (("mnist", True), ("fashion_mnist", False)):
+        data_dir = shared_data(dataset.replace("_", "-"))
+        assert main([*base, "--dataset", dataset, "--data-dir", str(data_dir)]) == 0
+        err = capsys.readouterr().err
+        assert ("the model's classes are not mnist's (10 of 10 differ" in err) == other, err
+        assert ("output 0: model 'T-shirt/top', mnist '0'" in err) == other, err

@@ -129,10 +129,15 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _load_data(
-    args: argparse.Namespace, dataset_name: str, info: ModelInfo, device: torch.device, split: str
+    args: argparse.Namespace,
+    dataset_name: str,
+    info: ModelInfo,
+    device: torch.device,
+    split: str,
+    say: bool = True,
 ):
     """A loader over the (possibly truncated) ``split`` with the model's eval transform, and the
-    dataset's class names."""
+    dataset's class names; ``say``: print how classes are matched (once per command)."""
     import torch
     from torch.utils.data import Subset
 
@@ -140,7 +145,7 @@ def _load_data(
 
     stats = dataset_info(dataset_name)
     transform = info.transform(args.ten_crop, stats.mean, stats.std)
-    matching = _class_matching(args, info) if dataset_name == "folder" else {}
+    matching = _class_matching(args, info, say) if dataset_name == "folder" else {}
     if dataset_name == "csv":  # targets in the model's label order, for the model's task
         matching = dict(
             classes=list(info.class_names), task=info.task, split_by=args.split_by, seed=args.seed
@@ -162,6 +167,8 @@ def _load_data(
             f"{dataset_name} has {len(classes)} classes but the model predicts "
             f"{len(info.class_names)}; evaluate on the data the model was trained for"
         )
+    if say and dataset_name not in ("folder", "csv"):  # those match classes by name
+        _other_classes_notice(dataset_name, list(classes), list(info.class_names))
     if args.limit is not None and args.limit < len(dataset):
         # Evenly spaced rather than the first N: class-sorted splits then still cover every class.
         dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, args.limit).long().tolist())
@@ -186,7 +193,7 @@ def _calibration(
     # --split all scores every image of a folder: none is left to calibrate on that is not scored.
     split = "all" if args.split == "all" else "train"
     try:
-        loader, _ = _load_data(one_crop, dataset_name, info, device, split)
+        loader, _ = _load_data(one_crop, dataset_name, info, device, split, say=False)
     except (OSError, ValueError) as error:
         raise CLIError(
             f"int8 calibrates on {dataset_name}'s train split, which could not be read "
@@ -218,7 +225,28 @@ def _check_task(dataset, dataset_name: str, info: ModelInfo) -> None:
         )
 
 
-def _class_matching(args: argparse.Namespace, info: ModelInfo) -> dict:
+def _other_classes_notice(dataset_name: str, classes: list[str], model_names: list[str]) -> None:
+    """Say so when a model with class names of its own is scored on a built-in dataset whose
+    classes are others (scored by position, e.g. a Fashion-MNIST model on MNIST)."""
+    from densenet.catalog import default_class_names
+
+    if model_names == default_class_names(len(model_names)):
+        return
+    if classes == model_names[: len(classes)]:
+        return
+    differ = [
+        (i, c, m) for i, (c, m) in enumerate(zip(classes, model_names, strict=False)) if c != m
+    ]
+    shown = "; ".join(f"output {i}: model {m!r}, {dataset_name} {c!r}" for i, c, m in differ[:2])
+    print(
+        f"densenet eval: note: the model's classes are not {dataset_name}'s ({len(differ)} of "
+        f"{len(classes)} differ; {shown}); its outputs are scored by position, which measures "
+        "nothing if it was trained on other data",
+        file=sys.stderr,
+    )
+
+
+def _class_matching(args: argparse.Namespace, info: ModelInfo, say: bool = True) -> dict:
     """How a folder's class folders map to the model's outputs: by name to its class names
     (a subset is fine), or, for a model without names of its own, by sorted position when the
     folder holds exactly as many classes."""
@@ -231,11 +259,12 @@ def _class_matching(args: argparse.Namespace, info: ModelInfo) -> dict:
     if names != default_class_names(len(names)) or set(folders) <= set(names):
         return by_name
     if len(folders) == len(names):
-        print(
-            f"densenet eval: the model has no class names of its own; its {len(names)} outputs "
-            f"are taken to be the class folders of {args.data_dir} in sorted order",
-            file=sys.stderr,
-        )
+        if say:
+            print(
+                f"densenet eval: the model has no class names of its own; its {len(names)} "
+                f"outputs are taken to be the class folders of {args.data_dir} in sorted order",
+                file=sys.stderr,
+            )
         return {}
     raise CLIError(
         f"{args.data_dir} has {len(folders)} class folders but the model predicts {len(names)} "
