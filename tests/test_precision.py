@@ -262,6 +262,9 @@ def test_eval_precisions_on_real_cifar10_jpegs(tmp_path: Path, capsys) -> None:
         top1[precision] = result["top1"]
         if precision == "int8":
             assert "int8 calibrates on 256 images of folder train" in captured.err
+            assert result["calibration"] == {"images": 256, "source": "folder train"}
+        else:
+            assert "calibration" not in result
         suffix = "" if expected == "fp32" else f"_{expected}"
         assert (tmp_path / f"eval_folder_test{suffix}.json").is_file()
     # 78% in fp32 on these 200; low precision moves a few images at most.
@@ -355,3 +358,10 @@ def test_eval_int8_says_how_classes_are_matched_once(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err
     assert err.count("the model has no class names of its own") == 1, err
     assert "int8 calibrates on 256 images of folder train" in err
+    images = sorted(shared_data("test-samples").glob("cifar10_*.png"))[:5]
+    assert main([*argv, "--calibration", *map(str, images)]) == 0
+    captured = capsys.readouterr()
+    assert "int8 calibrates on 5 images of --calibration" in captured.err
+    assert json.loads(captured.out)["calibration"] == {
+        "images": 5, "source": [str(image) for image in images]
+    }  # fmt: skip

@@ -180,7 +180,7 @@ def add_precision_arguments(
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help=f"arithmetic to run the model in: fp32 (exact), {bf16} or int8 (CPU, calibrated on "
+        help=f"arithmetic to run the model in: fp32 (the model itself, exact), {bf16} or int8 (CPU, calibrated on "
         "--calibration); accuracy and speed of each: docs/benchmarks.md",
     )
     add_calibration_argument(parser, calibration_default)

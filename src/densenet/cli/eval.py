@@ -179,16 +179,23 @@ def _load_data(
 
 
 def _calibration(
-    args: argparse.Namespace, dataset_name: str, info: ModelInfo, device: torch.device
+    args: argparse.Namespace,
+    dataset_name: str,
+    info: ModelInfo,
+    device: torch.device,
+    record: dict,
 ) -> list[torch.Tensor]:
     """int8 calibration batches: ``--calibration``'s images, else :data:`CALIBRATION_IMAGES`
-    evenly spaced images of the dataset's train split (never the split evaluated)."""
+    evenly spaced images of the dataset's train split (never the split evaluated, unless that
+    is train or all). What it calibrated on goes into ``record`` (the report's "calibration")."""
     import torch
 
     if args.calibration:
-        return calibration_batches(
+        batches = calibration_batches(
             args.calibration, info, "eval", "--calibration", args.skip_bad_images
         )
+        record.update(images=sum(len(b) for b in batches), source=list(args.calibration))
+        return batches
     one_crop = argparse.Namespace(**{**vars(args), "ten_crop": False, "limit": CALIBRATION_IMAGES})
     # --split all scores every image of a folder: none is left to calibrate on that is not scored.
     split = "all" if args.split == "all" else "train"
@@ -211,6 +218,7 @@ def _calibration(
     else:
         source = f"{dataset_name} train"
     print(f"densenet eval: int8 calibrates on {len(images)} images of {source}", file=sys.stderr)
+    record.update(images=len(images), source=f"{dataset_name} {split}")
     return list(images.split(32))
 
 
@@ -548,8 +556,9 @@ def run(args: argparse.Namespace) -> int:
     if dataset_name == "csv":
         _resolve_split_by(args, info, recorded)
     loader, classes = _load_data(args, dataset_name, info, device, args.split)
+    calibrated: dict = {}
     model, precision = at_precision(
-        model, args.precision, lambda: _calibration(args, dataset_name, info, device)
+        model, args.precision, lambda: _calibration(args, dataset_name, info, device, calibrated)
     )
     out = Path(args.out or (Path(args.checkpoint).parent if args.checkpoint else "."))
     low = "" if precision == "fp32" else f"_{precision}"
@@ -568,6 +577,7 @@ def run(args: argparse.Namespace) -> int:
         dataset=dataset_name,
         split=args.split,
         precision=precision,
+        **({"calibration": calibrated} if calibrated else {}),
         **results,
     )
     metrics_path = stem.with_suffix(".json")
