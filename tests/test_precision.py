@@ -92,6 +92,20 @@ def test_bf16_and_int8_keep_the_classes_of_real_cifar_images() -> None:
         assert agree >= 0.9, (precision, backend, agree)
 
 
+def test_bench_bf16_rows_need_native_bf16(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Without native bfloat16 neither our bf16 row nor torchvision's bf16 reference runs
+    (emulated bf16 measures the emulation); both are named."""
+    monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": False)
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
+    argv = ["bench", "--checkpoint", str(checkpoint), "--batch", "1", "--iters", "1", "--json"]
+    argv += ["--precision", "fp32,bf16", "--backends", "optimized-eager,torchvision-bf16"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["results"]["1"]) == ["optimized-eager"]
+    for row in ("optimized-eager:bf16", "torchvision-bf16"):
+        assert "no native bfloat16" in report["skipped"][row]
+
+
 def test_bf16_without_native_support_runs_fp32_with_a_notice(monkeypatch, capsys) -> None:
     monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": False)
     model = tiny_model()

@@ -298,6 +298,10 @@ def _reference(
     if name == "torchvision":
         return torchvision_model(model), "fp32"
     if name == "torchvision-bf16":
+        from densenet import runtime
+
+        if not runtime.native_bf16("cpu"):  # emulated: no row to compare ours with
+            raise ValueError("this CPU has no native bfloat16 (AVX512_BF16 or AMX)")
         return Bf16Autocast(ChannelsLast(torchvision_model(model))), "bf16"
     if name == "eager":
         return model, "fp32"
