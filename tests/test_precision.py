@@ -379,3 +379,18 @@ def test_eval_int8_says_how_classes_are_matched_once(tmp_path: Path, capsys) -> 
     assert json.loads(captured.out)["calibration"] == {
         "images": 5, "source": [str(image) for image in images]
     }  # fmt: skip
+
+
+def test_predict_int8_says_what_it_calibrated_on(tmp_path: Path, capsys) -> None:
+    """Calibrating on the images predicted, with --skip-bad-images: the line comes after reading
+    them and counts the readable ones (it announced all of them before reading any)."""
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
+    images = sorted(shared_data("test-samples").glob("cifar10_*.png"))[:3]
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    argv = ["predict", "--checkpoint", str(checkpoint), *map(str, images), str(text)]
+    assert main([*argv, "--precision", "int8", "--skip-bad-images", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)["predictions"]) == 3
+    assert "int8 calibrates on 3 images of the images predicted" in captured.err
+    assert f"1 unreadable image left out: {text}" in captured.err
