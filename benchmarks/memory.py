@@ -219,10 +219,10 @@ def measure_memory(spec: dict) -> dict:
 def measure_time(spec: dict) -> dict:
     """Median step time (s) of each configuration, the configurations' steps interleaved.
 
-    Interleaving in one process exposes every configuration to the same machine load. The first
-    ``warmup`` rounds are not counted: the first allocates gradients and optimizer state, and on this
-    project's CPU the plain model's float32 step was seen to get faster for another 10-20 steps in
-    a process holding several models (docs/benchmarks.md, "bf16 training").
+    Interleaving in one process exposes every configuration to the same machine load. The
+    first ``warmup`` rounds are not counted: the first allocates gradients and optimizer state,
+    and on this project's CPU the plain model's float32 step was seen to get faster for another
+    10-20 steps in a process holding several models (docs/benchmarks.md, "bf16 training").
     """
     steps = {config: _training_step(spec, config)[0] for config in spec["configs"]}
     times: dict[str, list[float]] = {config: [] for config in steps}
@@ -282,6 +282,8 @@ def measure_model(model: str, configs: list[str], args: argparse.Namespace) -> l
             if row["config"] in timing.get("step", {}):
                 for key in ("step", "best", "cpu", "times"):
                     row[key] = timing[key][row["config"]]
+                # ``times`` holds every round; the first ``warmup`` are not in the statistics.
+                row.update(steps=args.steps, warmup=args.warmup)
     for row in rows:
         print(fmt_row(row), flush=True)
     return rows
@@ -495,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, memory children with {MALLOC_ENV}")  # fmt: skip
+          f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} untimed, "
+          f"memory children with {MALLOC_ENV}")  # fmt: skip
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average {_load()}")
     results = run(args)
     print("\n".join(summary(results)))

@@ -228,7 +228,8 @@ def test_bench_says_where_a_precision_did_not_run(tmp_path: Path, capsys) -> Non
     report = json.loads(captured.out)
     assert list(report["results"]["1"]) == ["optimized-onnxruntime:int8"]
     why = report["skipped"]["optimized-eager:int8"]
-    assert "runs on optimized-onnxruntime, optimized-openvino" in why and "'eager'" not in why
+    assert "use backend optimized-onnxruntime or optimized-openvino" in why
+    assert "'eager'" not in why
     assert "--precision int8" not in report["skipped"]
     assert "int8 calibrates on 4 images of --calibration" in captured.err
 
@@ -297,7 +298,9 @@ def test_predict_precision(tmp_path: Path, capsys) -> None:
         report = json.loads(captured.out)
         assert report["precision"] == precision
         labels[precision] = [p["top"][0]["label"] for p in report["predictions"]]
-    assert "int8 calibrates on 20 images of the images predicted" in captured.err
+    assert (
+        "int8 calibrates on 20 images of the images predicted; --calibration IMAGES" in captured.err
+    )
     agree = sum(a == b for a, b in zip(labels["fp32"], labels["int8"], strict=True))
     assert agree >= 18
 
@@ -336,15 +339,44 @@ def test_export_low_precision_files_read_back(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "i.pt2").exists()
 
 
-def test_calibration_without_int8_is_named_not_silently_ignored(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("command", ["predict", "eval", "export", "bench"])
+def test_calibration_without_int8_is_named_not_silently_ignored(
+    command: str, tmp_path: Path, capsys
+) -> None:
     checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
     image = str(sorted(shared_data("test-samples").glob("cifar10_*.png"))[0])
+    data = str(shared_data("cifar10-jpeg", "cifar10_yoongikim_jpeg_q75.zip"))
+    argv = {
+        "predict": ["predict", image, "--json"],
+        "eval": ["eval", "--dataset", "folder", "--data-dir", data, "--limit", "8", "--json"],
+        "export": ["export", "--out", str(tmp_path / "m.onnx")],
+        "bench": ["bench", "--batch", "1", "--iters", "1", "--backends", "eager", "--json"],
+    }[command]
     missing = str(tmp_path / "no-such-folder")
-    argv = ["predict", "--checkpoint", str(checkpoint), image, "--calibration", missing, "--json"]
-    assert main(argv) == 0
+    assert main([*argv, "--checkpoint", str(checkpoint), "--calibration", missing]) == 0
+    assert "--calibration calibrates int8 only; ignored here" in capsys.readouterr().err
+
+
+def test_bench_notes_only_a_precision_asked_for(tmp_path: Path, capsys) -> None:
+    """The default fp32 is no request: reference-only runs get no note; int8 asked for with
+    only references gets the one note that says why, not also "--calibration ignored"."""
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
+    images = [str(p) for p in sorted(shared_data("test-samples").glob("cifar10_*.png"))[:4]]
+    base = ["bench", "--checkpoint", str(checkpoint), "--batch", "1", "--iters", "1", "--json"]
+    for backends in ("int8", "torchvision", "eager,onnxruntime"):
+        assert main([*base, "--backends", backends, "--calibration", *images]) == 0
+        captured = capsys.readouterr()
+        assert not any(k.startswith("--precision") for k in json.loads(captured.out)["skipped"])
+    argv = [*base, "--backends", "torchvision,eager", "--precision", "int8"]
+    assert main([*argv, "--calibration", *images]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["precision"] == "fp32"
-    assert "--calibration calibrates int8 only; ignored here" in captured.err
+    assert "add --backends optimized" in json.loads(captured.out)["skipped"]["--precision int8"]
+    assert "ignored here" not in captured.err and "calibrates on" not in captured.err
+    # optimized-eager never runs int8: no calibration is asked for or read for it.
+    argv = [*base, "--backends", "optimized-eager", "--precision", "fp32,int8"]
+    assert main(argv) == 0
+    skipped = json.loads(capsys.readouterr().out)["skipped"]
+    assert "does not run on backend optimized-eager" in skipped["optimized-eager:int8"]
 
 
 def test_export_names_the_format_before_asking_for_calibration(tmp_path: Path, capsys) -> None:
@@ -372,12 +404,16 @@ def test_eval_int8_says_how_classes_are_matched_once(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err
     assert err.count("the model has no class names of its own") == 1, err
     assert "int8 calibrates on 256 images of folder train" in err
+    assert main([*argv, "--split", "train"]) == 0  # scoring the split it calibrates on: said
+    assert "int8 calibrates on 256 images of folder train, the split evaluated" in (
+        capsys.readouterr().err
+    )
     images = sorted(shared_data("test-samples").glob("cifar10_*.png"))[:5]
     assert main([*argv, "--calibration", *map(str, images)]) == 0
     captured = capsys.readouterr()
     assert "int8 calibrates on 5 images of --calibration" in captured.err
     assert json.loads(captured.out)["calibration"] == {
-        "images": 5, "source": [str(image) for image in images]
+        "images": 5, "source": "--calibration", "paths": [str(image) for image in images]
     }  # fmt: skip
 
 
@@ -392,5 +428,19 @@ def test_predict_int8_says_what_it_calibrated_on(tmp_path: Path, capsys) -> None
     assert main([*argv, "--precision", "int8", "--skip-bad-images", "--json"]) == 0
     captured = capsys.readouterr()
     assert len(json.loads(captured.out)["predictions"]) == 3
-    assert "int8 calibrates on 3 images of the images predicted" in captured.err
-    assert f"1 unreadable image left out: {text}" in captured.err
+    assert "int8 calibrates on 3 images of the images predicted (1 unreadable image left out)" in (
+        captured.err
+    )
+    assert captured.err.count(str(text)) == 1  # named once, by predict's own skip line
+
+
+def test_bench_int8_calibrates_at_the_size_it_measures(tmp_path: Path, capsys) -> None:
+    """--size other than the model's: the calibration images are resized to it (the int8 graph
+    is traced there; onnxruntime refused the 32x32 batches of a 48x48 graph)."""
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model())
+    images = [str(p) for p in sorted(shared_data("test-samples").glob("cifar10_*.png"))[:4]]
+    argv = ["bench", "--checkpoint", str(checkpoint), "--batch", "1", "--iters", "1", "--json"]
+    argv += ["--size", "48", "--precision", "int8", "--backends", "optimized-onnxruntime"]
+    assert main([*argv, "--calibration", *images]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size"] == 48 and list(report["results"]["1"]) == ["optimized-onnxruntime:int8"]

@@ -404,9 +404,9 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
     return precision
 
 
-def _backend_for(precision: str, backend: str) -> str:
+def backend_for(precision: str, backend: str, name: Callable[[str], str] = repr) -> str:
     """``backend`` ('auto' resolved) if it runs ``precision``; else a ``ValueError`` naming those
-    that do."""
+    that do, each as ``name`` writes it (a command's own names for the backends)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     able = PRECISION_BACKENDS[precision]
@@ -415,8 +415,8 @@ def _backend_for(precision: str, backend: str) -> str:
     if backend not in able:
         why = PRECISION_LIMITS.get((precision, backend), "")
         raise ValueError(
-            f"precision {precision} does not run on backend {backend!r}{why}; "
-            f"use backend {' or '.join(repr(b) for b in able)}"
+            f"precision {precision} does not run on backend {name(backend)}{why}; "
+            f"use backend {' or '.join(name(b) for b in able)}"
         )
     return backend
 
@@ -465,13 +465,13 @@ def optimize_for_inference(
             a long compile), 'eager', 'compile' (``torch.compile``; densenet121 compiles for ~2 min
             on 2 cores), 'onnxruntime' or 'openvino' (the rewritten graph exported to ONNX and
             run there).
-        precision: 'fp32' (default; relative error <= 2e-6, the tests' bound; measured <= 6e-7), 'bf16'
-            (bfloat16 arithmetic: openvino, eager, compile; relative error ~1e-2; fp32 with a
-            notice where the device has no native bfloat16) or 'int8' (a static int8 graph
+        precision: 'fp32' (default; relative error <= 2e-6, the tests' bound; measured
+            <= 6e-7), 'bf16' (bfloat16 arithmetic: openvino, eager, compile; relative error
+            ~1e-2; fp32 with a notice where the device has no native bfloat16) or 'int8' (a static int8 graph
             calibrated on ``calibration``: openvino or onnxruntime). Measured speed and accuracy:
             docs/benchmarks.md.
-        calibration: int8 only: float ``(N, C, H, W)`` batches of real images, normalized like
-            the model's inputs (a few hundred images); they also fix the traced input size.
+        calibration: int8 only: float ``(N, C, H, W)`` batches (or one) of real images, of one
+            size (it is traced) and normalized like the model's inputs; a few hundred images.
         channels_last: NHWC activations for the eager/compile backends (default: on for bf16,
             whose oneDNN kernels want it; off for fp32, measured slower at batch 1 here).
         input_size: (H, W) traced for onnxruntime/openvino (default: the model's; batch dynamic).
@@ -494,7 +494,7 @@ def optimize_for_inference(
     model = _as_densenet(model)
     on_torch = backend in ("eager", "compile")
     precision = resolve_precision(precision, model_device(model) if on_torch else "cpu")
-    backend = _backend_for(precision, backend)
+    backend = backend_for(precision, backend)
     threads = threads or torch.get_num_threads()
     _check_options(backend, precision, calibration, threads, micro_batch, streams)
     if backend in RUNTIMES:

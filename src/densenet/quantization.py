@@ -37,8 +37,9 @@ def quantize_onnx(
     """Serialized int8 ONNX of ``model``, activation ranges from ``calibration`` batches.
 
     ``calibration`` yields float ``(N, C, H, W)`` batches of one image size, normalized like the
-    model's inputs (a few hundred real images are enough), or is one such batch. ``reduce_range`` uses 7-bit weights, which avoids
-    int16 overflow on CPUs without VNNI at some accuracy cost. onnxruntime's own warnings
+    model's inputs (a few hundred real images are enough), or is one such batch (checked:
+    :func:`checked_calibration`). ``reduce_range`` uses 7-bit weights, which avoids int16
+    overflow on CPUs without VNNI at some accuracy cost. onnxruntime's own warnings
     (root-logger advice, per-node notes) are shown only when ``verbose``.
     """
     from densenet.progress import progress
@@ -47,7 +48,7 @@ def quantize_onnx(
     from onnxruntime import quantization as q
 
     graph = fuse_for_inference(model, preallocate=False)
-    batches = calibration_batches(calibration, graph.check_input)
+    batches = checked_calibration(calibration, graph.check_input)
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
@@ -81,7 +82,7 @@ def quantize_onnx(
         return int8.read_bytes()
 
 
-def calibration_batches(
+def checked_calibration(
     calibration: Iterable[torch.Tensor] | torch.Tensor, check_input: InputCheck
 ) -> list[torch.Tensor]:
     """The calibration batches as float32 CPU tensors, each checked against the model's input

@@ -180,8 +180,8 @@ def add_precision_arguments(
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help=f"arithmetic to run the model in: fp32 (the model itself, exact), {bf16} or int8 (CPU, calibrated on "
-        "--calibration); accuracy and speed of each: docs/benchmarks.md",
+        help=f"arithmetic to run the model in: fp32 (the model itself, exact), {bf16} or int8 "
+        "(CPU, calibrated on --calibration); accuracy and speed of each: docs/benchmarks.md",
     )
     add_calibration_argument(parser, calibration_default)
 
@@ -214,35 +214,33 @@ def calibration_batches(
     source: str,
     skip_bad_images: bool = False,
     hint: str | None = None,
+    advice: str = "",
 ) -> list[torch.Tensor]:
     """The images in ``paths`` (files or folders) through the model's eval transform, as
-    batches of 32: int8 calibration data; says on stderr how many it calibrates on and from
-    where (``source``, e.g. "--calibration"). An unreadable file stops it (its message ends with
-    ``hint``, default: remove it or pass --skip-bad-images), or with ``skip_bad_images`` is left
-    out and named."""
+    batches of 32: int8 calibration data. Says on stderr how many it calibrates on and from
+    where (``source``, e.g. "--calibration"), then ``advice``. An unreadable file stops it (its
+    message ends with ``hint``, default: remove it or pass --skip-bad-images), or with
+    ``skip_bad_images`` is left out and counted (the command names it where it reads it)."""
     import torch
 
     from densenet.data import SKIP_HINT, BadImageError, load_image
     from densenet.predict import list_images
 
     transform = info.transform()
-    images, skipped = [], []
+    images, skipped = [], 0
     for path in list_images(paths):
         try:
             images.append(transform(load_image(path, hint=hint or SKIP_HINT)))
         except BadImageError:
             if not skip_bad_images:
                 raise
-            skipped.append(str(path))
-    left_out = ""
-    if skipped:
-        named = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        left_out = f"; {count(len(skipped), 'unreadable image')} left out: {named}"
+            skipped += 1
+    left_out = f" ({count(skipped, 'unreadable image')} left out)" if skipped else ""
     if not images:
         raise CLIError(f"no readable image to calibrate int8 on in {source}{left_out}")
     print(
         f"densenet {command}: int8 calibrates on {count(len(images), 'image')} of {source}"
-        f"{left_out}",
+        f"{left_out}{'; ' + advice if advice else ''}",
         file=sys.stderr,
     )
     return list(torch.stack(images).split(32))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,7 +130,6 @@ def add_parser(subparsers) -> None:
 def _add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
-        default="fp32",
         help="comma-separated precisions for the optimized* backends, from "
         f"{', '.join(PRECISIONS)} (default fp32; int8 needs --calibration); a backend that "
         "cannot run one is skipped with a note",
@@ -173,18 +173,28 @@ def _calibration_batches(args: argparse.Namespace, info) -> list[torch.Tensor]:
     )
 
 
+def _calibrates(names: list[str], precisions: tuple[str, ...]) -> bool:
+    """Will a row run int8 (and so need the calibration images)?"""
+    from densenet.inference import PRECISION_BACKENDS
+
+    int8_rows = ("optimized", *(f"optimized-{b}" for b in PRECISION_BACKENDS["int8"]))
+    return "int8" in names or ("int8" in precisions and any(n in int8_rows for n in names))
+
+
 def _unreached(
     precisions: tuple[str, ...], names: list[str], precision_of: dict, skipped: dict
 ) -> dict[str, str]:
-    """A note for each requested precision that no backend runs and no skipped row explains:
+    """A note for each precision asked for that no backend runs and no skipped row explains:
     ``--precision`` applies to the optimized* backends only."""
-    ran = set(precision_of.values()) | {row.split(":")[-1] for row in skipped if ":" in row}
+    tried = {row.split(":")[-1] for row in skipped if ":" in row}
+    tried |= {"int8"} if "int8" in skipped else set()  # the legacy int8 backend
     optimized = any(name.startswith("optimized") for name in names)
     return {
         f"--precision {precision}": "no backend given runs it; --precision sets the optimized* "
         "backends' precision (add --backends optimized)"
         for precision in precisions
-        if precision not in ran and not (optimized and precision == "fp32")
+        if precision not in {*precision_of.values(), *tried}
+        and not (optimized and precision == "fp32")
     }
 
 
@@ -193,7 +203,7 @@ def build_backends(
     model: nn.Module,
     example: torch.Tensor,
     threads: int,
-    calibration: Callable[[], list[torch.Tensor]] | None = None,
+    calibration: list[torch.Tensor] | None = None,
     micro_batch: int | None = None,
     streams: int | None = None,
     precisions: tuple[str, ...] = ("fp32",),
@@ -202,24 +212,16 @@ def build_backends(
     """Callables for the requested backends, a note for each one skipped (and why), and the
     precision each computes in.
 
-    ``example`` is a ``(1, C, H, W)`` input for tracing; ``calibration`` returns the int8
-    calibration batches (called once, only when int8 is requested); ``micro_batch`` and
+    ``example`` is a ``(1, C, H, W)`` input for tracing; ``calibration``: the int8 calibration
+    batches (None: int8 rows are skipped, naming --calibration); ``micro_batch`` and
     ``streams`` as in :func:`~densenet.inference.optimize_for_inference`; each ``optimized*``
     backend runs at each of ``precisions`` (rows ``NAME`` for fp32, ``NAME:bf16``, ``NAME:int8``);
     ``quantize_options`` go to :func:`~densenet.quantization.quantize_onnx`.
     """
-    import functools
-
     made: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
     precision_of: dict[str, str] = {}
-    options = RunOptions(
-        threads,
-        functools.cache(calibration) if calibration else None,
-        micro_batch,
-        streams,
-        quantize_options,
-    )
+    options = RunOptions(threads, calibration, micro_batch, streams, quantize_options)
     for name in names:
         if name == "optimized" or name.startswith("optimized-"):
             backend = name.removeprefix("optimized").removeprefix("-") or "auto"
@@ -248,7 +250,7 @@ class RunOptions:
     """How every backend of one ``bench`` run is built (see :func:`build_backends`)."""
 
     threads: int
-    calibration: Callable[[], list[torch.Tensor]] | None
+    calibration: list[torch.Tensor] | None
     micro_batch: int | None
     streams: int | None
     quantize_options: dict | None
@@ -259,25 +261,18 @@ def _optimized(
 ) -> tuple[Callable, str]:
     """Our graph on ``backend`` at ``precision``; a ``ValueError`` when that cannot run here."""
     from densenet import runtime
-    from densenet.inference import PRECISION_BACKENDS, PRECISION_LIMITS, optimize_for_inference
+    from densenet.inference import backend_for, optimize_for_inference
 
     if precision == "bf16" and not runtime.native_bf16("cpu"):
         raise ValueError("this CPU has no native bfloat16 (AVX512_BF16 or AMX)")
-    able = PRECISION_BACKENDS[precision]
-    if backend != "auto" and backend not in able:
-        # optimize_for_inference would name its own backends; this command's are optimized-*.
-        raise ValueError(
-            f"{precision} does not run on optimized-{backend}"
-            f"{PRECISION_LIMITS.get((precision, backend), '')}; it runs on "
-            f"{', '.join('optimized-' + b for b in able)} (and optimized: the fastest of them)"
-        )
+    backend_for(precision, backend, lambda name: f"optimized-{name}")  # this command's names
     if precision == "int8" and options.calibration is None:
         raise ValueError("int8 calibrates on real images: add --calibration IMAGES")
     fn = optimize_for_inference(
         model,
         backend,
         precision=precision,
-        calibration=options.calibration() if precision == "int8" else None,
+        calibration=options.calibration if precision == "int8" else None,
         input_size=size,
         threads=options.threads,
         micro_batch=options.micro_batch,
@@ -377,7 +372,7 @@ def _parse_args(args: argparse.Namespace) -> tuple[list[int], list[str], tuple[s
         raise CLIError(f"--micro-batch must be >= 0 (0: never split), got {args.micro_batch}")
     if args.streams is not None and not 1 <= args.streams <= args.threads:
         raise CLIError(f"--streams must be between 1 and --threads, got {args.streams}")
-    precisions = tuple(_comma_list(args.precision, PRECISIONS, "precision"))
+    precisions = tuple(_comma_list(args.precision or "fp32", PRECISIONS, "precision"))
     if args.backends is None:
         extra = [ref for p in precisions for ref in LOW_PRECISION_REFERENCES.get(p, ())]
         args.backends = ",".join([DEFAULT_BACKENDS, *extra])
@@ -409,24 +404,25 @@ def run(args: argparse.Namespace) -> int:
     model = model.cpu().eval()
     size = args.size or info.input_size[-1]
     example = torch.randn(1, model.in_chans, size, size)
+    unused_calibration_notice("bench", args.calibration, "int8" in (*precisions, *names))
     calibration = None
-    optimized = any(name.startswith("optimized") for name in names)
-    int8 = "int8" in names or ("int8" in precisions and optimized)  # a row will calibrate
-    unused_calibration_notice("bench", args.calibration, int8)
-    if int8:  # unreadable images are an error before any work, not a skipped row
-        calibration = _calibration_batches(args, info)
+    if _calibrates(names, precisions):  # unreadable images: an error before any work
+        # At the size measured, resized as the model's transform does (the graph is traced there).
+        at_size = dataclasses.replace(info, input_size=(info.input_size[0], size, size))
+        calibration = _calibration_batches(args, at_size)
     backends, skipped, precision_of = build_backends(
         names,
         model,
         example,
         args.threads,
-        (lambda: calibration) if calibration else None,
+        calibration,
         args.micro_batch,
         args.streams,
         precisions,
         {"verbose": args.verbose},
     )
-    skipped.update(_unreached(precisions, names, precision_of, skipped))
+    if args.precision is not None:  # asked for, not the default
+        skipped.update(_unreached(precisions, names, precision_of, skipped))
     if not backends:
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
         raise CLIError(f"no backend can run here ({reasons})")

@@ -194,7 +194,9 @@ def _calibration(
         batches = calibration_batches(
             args.calibration, info, "eval", "--calibration", args.skip_bad_images
         )
-        record.update(images=sum(len(b) for b in batches), source=list(args.calibration))
+        record.update(
+            images=sum(len(b) for b in batches), source="--calibration", paths=args.calibration
+        )
         return batches
     one_crop = argparse.Namespace(**{**vars(args), "ten_crop": False, "limit": CALIBRATION_IMAGES})
     # --split all scores every image of a folder: none is left to calibrate on that is not scored.

@@ -84,16 +84,15 @@ def run(args: argparse.Namespace) -> int:
     paths = list_images(args.inputs)
     unused_calibration_notice("predict", args.calibration, args.precision == "int8")
     model, info = model_from_args(args)
-    source = (
-        "--calibration"
-        if args.calibration
-        else "the images predicted (--calibration IMAGES picks others; a few hundred are best)"
-    )
+    source, advice = "--calibration", ""
+    if not args.calibration:
+        source = "the images predicted"
+        advice = "--calibration IMAGES picks others (a few hundred are best)"
     fast, precision = at_precision(
         model,
         args.precision,
         lambda: calibration_batches(
-            args.calibration or paths, info, "predict", source, args.skip_bad_images
+            args.calibration or paths, info, "predict", source, args.skip_bad_images, None, advice
         ),
     )
     results = predict(
