@@ -467,9 +467,9 @@ def optimize_for_inference(
             run there).
         precision: 'fp32' (default; relative error <= 2e-6, the tests' bound; measured
             <= 6e-7), 'bf16' (bfloat16 arithmetic: openvino, eager, compile; relative error
-            ~1e-2; fp32 with a notice where the device has no native bfloat16) or 'int8' (a static int8 graph
-            calibrated on ``calibration``: openvino or onnxruntime). Measured speed and accuracy:
-            docs/benchmarks.md.
+            ~1e-2; fp32 with a notice where the device has no native bfloat16) or 'int8' (a
+            static int8 graph calibrated on ``calibration``: openvino or onnxruntime). Measured
+            speed and accuracy: docs/benchmarks.md.
         calibration: int8 only: float ``(N, C, H, W)`` batches (or one) of real images, of one
             size (it is traced) and normalized like the model's inputs; a few hundred images.
         channels_last: NHWC activations for the eager/compile backends (default: on for bf16,

@@ -235,14 +235,18 @@ def _check_task(dataset, dataset_name: str, info: ModelInfo) -> None:
         )
 
 
+def _names_of_its_own(names: list[str]) -> bool:
+    """Does a model with these class names have names of its own (not the default indices, or
+    ImageNet's for 1000 classes, that a checkpoint without names gets)?"""
+    from densenet.catalog import default_class_names
+
+    return list(names) != default_class_names(len(names))
+
+
 def _other_classes_notice(dataset_name: str, classes: list[str], model_names: list[str]) -> None:
     """Say so when a model with class names of its own is scored on a built-in dataset whose
     classes are others (scored by position, e.g. a Fashion-MNIST model on MNIST)."""
-    from densenet.catalog import default_class_names
-
-    if model_names == default_class_names(len(model_names)):
-        return
-    if classes == model_names[: len(classes)]:
+    if not _names_of_its_own(model_names) or classes == model_names[: len(classes)]:
         return
     differ = [
         (i, c, m) for i, (c, m) in enumerate(zip(classes, model_names, strict=False)) if c != m
@@ -260,13 +264,12 @@ def _class_matching(args: argparse.Namespace, info: ModelInfo, say: bool = True)
     """How a folder's class folders map to the model's outputs: by name to its class names
     (a subset is fine), or, for a model without names of its own, by sorted position when the
     folder holds exactly as many classes."""
-    from densenet.catalog import default_class_names
     from densenet.data import dataset_info
 
     names = list(info.class_names)
     folders = dataset_info("folder", args.data_dir).class_names
     by_name = dict(classes=names, classes_from=f"the model's {len(names)} classes")
-    if names != default_class_names(len(names)) or set(folders) <= set(names):
+    if _names_of_its_own(names) or set(folders) <= set(names):
         return by_name
     if len(folders) == len(names):
         if say:
@@ -522,12 +525,11 @@ def _multilabel_lines(result: MultilabelResult, title: str, png: Path) -> list[s
 def _multiclass(model, info: ModelInfo, loader, classes: list[str], stem: Path, title: str):
     """Evaluate a single-label model: ``(summary dict, report lines)``; draws the confusion
     matrix."""
-    from densenet.catalog import default_class_names
     from densenet.evaluation import evaluate
     from densenet.visualize import confusion_matrix_figure
 
     names = info.class_names
-    if names == default_class_names(len(names)) and len(classes) == len(names):
+    if not _names_of_its_own(names) and len(classes) == len(names):
         names = classes  # the model has no names of its own: use the dataset's
     device = model_device(model)
     result = evaluate(model, loader, device, class_names=names, progress=True)

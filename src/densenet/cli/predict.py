@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         model,
         args.precision,
         lambda: calibration_batches(
-            args.calibration or paths, info, "predict", source, args.skip_bad_images, None, advice
+            args.calibration or paths, info, "predict", source, args.skip_bad_images, advice=advice
         ),
     )
     results = predict(
